@@ -1,0 +1,121 @@
+"""`dma`: the command line. Each subcommand parses a config and calls one stage's `run_*`.
+
+Errors the user can fix print one line (`dma: error: ...`) and exit 2; any other
+failure prints one line too unless `--debug` is given, which shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dma_jax.errors import DmaError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = None) -> None:
+    p.add_argument(
+        "--config", type=Path, default=default_config,
+        help="YAML experiment config" + (f" (default: {default_config.name})" if default_config else ""),
+    )
+    p.add_argument("--variant", default=None, help="named variant inside the config, e.g. 'tiny' (tests and CI)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. pretrain.steps=50")
+
+
+def _load(args: argparse.Namespace):
+    from dma_jax.config import load_config
+
+    return load_config(args.config, args.overrides, args.variant)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dma_jax.pretrain import run_pretrain
+
+    if args.config is None:
+        raise DmaError("pretrain: --config is required (e.g. --config configs/demo.yaml)")
+    cfg = _load(args)
+    summary = run_pretrain(cfg, progress=not args.no_progress)
+    print(f"pretrain: {summary['steps']} steps, held-out loss {summary['final_eval_loss']}, "
+          f"checkpoints in {summary['out_dir']}/checkpoints")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dma_jax.pretrain import run_pretrain
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    print(f"demo: pre-training the demo LM ({cfg.pretrain.steps} steps) into {cfg.run.out_dir}/pretrain")
+    summary = run_pretrain(cfg, progress=not args.no_progress)
+    print(f"demo: done in {time.perf_counter() - t0:.0f} s; held-out loss {summary['final_eval_loss']:.4f}; "
+          f"metrics in {summary['out_dir']}/metrics.jsonl")
+    return 0
+
+
+def _enable_compilation_cache() -> None:
+    """Persist compiled XLA programs so repeated runs skip compilation (DMA_JAX_CACHE=off disables)."""
+    import os
+
+    import jax
+
+    where = os.environ.get("DMA_JAX_CACHE", str(Path.home() / ".cache" / "dma_jax" / "xla"))
+    if where.lower() != "off":
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dma",
+        description="Data Mixing Agent in JAX: learn to re-weight data domains during continual pre-training.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="train a base LM on a token stream (resumes from the last checkpoint)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: pre-training)")
+    _add_config_args(p, DEMO_CONFIG)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _enable_compilation_cache()
+    try:
+        return args.func(args)
+    except DmaError as e:
+        print(f"dma: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("dma: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line unless --debug
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"dma: internal error: {type(e).__name__}: {first[:300]} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

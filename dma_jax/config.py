@@ -1,0 +1,265 @@
+"""Typed, validated, frozen configs: YAML files plus `key.sub=value` overrides.
+
+A config file is a YAML mapping with one section per component (`model`, `optim`,
+`mesh`, `pretrain`, ...). It may carry `variants:`, a mapping of variant name to
+a partial config deep-merged on top (every config in `configs/` has a `tiny`
+variant that tests and CI use). Any error is a `DmaError` whose one line names the
+file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from dma_jax.errors import DmaError
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+PosInt = pydantic.PositiveInt
+NonNegInt = pydantic.NonNegativeInt
+PosFloat = pydantic.PositiveFloat
+
+
+class ModelConfig(_Section):
+    """A LLaMA-style decoder-only LM (RMSNorm, RoPE, SwiGLU, optional GQA)."""
+
+    vocab_size: PosInt = 259
+    d_model: PosInt = 64
+    n_layers: PosInt = 2
+    n_heads: PosInt = 4
+    n_kv_heads: PosInt | None = None  # None: same as n_heads (no GQA)
+    d_ff: PosInt = 172
+    max_seq_len: PosInt = 256
+    rope_theta: PosFloat = 10000.0
+    norm_eps: PosFloat = 1e-5
+    tie_embeddings: bool = True
+    init_std: PosFloat = 0.02
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @pydantic.model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warm-up then cosine decay, and global-norm clipping."""
+
+    lr: PosFloat = 3e-3
+    warmup_steps: NonNegInt = 10
+    min_lr_ratio: float = pydantic.Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = pydantic.Field(0.1, ge=0.0)
+    b1: float = pydantic.Field(0.9, ge=0.0, lt=1.0)
+    b2: float = pydantic.Field(0.95, ge=0.0, lt=1.0)
+    eps: PosFloat = 1e-8
+    grad_clip: PosFloat | None = 1.0
+
+
+class MeshConfig(_Section):
+    """Device mesh for LM training: axes `data` and `model`; -1 takes all remaining devices.
+
+    `rules` maps the LM's logical parameter axes to mesh axes (None: replicated).
+    Changing the parallelism is a config change, not a code change.
+    """
+
+    data: int = -1
+    model: PosInt = 1
+    rules: tuple[tuple[str, str | None], ...] = (
+        ("batch", "data"),
+        ("vocab", "model"),
+        ("embed", None),
+        ("heads", "model"),
+        ("kv_heads", "model"),
+        ("head_dim", None),
+        ("mlp", "model"),
+    )
+
+    @pydantic.field_validator("data")
+    @classmethod
+    def _check_data(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive device count or -1 (all remaining devices)")
+        return v
+
+
+class TextDataConfig(_Section):
+    """A token stream for `dma pretrain`: text files (globs) or built-in corpora (`builtin:NAME`)."""
+
+    sources: tuple[str, ...] = ("builtin:python_docs",)
+    tokenizer: Literal["byte"] = "byte"
+    holdout_fraction: float = pydantic.Field(0.05, gt=0.0, lt=0.5)
+
+
+class PretrainConfig(_Section):
+    """Pre-training of a base LM on the source field."""
+
+    steps: PosInt = 200
+    batch_size: PosInt = 16
+    seq_len: PosInt = 128
+    eval_every: PosInt = 50
+    eval_batches: PosInt = 4
+    checkpoint_every: PosInt = 50
+    keep_checkpoints: PosInt = 3
+    log_every: PosInt = 10
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    out_dir: str = "runs/demo"
+    seed: NonNegInt = 0
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: TextDataConfig = TextDataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _check_cross(self) -> Config:
+        if self.pretrain.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"pretrain.seq_len={self.pretrain.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    model: type[pydantic.BaseModel] | None = Config
+    for i, k in enumerate(keys):
+        fields = model.model_fields if model is not None else {}
+        if model is not None and k not in fields:
+            raise DmaError(f"{where}: unknown key '{'.'.join(keys[: i + 1])}'")
+        ann = fields[k].annotation if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel) else None
+        if i == len(keys) - 1:
+            node[k] = value
+        else:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`model.d_model=128` -> ("model.d_model", 128); the value is parsed as YAML."""
+    if "=" not in text:
+        raise DmaError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise DmaError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise DmaError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key, value
+
+
+def _format_validation_error(err: pydantic.ValidationError, where: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{loc}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) or not loc else f" (got {got!r})"
+    extra = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc + ': ' if loc else ''}{msg}{got_s}{extra}"
+
+
+def _reject_non_finite(tree: Any, where: str, path: str = "") -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _reject_non_finite(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise DmaError(f"{where}: {path}: value must be finite (got {tree})")
+
+
+def config_from_dict(raw: dict, where: str = "<config>") -> Config:
+    _reject_non_finite(raw, where)
+    try:
+        return Config.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise DmaError(_format_validation_error(e, where)) from None
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    variant: str | None = None,
+) -> Config:
+    """Load a YAML config, apply a named variant, then `key.sub=value` overrides."""
+    raw: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise DmaError(f"{where}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DmaError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise DmaError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    variants = raw.pop("variants", {}) or {}
+    if not isinstance(variants, dict):
+        raise DmaError(f"{where}: 'variants' must be a mapping of name to partial config")
+    if variant is not None:
+        if variant not in variants:
+            known = ", ".join(sorted(variants)) or "none"
+            raise DmaError(f"{where}: no variant '{variant}' (known: {known})")
+        raw = _deep_merge(raw, variants[variant])
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value, f"{where}: override '{text}'")
+    return config_from_dict(raw, where)
+
+
+def config_variants(path: str | Path) -> list[str]:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return sorted((raw.get("variants") or {}).keys())
+
+
+def dump_config(cfg: Config) -> dict:
+    """A JSON/YAML-safe dict of the full config (all defaults filled in)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Data: tokenization, domains, on-device sampling (sweep) and the Grain mixer (CPT)."""

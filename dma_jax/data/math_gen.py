@@ -1,0 +1,555 @@
+"""Generated math corpus (the demo's target field): problems with worked, checkable solutions.
+
+Four kinds, one demo domain each: arithmetic, algebra, number theory, word problems. A
+problem is drawn from `random.Random` seeded by (seed, stream, kind), so a corpus is a pure
+function of its arguments; training and benchmarks use different streams. Each arithmetic
+step is written as a plain equation ("19 * 3 = 57", after a colon when it has a label) so a
+reader, or a test, can check every step. Each problem also carries three wrong answers
+(plausible slips) for the multiple-choice benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from fractions import Fraction
+from typing import Callable
+
+from dma_jax.errors import DmaError
+
+KINDS = ("arithmetic", "algebra", "number_theory", "word_problems")
+_PRIMES = tuple(p for p in range(2, 200) if all(p % d for d in range(2, int(p**0.5) + 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MathProblem:
+    """One problem: question, worked steps, final answer and three wrong answers."""
+
+    kind: str
+    subkind: str
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+    distractors: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """Question and worked solution up to (and including) "Answer:"."""
+        return "\n".join((self.question, *self.steps, "Answer:"))
+
+    @property
+    def document(self) -> str:
+        return f"{self.prompt} {self.answer}"
+
+
+def _p(v) -> str:
+    """A number as an operand: negatives in parentheses so the step stays valid arithmetic."""
+    s = str(v)
+    return f"({s})" if v < 0 else s
+
+
+def _terms(pairs) -> str:
+    """Format a sum of (coefficient, variable) terms: [(2, 'x^2'), (-5, 'x'), (-12, '')]."""
+    parts = []
+    for c, var in pairs:
+        if c == 0:
+            continue
+        body = (str(abs(c)) if abs(c) != 1 or not var else "") + var
+        parts.append(("-" if c < 0 else "") + body if not parts else ("- " if c < 0 else "+ ") + body)
+    return " ".join(parts) or "0"
+
+
+def _poly(coeffs) -> str:
+    """Polynomial in x, highest power first: [2, -5, -12] -> '2x^2 - 5x - 12'."""
+    deg = len(coeffs) - 1
+    return _terms((c, "" if deg - i == 0 else "x" if deg - i == 1 else f"x^{deg - i}") for i, c in enumerate(coeffs))
+
+
+def _pick3(rng: random.Random, answer: str, likely, fallback) -> tuple[str, ...]:
+    """Three distinct wrong answers: likely slips first, then generic near misses."""
+    first = [c for c in dict.fromkeys(likely) if c != answer]
+    rest = [c for c in dict.fromkeys(fallback) if c != answer and c not in first]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    picked = (first + rest)[:3]
+    if len(picked) < 3:
+        raise DmaError(f"math_gen: fewer than 3 distractors for answer {answer!r}")
+    return tuple(picked)
+
+
+def _ints3(rng: random.Random, ans: int, *likely: int) -> tuple[str, ...]:
+    near = [ans + d for d in (1, -1, 2, -2, 10, -10, 3, -3)] + [2 * ans + 1]
+    keep = (lambda v: v >= 0) if ans >= 0 else (lambda v: True)
+    return _pick3(rng, str(ans), [str(v) for v in likely if keep(v)], [str(v) for v in near if keep(v)])
+
+
+def _fmt(q: Fraction) -> str:
+    return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
+
+
+# ---------------------------------------------------------------- arithmetic
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_OPNAME = {"+": "Add", "-": "Subtract", "*": "Multiply", "/": "Divide"}
+
+
+def _tree(rng: random.Random, depth: int):
+    if depth == 0 or rng.random() < 0.25:
+        return rng.randint(2, 25)
+    op = rng.choice("++--**/")
+    if op == "/":
+        b = rng.randint(2, 12)
+        return ("/", b * rng.randint(2, 15), b)
+    return (op, _tree(rng, depth - 1), _tree(rng, depth - 1))
+
+
+def _show(e) -> str:
+    if not isinstance(e, tuple):
+        return _p(e)
+    op, a, b = e
+    sa, sb = _show(a), _show(b)
+    if isinstance(a, tuple) and _PREC[a[0]] < _PREC[op]:
+        sa = f"({sa})"
+    if isinstance(b, tuple) and _PREC[b[0]] <= _PREC[op]:
+        sb = f"({sb})"
+    return f"{sa} {op} {sb}"
+
+
+def _reduce_once(e):
+    """Evaluate the leftmost operation whose operands are both numbers."""
+    op, a, b = e
+    if isinstance(a, tuple):
+        new_a, step = _reduce_once(a)
+        return (op, new_a, b), step
+    if isinstance(b, tuple):
+        new_b, step = _reduce_once(b)
+        return (op, a, new_b), step
+    v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else Fraction(a, b)
+    v = int(v) if isinstance(v, int) or v.denominator == 1 else v
+    return v, (op, a, b, v)
+
+
+def _arith_expression(rng):
+    while True:
+        e = _tree(rng, rng.choice((2, 2, 3)))
+        if not isinstance(e, tuple):
+            continue
+        expr, steps, cur, ok = _show(e), [], e, True
+        while isinstance(cur, tuple):
+            cur, (op, a, b, v) = _reduce_once(cur)
+            ok = ok and isinstance(v, int) and abs(v) <= 20000
+            then = f", so the expression becomes {_show(cur)}." if isinstance(cur, tuple) else "."
+            steps.append(f"Step {len(steps) + 1}. {_OPNAME[op]}: {_p(a)} {op} {_p(b)} = {v}{then}")
+        if ok and len(steps) >= 2:
+            return f"Compute {expr}.", steps, str(cur), _ints3(rng, cur, -cur)
+
+
+def _arith_fractions(rng):
+    b, d = rng.randint(2, 12), rng.randint(2, 12)
+    a, c, op = rng.randint(1, 2 * b), rng.randint(1, 2 * d), rng.choice("+-*")
+    x, y = Fraction(a, b), Fraction(c, d)
+    if op == "*":
+        raw_n, raw_d = a * c, b * d
+        steps = [f"Multiply the numerators and the denominators: {a} * {c} = {raw_n} and {b} * {d} = {raw_d}."]
+        slip = Fraction(a * d, b * c)
+    else:
+        den = math.lcm(b, d)
+        na, nc = a * den // b, c * den // d
+        raw_n, raw_d = (na + nc if op == "+" else na - nc), den
+        steps = [f"The common denominator is lcm({b}, {d}) = {den}.",
+                 f"Rewrite: {a}/{b} = {na}/{den} and {c}/{d} = {nc}/{den}.",
+                 f"Then: {na}/{den} {op} {nc}/{den} = {raw_n}/{den}."]
+        slip = Fraction(a + c if op == "+" else a - c, b + d)
+    g = math.gcd(raw_n, raw_d)
+    ans = Fraction(raw_n, raw_d)
+    if g > 1:
+        steps.append(f"Simplify by dividing by gcd({abs(raw_n)}, {raw_d}) = {g}: {raw_n}/{raw_d} = {_fmt(ans)}.")
+    else:
+        steps.append(f"The fraction {raw_n}/{raw_d} is already in lowest terms.")
+    likely = [_fmt(slip), _fmt(-ans), f"{raw_n}/{raw_d}" if g > 1 else _fmt(ans + 1)]
+    near = [_fmt(ans + Fraction(k, ans.denominator)) for k in (1, -1, 2, -2)]
+    return f"Compute {a}/{b} {op} {c}/{d}.", steps, _fmt(ans), _pick3(rng, _fmt(ans), likely, near)
+
+
+def _arith_percent(rng):
+    pct = rng.randint(1, 99)
+    base = 100 // math.gcd(pct, 100) * rng.randint(1, 60)
+    ans = pct * base // 100
+    steps = [f"{pct}% of {base} means {pct} * {base} / 100.",
+             f"Multiply: {pct} * {base} = {pct * base}.", f"Divide: {pct * base} / 100 = {ans}."]
+    return f"What is {pct}% of {base}?", steps, str(ans), _ints3(rng, ans, base - ans, pct * base // 10)
+
+
+def _arith_divmod(rng):
+    d, n = rng.randint(3, 19), rng.randint(1000, 99999)
+    q, r = divmod(n, d)
+    steps, cur, started = [f"Long division of {n} by {d}, digit by digit."], 0, False
+    for ch in str(n):
+        cur = cur * 10 + int(ch)
+        if cur < d and not started:
+            continue
+        started = True
+        qd = cur // d
+        steps.append(f"Bring down {ch} to get {cur}: {d} * {qd} = {d * qd} and {cur} - {d * qd} = {cur - d * qd}.")
+        cur -= d * qd
+    steps.append(f"Check: {d} * {q} + {r} = {n}.")
+    ans = f"{q} remainder {r}"
+    cands = [f"{q} remainder {(r + 1) % d}", f"{q + 1} remainder {r}", f"{q - 1} remainder {r}",
+             f"{q} remainder {(r - 1) % d}", f"{q + 10} remainder {r}"]
+    return f"Divide {n} by {d}. What are the quotient and the remainder?", steps, ans, \
+        _pick3(rng, ans, cands[:3], cands[3:])
+
+
+def _arith_multiply(rng):
+    a, b = rng.randint(100, 999), rng.randint(12, 99)
+    ones, tens = b % 10, b - b % 10
+    steps = [f"Split {b} = {tens} + {ones}.", f"Ones: {a} * {ones} = {a * ones}.", f"Tens: {a} * {tens} = {a * tens}.",
+             f"Add the partial products: {a * ones} + {a * tens} = {a * b}."]
+    return f"Compute {a} * {b}.", steps, str(a * b), _ints3(rng, a * b, a * tens + ones, a * b + a, a * b - a * 10)
+
+
+# ---------------------------------------------------------------- algebra
+def _alg_linear(rng, two_sided: bool):
+    a = rng.choice([v for v in range(-9, 13) if v not in (0, 1)])
+    c = rng.choice([v for v in range(-9, 10) if v != a]) if two_sided else 0
+    b = rng.choice([v for v in range(-30, 31) if v])
+    x = Fraction(rng.randint(-15, 15)) if rng.random() < 0.75 else Fraction(rng.randint(-40, 40), a - c)
+    d = int(a * x + b - c * x) if (a * x + b - c * x).denominator == 1 else None
+    if d is None:
+        return _alg_linear(rng, two_sided)
+    steps = []
+    if two_sided:
+        steps.append(f"Move the x terms to the left: {a} - {_p(c)} = {a - c}, so {_poly([a - c, b])} = {d}.")
+    steps.append(f"Move the constant to the right: {d} - {_p(b)} = {d - b}, so {_poly([a - c, 0])} = {d - b}.")
+    steps.append(f"Divide both sides by {a - c}: {d - b} / {_p(a - c)} = {_fmt(x)}, so x = {_fmt(x)}.")
+    lhs, rhs = _poly([a, b]), (_poly([c, d]) if two_sided else str(d))
+    ans = f"x = {_fmt(x)}"
+    slips = [Fraction(d + b, a - c), -x, Fraction(d - b, a + c) if a + c else x + 2]
+    return f"Solve for x: {lhs} = {rhs}.", steps, ans, \
+        _pick3(rng, ans, [f"x = {_fmt(s)}" for s in slips], [f"x = {_fmt(x + k)}" for k in (1, -1, 2)])
+
+
+def _alg_expand(rng):
+    a, c = rng.randint(1, 6), rng.randint(1, 6)
+    b, d = (rng.choice([v for v in range(-12, 13) if v]) for _ in range(2))
+    steps = [f"First: {a} * {c} = {a * c}, so the x^2 term is {_poly([a * c, 0, 0])}.",
+             f"Outer: {a} * {_p(d)} = {a * d}.", f"Inner: {b} * {c} = {b * c}.",
+             f"Last: {b} * {_p(d)} = {b * d}.", f"Combine the x terms: {a * d} + {_p(b * c)} = {a * d + b * c}."]
+    ans = _poly([a * c, a * d + b * c, b * d])
+    likely = [_poly([a * c, a * d + b * c, -b * d]), _poly([a * c, -(a * d + b * c), b * d]),
+              _poly([a * c, a * d - b * c, b * d]), _poly([a * c, b + d, b * d])]
+    return f"Expand ({_poly([a, b])})({_poly([c, d])}).", steps, ans, \
+        _pick3(rng, ans, likely, [_poly([a * c, a * d + b * c + k, b * d]) for k in (1, -1)])
+
+
+def _alg_factor(rng):
+    k = rng.choice((1, 1, 1, 1, 2, 3, 4, 5, 6))
+    p, q = sorted(rng.choice([v for v in range(-15, 16) if v]) for _ in range(2))
+    coeffs = [k, k * (p + q), k * p * q]
+    steps = []
+    if k > 1:
+        steps.append(f"Take out the common factor {k}: {coeffs[1]} / {k} = {p + q} and {coeffs[2]} / {k} = {p * q}.")
+    steps += [f"Find two numbers whose product is {p * q} and whose sum is {p + q}.",
+              f"Try {p} and {q}: {p} * {_p(q)} = {p * q} and {p} + {_p(q)} = {p + q}."]
+    pre = str(k) if k > 1 else ""
+
+    def fac(u, v):
+        u, v = sorted((u, v))
+        return f"{pre}({_poly([1, u])})({_poly([1, v])})"
+
+    ans = fac(p, q)
+    likely = [fac(-p, -q), fac(p, -q), fac(-p, q), f"({_poly([1, p])})({_poly([1, q])})" if k > 1 else fac(p + 1, q)]
+    return f"Factor {_poly(coeffs)}.", steps, ans, _pick3(rng, ans, likely, [fac(p, q + 1), fac(p - 1, q)])
+
+
+def _alg_evaluate(rng):
+    deg = rng.choice((2, 3))
+    cs = [rng.choice([v for v in range(-9, 10) if v])] + [rng.randint(-9, 9) for _ in range(deg)]
+    x = rng.choice([v for v in range(-5, 6) if v not in (0, 1)])
+    steps, vals = [], []
+    for i, c in enumerate(cs):
+        pw = deg - i
+        if c == 0:
+            continue
+        if pw >= 2:
+            steps.append(f"x^{pw} term: {c} * {_p(x)}^{pw} = {c} * {_p(x ** pw)} = {c * x ** pw}.")
+        elif pw == 1:
+            steps.append(f"x term: {c} * {_p(x)} = {c * x}.")
+        vals.append(c * x**pw)
+    total = sum(vals)
+    steps.append(f"Sum: {' + '.join(_p(v) if j else str(v) for j, v in enumerate(vals))} = {total}.")
+    return f"Evaluate {_poly(cs)} at x = {x}.", steps, str(total), _ints3(rng, total, total - 2 * cs[-1], -total)
+
+
+def _alg_system(rng):
+    while True:
+        a1, b1, a2, b2 = (rng.choice([v for v in range(-6, 7) if v]) for _ in range(4))
+        if a1 * b2 - b1 * a2:
+            break
+    x, y = rng.randint(-9, 9), rng.randint(-9, 9)
+    c1, c2 = a1 * x + b1 * y, a2 * x + b2 * y
+    det, dx, dy = a1 * b2 - b1 * a2, c1 * b2 - b1 * c2, a1 * c2 - c1 * a2
+    steps = ["Use Cramer's rule.", f"Determinant: {a1} * {_p(b2)} - {_p(b1)} * {_p(a2)} = {det}.",
+             f"For x: {c1} * {_p(b2)} - {_p(b1)} * {_p(c2)} = {dx} and {dx} / {_p(det)} = {x}.",
+             f"For y: {a1} * {_p(c2)} - {_p(c1)} * {_p(a2)} = {dy} and {dy} / {_p(det)} = {y}."]
+    eq1, eq2 = (f"{_terms([(a, 'x'), (b, 'y')])} = {c}" for a, b, c in ((a1, b1, c1), (a2, b2, c2)))
+    ans = f"x = {x}, y = {y}"
+    likely = [f"x = {y}, y = {x}", f"x = {-x}, y = {y}", f"x = {x}, y = {-y}"]
+    return f"Solve the system: {eq1} and {eq2}.", steps, ans, \
+        _pick3(rng, ans, likely, [f"x = {x + i}, y = {y + j}" for i, j in ((1, -1), (-1, 1), (1, 0), (0, 1))])
+
+
+# ---------------------------------------------------------------- number theory
+def _euclid(a: int, b: int) -> tuple[list[str], int, int]:
+    """Euclid's algorithm as steps; returns (steps, gcd, the remainder before it)."""
+    steps, prev = [], a
+    while b:
+        q, r = divmod(a, b)
+        steps.append(f"{a} = {q} * {b} + {r}.")
+        prev, a, b = a, b, r
+    return steps, a, prev
+
+
+def _nt_gcd(rng):
+    g, m, n = rng.randint(1, 30), rng.randint(2, 60), rng.randint(2, 60)
+    a, b = g * max(m, n), g * min(m, n)
+    if a == b:
+        return _nt_gcd(rng)
+    steps, gcd, prev = _euclid(a, b)
+    steps = ["Use the Euclidean algorithm.", *steps, f"The last nonzero remainder is {gcd}."]
+    return f"Find the greatest common divisor of {a} and {b}.", steps, str(gcd), _ints3(rng, gcd, 2 * gcd, prev, b)
+
+
+def _nt_lcm(rng):
+    a, b = rng.sample(range(4, 151), 2)
+    steps, g, _ = _euclid(max(a, b), min(a, b))
+    lcm = a * b // g
+    steps = ["First find the greatest common divisor with the Euclidean algorithm.", *steps,
+             f"So the gcd is {g}.", f"Then lcm = a * b / gcd: {a} * {b} = {a * b} and {a * b} / {g} = {lcm}."]
+    return f"Find the least common multiple of {a} and {b}.", steps, str(lcm), \
+        _ints3(rng, lcm, a * b, 2 * lcm, lcm + a)
+
+
+def _nt_factorize(rng):
+    while True:
+        fs = sorted(rng.choice(_PRIMES[:4]) if rng.random() < 0.7 else rng.choice(_PRIMES[4:15])
+                    for _ in range(rng.randint(2, 6)))
+        n = math.prod(fs)
+        if 12 <= n <= 200_000 and len(set(fs)) >= 2:
+            break
+    steps, m = ["Divide by the smallest prime factor until 1 is left."], n
+    for p in fs:
+        steps.append(f"{m} / {p} = {m // p}.")
+        m //= p
+
+    def show(exps):
+        return " * ".join(f"{p}^{e}" if e > 1 else str(p) for p, e in sorted(exps.items()) if e > 0)
+
+    exps = {p: fs.count(p) for p in fs}
+    ans = show(exps)
+    likely = [show({**exps, p: exps[p] + s}) for p in exps for s in (1, -1)]
+    big = max(exps)
+    swap = {**{p: e for p, e in exps.items() if p != big}, _PRIMES[_PRIMES.index(big) + 1]: exps[big]}
+    return f"Find the prime factorization of {n}.", steps, ans, _pick3(rng, ans, likely, [show(swap)])
+
+
+def _nt_modpow(rng):
+    m, b, e = rng.randint(5, 50), rng.randint(2, 30), rng.randint(3, 9)
+    if b % m == 0:
+        return _nt_modpow(rng)
+    r1 = b % m
+    steps, r, prev = [f"{b} = {b // m} * {m} + {r1}, so {b} ≡ {r1} (mod {m})."], r1, r1
+    for k in range(2, e + 1):
+        prod = r * r1
+        prev, r = r, prod % m
+        steps.append(f"{prev} * {r1} = {prod} = {prod // m} * {m} + {r}, so {b}^{k} ≡ {r} (mod {m}).")
+    near = [str((r + k) % m) for k in (1, -1, 2, -2)]
+    return f"Compute {b}^{e} mod {m}.", steps, str(r), _pick3(rng, str(r), [str(prev), str(b * e % m)], near)
+
+
+def _nt_remainder(rng):
+    d, n = rng.choice((3, 9, 4, 8, 11)), rng.randint(10_000, 9_999_999)
+    if d in (3, 9):
+        digits = str(n)
+        s = sum(map(int, digits))
+        steps = [f"A number and its digit sum leave the same remainder when divided by {d}.",
+                 f"Digit sum: {' + '.join(digits)} = {s}.", f"{s} = {s // d} * {d} + {s % d}."]
+    elif d in (4, 8):
+        k = 2 if d == 4 else 3
+        last = n % 10**k
+        steps = [f"Only the last {k} digits matter, because 10^{k} is a multiple of {d}.",
+                 f"The last {k} digits form {last}: {last} = {last // d} * {d} + {last % d}."]
+    else:
+        rev = [int(c) for c in reversed(str(n))]
+        alt = sum(v if i % 2 == 0 else -v for i, v in enumerate(rev))
+        expr = str(rev[0]) + "".join(f" {'+' if i % 2 == 0 else '-'} {v}" for i, v in enumerate(rev) if i)
+        steps = ["A number leaves the same remainder mod 11 as its alternating digit sum from the units digit.",
+                 f"Alternating sum: {expr} = {alt}.", f"{alt} = {_p(alt // 11)} * 11 + {alt % 11}."]
+    ans = n % d
+    return f"What is the remainder when {n} is divided by {d}?", steps, str(ans), \
+        _pick3(rng, str(ans), [str((ans + k) % d) for k in (1, 2, d - 1)], [str(ans + d), str(d)])
+
+
+def _nt_smallest_prime_factor(rng):
+    if rng.random() < 0.4:
+        p, q = rng.sample(_PRIMES[3:25], 2)
+        n = p * q
+    else:
+        n = rng.randint(100, 20_000)
+    steps = ["Try the primes in increasing order."]
+    for p in _PRIMES:
+        if p * p > n:
+            steps.append(f"The next prime is {p} and {p} * {p} = {p * p}, which is larger than {n}, so {n} is prime.")
+            ans = n
+            break
+        q, rem = divmod(n, p)
+        steps.append(f"{n} = {q} * {p} + {rem}.")
+        if rem == 0:
+            steps.append(f"The remainder is 0, so {p} divides {n}.")
+            ans = p
+            break
+    i = _PRIMES.index(ans) if ans in _PRIMES else 0
+    likely = [_PRIMES[i + 1], _PRIMES[max(i - 1, 0)], n // ans if ans != n else 2 * n + 1]
+    return f"Find the smallest prime factor of {n}.", steps, str(ans), _ints3(rng, ans, *likely)
+
+
+# ---------------------------------------------------------------- word problems
+_NAMES = ("Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
+          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Zoe")
+_ITEMS = ("notebooks", "pens", "apples", "tickets", "books", "mugs", "sandwiches", "plants", "candles")
+_THINGS = ("marbles", "stickers", "cards", "stamps", "coins", "shells", "beads")
+_VEHICLES = ("train", "bus", "car", "boat", "truck")
+
+
+def _wp_change(rng):
+    name, (i1, i2) = rng.choice(_NAMES), rng.sample(_ITEMS, 2)
+    n1, p1, n2, p2 = rng.randint(2, 9), rng.randint(2, 15), rng.randint(2, 6), rng.randint(1, 12)
+    c1, c2 = n1 * p1, n2 * p2
+    bill = next(b for b in (20, 50, 100, 200, 500) if b > c1 + c2)
+    ans = bill - c1 - c2
+    q = (f"{name} buys {n1} {i1} at ${p1} each and {n2} {i2} at ${p2} each. {name} pays with a ${bill} bill. "
+         f"How much change, in dollars, does {name} get?")
+    steps = [f"Cost of the {i1}: {n1} * {p1} = {c1}.", f"Cost of the {i2}: {n2} * {p2} = {c2}.",
+             f"Total cost: {c1} + {c2} = {c1 + c2}.", f"Change: {bill} - {c1 + c2} = {ans}."]
+    return q, steps, str(ans), _ints3(rng, ans, c1 + c2, bill - c1, bill - c2)
+
+
+def _wp_distance(rng):
+    v1, v2 = (rng.randrange(20, 125, 5) for _ in range(2))
+    t1, t2 = rng.randint(1, 6), rng.randint(1, 6)
+    d1, d2 = v1 * t1, v2 * t2
+    q = (f"A {rng.choice(_VEHICLES)} travels at {v1} km per hour for {t1} hours and then at {v2} km per hour "
+         f"for {t2} hours. How many kilometres does it travel in total?")
+    steps = [f"First part: {v1} * {t1} = {d1}.", f"Second part: {v2} * {t2} = {d2}.",
+             f"Total: {d1} + {d2} = {d1 + d2}."]
+    return q, steps, str(d1 + d2), _ints3(rng, d1 + d2, (v1 + v2) * (t1 + t2), d1, d2)
+
+
+def _wp_sharing(rng):
+    name, friend = rng.sample(_NAMES, 2)
+    things, k, more = rng.choice(_THINGS), rng.randint(2, 6), rng.randint(1, 30)
+    total = k * rng.randint(3, 25)
+    g = total // k
+    q = (f"{name} has {total} {things}. {name} gives 1/{k} of them to {friend} and then buys {more} more. "
+         f"How many {things} does {name} have now?")
+    steps = [f"Given away: {total} / {k} = {g}.", f"Left: {total} - {g} = {total - g}.",
+             f"After buying more: {total - g} + {more} = {total - g + more}."]
+    ans = total - g + more
+    return q, steps, str(ans), _ints3(rng, ans, total - g, total + more, g + more)
+
+
+def _wp_sum_difference(rng):
+    small, d = rng.randint(1, 200), rng.randint(1, 100)
+    big = small + d
+    s = big + small
+    q = f"Two numbers add up to {s} and differ by {d}. What is the larger number?"
+    steps = [f"Twice the larger number: {s} + {d} = {2 * big}.", f"Larger number: {2 * big} / 2 = {big}."]
+    return q, steps, str(big), _ints3(rng, big, small, s - d, s + d)
+
+
+def _wp_reading(rng):
+    name, per_day, pages = rng.choice(_NAMES), rng.randint(5, 40), rng.randint(100, 900)
+    read = rng.randint(1, pages - 1)
+    left = pages - read
+    full, extra = divmod(left, per_day)
+    ans = full + (extra > 0)
+    q = (f"A book has {pages} pages. {name} has already read {read} pages and reads {per_day} pages a day. "
+         f"How many more days does {name} need to finish the book?")
+    steps = [f"Pages left: {pages} - {read} = {left}.", f"Full days: {left} = {full} * {per_day} + {extra}."]
+    steps.append(f"The last {extra} pages need one more day: {full} + 1 = {ans}." if extra
+                 else "No pages are left over after the full days.")
+    return q, steps, str(ans), _ints3(rng, ans, full if extra else ans + 1, pages // per_day)
+
+
+def _wp_fence(rng):
+    l, w, c = rng.randint(3, 60), rng.randint(3, 60), rng.randint(2, 15)
+    per = 2 * (l + w)
+    q = (f"A rectangular garden is {l} m long and {w} m wide. Fencing costs ${c} per metre. "
+         f"How much does it cost, in dollars, to fence the whole garden?")
+    steps = [f"Perimeter: 2 * ({l} + {w}) = {per}.", f"Cost: {per} * {c} = {per * c}."]
+    return q, steps, str(per * c), _ints3(rng, per * c, l * w * c, (l + w) * c, per)
+
+
+def _wp_average(rng):
+    name = rng.choice(_NAMES)
+    while True:
+        scores, avg = [rng.randint(55, 100) for _ in range(4)], rng.randint(60, 95)
+        need = 5 * avg - sum(scores)
+        if 0 <= need <= 100:
+            break
+    q = (f"{name} scored {scores[0]}, {scores[1]}, {scores[2]} and {scores[3]} on four tests. "
+         f"What score does {name} need on the fifth test to average exactly {avg}?")
+    steps = [f"Total needed: 5 * {avg} = {5 * avg}.", f"Scored so far: {' + '.join(map(str, scores))} = {sum(scores)}.",
+             f"Needed: {5 * avg} - {sum(scores)} = {need}."]
+    return q, steps, str(need), _ints3(rng, need, avg, 4 * avg - sum(scores[:3]))
+
+
+def _wp_ages(rng):
+    older, younger = rng.sample(_NAMES, 2)
+    age, d = rng.randint(5, 60), rng.randint(1, 40)
+    s = 2 * age + d
+    q = f"{older} is {d} years older than {younger}. Together they are {s} years old. How old is {younger}?"
+    steps = [f"Twice {younger}'s age: {s} - {d} = {2 * age}.", f"{younger}'s age: {2 * age} / 2 = {age}."]
+    return q, steps, str(age), _ints3(rng, age, age + d, s - d, s // 2)
+
+
+_GENERATORS: dict[str, tuple[tuple[str, Callable], ...]] = {
+    "arithmetic": (("expression", _arith_expression), ("fractions", _arith_fractions), ("percent", _arith_percent),
+                   ("divmod", _arith_divmod), ("multiply", _arith_multiply)),
+    "algebra": (("linear", lambda r: _alg_linear(r, False)), ("linear_two_sided", lambda r: _alg_linear(r, True)),
+                ("expand", _alg_expand), ("factor", _alg_factor), ("evaluate", _alg_evaluate), ("system", _alg_system)),
+    "number_theory": (("gcd", _nt_gcd), ("lcm", _nt_lcm), ("factorize", _nt_factorize), ("modpow", _nt_modpow),
+                      ("remainder", _nt_remainder), ("smallest_prime_factor", _nt_smallest_prime_factor)),
+    "word_problems": (("change", _wp_change), ("distance", _wp_distance), ("sharing", _wp_sharing),
+                      ("sum_difference", _wp_sum_difference), ("reading", _wp_reading), ("fence", _wp_fence),
+                      ("average", _wp_average), ("ages", _wp_ages)),
+}
+
+
+def generate_problems(kind: str, n: int, seed: int = 0, stream: str = "train",
+                      exclude: frozenset[str] = frozenset()) -> list[MathProblem]:
+    """`n` distinct problems of one kind; questions in `exclude` (e.g. the training set) are skipped.
+
+    Deterministic in (kind, n, seed, stream), and prefix-stable: the first k of n problems
+    are the problems for n = k, so a smaller corpus is a subset of a larger one.
+    """
+    if kind not in _GENERATORS:
+        raise DmaError(f"math_gen: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    if n < 0:
+        raise DmaError(f"math_gen: problem count must be >= 0, got {n}")
+    rng = random.Random(f"dma_jax.math_gen/{seed}/{stream}/{kind}")
+    out: list[MathProblem] = []
+    seen: set[str] = set()
+    for _ in range(20 * n + 100):
+        if len(out) == n:
+            return out
+        subkind, make = rng.choice(_GENERATORS[kind])
+        question, steps, answer, distractors = make(rng)
+        if question in seen or question in exclude:
+            continue
+        seen.add(question)
+        out.append(MathProblem(kind, subkind, question, tuple(steps), answer, distractors))
+    if len(out) < n:
+        raise DmaError(f"math_gen: could only draw {len(out)} distinct {kind} problems of the {n} asked")
+    return out
+

@@ -1,0 +1,159 @@
+"""`dma pretrain`: train a base LM on a token stream, with checkpoints, metrics and resume.
+
+Outputs under `<run.out_dir>/pretrain/`: `config.yaml`, `metrics.jsonl`, and
+Orbax checkpoints in `checkpoints/<step>/`. Re-running the same command resumes
+from the last checkpoint and ends where an uninterrupted run would. SIGTERM
+(a preemption notice) saves a checkpoint at the next step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.config import Config, dump_config
+from dma_jax.data.text_stream import TokenStream
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import JsonlLog, atomic_write_text, read_jsonl
+from dma_jax.models.lm import param_count_formula
+from dma_jax.train import Trainer, format_bytes
+
+log = logging.getLogger(__name__)
+
+
+class _StopFlag:
+    """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+    def __init__(self):
+        self.stop = False
+        self._prev = None
+
+    def __enter__(self):
+        try:
+            self._prev = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            self._prev = None
+        return self
+
+    def _handle(self, *_):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+def _check_resume_config(meta: dict, cfg: Config, ckpt_dir: Path) -> None:
+    saved = meta.get("model")
+    now = dump_config(cfg)["model"]
+    if saved is not None and saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise DmaError(f"{ckpt_dir}: checkpoint was written for another model (differs in model.{', model.'.join(diff)})")
+
+
+def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
+    """Train (or resume) and return a summary dict."""
+    pc = cfg.pretrain
+    out = Path(cfg.run.out_dir) / "pretrain"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    stream = TokenStream.from_sources(cfg.data.sources, cfg.data.holdout_fraction)
+    eval_np = stream.eval_batches(pc.eval_batches, pc.batch_size, pc.seq_len)
+
+    trainer = Trainer(cfg.model, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, pc.seq_len, devices)
+    n_params = param_count_formula(cfg.model)
+    mem = trainer.memory
+    log.info(
+        "LM %.2fM params on mesh %s; compiled train step needs %s per device (temp %s)",
+        n_params / 1e6, dict(trainer.mesh.shape), format_bytes(mem.get("total", 0)), format_bytes(mem.get("temp", 0)),
+    )
+    ckpt = Checkpointer(out / "checkpoints", keep=pc.keep_checkpoints)
+    metrics_log = JsonlLog(out / "metrics.jsonl")
+    start = ckpt.latest_step()
+    if start is not None:
+        _check_resume_config(ckpt.read_meta(start), cfg, ckpt.directory)
+        state, _, _ = ckpt.restore(trainer.abstract_state, start)
+        log.info("resumed from step %d", start)
+    else:
+        start = 0
+        state = trainer.init(cfg.run.seed)
+    metrics_log.truncate_after(start)
+    meta = {"model": dump_config(cfg)["model"], "n_params": n_params}
+
+    def evaluate(params) -> float:
+        losses = [trainer.eval_loss(params, trainer.put_batch(b)) for b in eval_np]
+        return float(np.mean(jax.device_get(losses)))
+
+    tokens_per_step = pc.batch_size * pc.seq_len
+    bar = tqdm(total=pc.steps, initial=start, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    pending = None  # (step, device metrics) read only after the next step is dispatched
+    t_last, steps_since = time.perf_counter(), 0
+    last_loss = float("nan")
+
+    def flush(pending_item) -> None:
+        nonlocal t_last, steps_since, last_loss
+        step_done, m = pending_item
+        m = jax.device_get(m)
+        last_loss = float(m["loss"])
+        if not np.isfinite(last_loss):
+            raise DmaError(
+                f"pretrain: loss is {last_loss} at step {step_done}; last good checkpoint: step {ckpt.latest_step()}"
+                f" in {ckpt.directory} (lower optim.lr or raise optim.warmup_steps)"
+            )
+        steps_since += 1
+        if step_done % pc.log_every == 0 or step_done == pc.steps:
+            now = time.perf_counter()
+            tps = steps_since * tokens_per_step / max(now - t_last, 1e-9)
+            t_last, steps_since = now, 0
+            rec = {"step": step_done, "loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps}
+            metrics_log.append(rec)
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+
+    stopped_early = False
+    with _StopFlag() as stop:
+        for step in range(start, pc.steps):
+            batch = trainer.put_batch(stream.batch(step, pc.batch_size, pc.seq_len, cfg.run.seed))
+            state, metrics = trainer.step(state, batch)
+            if pending is not None:
+                flush(pending)
+            pending = (step + 1, metrics)
+            bar.update(1)
+            done = step + 1
+            if done % pc.eval_every == 0 or done == pc.steps:
+                flush(pending)
+                pending = None
+                eval_loss = evaluate(state.params)
+                metrics_log.append({"step": done, "eval_loss": eval_loss})
+                if progress:
+                    bar.write(f"step {done}: train loss {last_loss:.4f}, held-out loss {eval_loss:.4f}")
+            if done % pc.checkpoint_every == 0 or done == pc.steps or stop.stop:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                ckpt.save(done, state, meta=meta)
+            if stop.stop:
+                stopped_early = True
+                log.warning("SIGTERM: saved step %d; re-run the same command to resume", done)
+                break
+    if pending is not None:
+        flush(pending)
+    bar.close()
+    ckpt.close()
+    final_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    return {
+        "out_dir": str(out),
+        "steps": int(jax.device_get(state.step)),
+        "stopped_early": stopped_early,
+        "n_params": n_params,
+        "final_eval_loss": final_eval[-1]["eval_loss"] if final_eval else None,
+        "memory_per_device": mem,
+    }
+

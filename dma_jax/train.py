@@ -1,0 +1,215 @@
+"""LM training: the functional model, the loss, AdamW, and a sharded, AOT-compiled train step.
+
+The hot path is plain JAX: `nnx.split` once at build time; the step is
+`jax.jit(train_step)` over a pure-pytree `TrainState` with explicit in/out
+shardings and a donated state. The sweep (many proxies) vmaps the same
+`train_step`; target training runs it on a ("data", "model") mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from dma_jax import sharding as shd
+from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
+from dma_jax.errors import DmaError
+from dma_jax.models.lm import LM
+
+log = logging.getLogger(__name__)
+
+Params = dict  # pure nested dict of arrays (nnx.to_pure_dict of the LM's Params)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    params: Params
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDef:
+    """Everything static about an LM: its graph, parameter shapes and logical axes."""
+
+    cfg: ModelConfig
+    graphdef: Any
+    abstract_params: Params
+    logical_axes: Params
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> LMDef:
+        abstract = nnx.eval_shape(lambda: LM(cfg, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        axes = jax.tree.map(
+            lambda v: v.get_metadata().get("logical_axes"), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        return cls(cfg, graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes))
+
+    def init(self, seed: int) -> Params:
+        graphdef, state = nnx.split(LM(self.cfg, nnx.Rngs(seed)), nnx.Param)
+        del graphdef
+        return nnx.to_pure_dict(state)
+
+    def apply(self, params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        return nnx.merge(self.graphdef, params)(tokens_BxL, segment_ids_BxL)
+
+
+def batch_from_tokens(tokens_BxL1: jax.Array) -> dict[str, jax.Array]:
+    """[B, L+1] token windows -> inputs/targets/mask for next-token prediction."""
+    return {
+        "inputs": tokens_BxL1[:, :-1],
+        "targets": tokens_BxL1[:, 1:],
+        "mask": jnp.ones(tokens_BxL1[:, 1:].shape, jnp.float32),
+    }
+
+
+def token_losses(lm: LMDef, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    """Per-token cross-entropy [B, L] (unmasked)."""
+    logits_BxLxV = lm.apply(params, batch["inputs"], batch.get("segment_ids"))
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+
+
+def loss_fn(params: Params, lm: LMDef, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    losses_BxL = token_losses(lm, params, batch)
+    mask_BxL = batch["mask"]
+    n_tokens = jnp.maximum(mask_BxL.sum(), 1.0)
+    loss = (losses_BxL * mask_BxL).sum() / n_tokens
+    return loss, {"loss": loss, "tokens": mask_BxL.sum()}
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(
+        lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=decay_mask,
+    )
+    if cfg.grad_clip is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, lm: LMDef, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step. Pure: vmappable over a leading trajectory axis (the sweep)."""
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, lm, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def init_state(lm: LMDef, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = lm.init(seed)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def state_shardings(lm: LMDef, tx: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
+    """Shardings of a TrainState: optimizer moments follow their parameters."""
+    param_sh = shd.tree_shardings(lm.logical_axes, lm.abstract_params, rules, mesh)
+    abstract_opt = jax.eval_shape(tx.init, lm.abstract_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_sh,
+        transform_non_params=lambda _: shd.replicated(mesh),
+    )
+    return TrainState(shd.replicated(mesh), param_sh, opt_sh)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Trainer:
+    """A sharded, ahead-of-time compiled train step for one LM on one mesh."""
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh_cfg: MeshConfig,
+                 total_steps: int, batch_size: int, seq_len: int, devices=None):
+        self.lm = LMDef.build(model_cfg)
+        self.tx = make_optimizer(optim_cfg, total_steps)
+        self.mesh = shd.make_mesh(mesh_cfg, devices)
+        data_size = self.mesh.shape["data"]
+        if batch_size % data_size:
+            raise DmaError(f"batch_size={batch_size} is not divisible by the mesh's data axis ({data_size} devices)")
+        self.rules = mesh_cfg.rules
+        self.state_sharding = state_shardings(self.lm, self.tx, self.mesh, self.rules)
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+        abstract_state = jax.eval_shape(lambda: init_state(self.lm, self.tx, 0))
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding
+        )
+        abstract_batch = {
+            "inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding),
+            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding),
+            "mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=self.batch_sharding),
+        }
+        step_fn = jax.jit(
+            lambda s, b: train_step(s, b, lm=self.lm, tx=self.tx),
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        self.compiled_step = step_fn.lower(self.abstract_state, abstract_batch).compile()
+        self.memory = memory_estimate(self.compiled_step)
+        eval_fn = jax.jit(
+            lambda p, b: loss_fn(p, self.lm, b)[0],
+            in_shardings=(self.state_sharding.params, self.batch_sharding),
+            out_shardings=shd.replicated(self.mesh),
+        )
+        self.compiled_eval = eval_fn.lower(self.abstract_state.params, abstract_batch).compile()
+
+    def init(self, seed: int) -> TrainState:
+        fn = jax.jit(lambda: init_state(self.lm, self.tx, seed), out_shardings=self.state_sharding)
+        return fn()
+
+    def put_batch(self, tokens_BxL1: np.ndarray) -> dict[str, jax.Array]:
+        batch = {
+            "inputs": np.ascontiguousarray(tokens_BxL1[:, :-1], dtype=np.int32),
+            "targets": np.ascontiguousarray(tokens_BxL1[:, 1:], dtype=np.int32),
+            "mask": np.ones((tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1), np.float32),
+        }
+        return jax.device_put(batch, self.batch_sharding)
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]):
+        return self.compiled_step(state, batch)
+
+    def eval_loss(self, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+        return self.compiled_eval(params, batch)
+
+
+def memory_estimate(compiled) -> dict[str, int]:
+    """Bytes per device from XLA's memory analysis of a compiled function ({} if unavailable)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    if ma is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out = {f.removesuffix("_size_in_bytes"): int(getattr(ma, f, 0) or 0) for f in fields}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dma_jax.config import Config, config_variants, load_config
+from dma_jax.errors import DmaError
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_and_its_tiny_variant_load(path):
+    assert isinstance(load_config(path), Config)
+    assert "tiny" in config_variants(path), f"{path.name} has no tiny variant"
+    tiny = load_config(path, variant="tiny")
+    assert tiny.pretrain.steps <= 20
+
+
+def _write(tmp_path, obj):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(obj))
+    return p
+
+
+def test_values_and_overrides_apply(tmp_path):
+    p = _write(tmp_path, {"model": {"d_model": 48, "n_heads": 3, "d_ff": 100}, "variants": {"v": {"model": {"n_layers": 3}}}})
+    cfg = load_config(p, ["optim.lr=0.5", "model.tie_embeddings=false", "data.sources=[a.txt, b.txt]"], variant="v")
+    assert cfg.model.d_model == 48 and cfg.model.n_layers == 3 and cfg.optim.lr == 0.5
+    assert cfg.model.tie_embeddings is False and cfg.data.sources == ("a.txt", "b.txt")
+    with pytest.raises(Exception):
+        cfg.model.d_model = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    "obj, overrides, pattern",
+    [
+        ({"model": {"d_modle": 3}}, [], r"c\.yaml: unknown key 'model\.d_modle'"),
+        ({"modle": {}}, [], r"c\.yaml: unknown key 'modle'"),
+        ({"model": {"d_model": "big"}}, [], r"c\.yaml: model\.d_model: .*integer.*'big'"),
+        ({"model": {"d_model": -4}}, [], r"c\.yaml: model\.d_model: .*greater than 0"),
+        ({"optim": {"b1": 1.5}}, [], r"c\.yaml: optim\.b1: .*less than 1"),
+        ({"optim": {"lr": float("nan")}}, [], r"c\.yaml: optim\.lr: value must be finite"),
+        ({"model": {"d_model": 30, "n_heads": 4}}, [], r"c\.yaml: model: d_model=30 is not divisible by n_heads=4"),
+        ({}, ["model.nope=1"], r"override 'model\.nope=1': unknown key 'model\.nope'"),
+        ({}, ["pretrain.steps"], r"override 'pretrain\.steps': expected key\.sub=value"),
+        ({}, ["pretrain.steps=0"], r"c\.yaml: pretrain\.steps: .*greater than 0"),
+        ({}, ["pretrain.seq_len=4096"], r"c\.yaml: pretrain\.seq_len=4096 exceeds model\.max_seq_len"),
+    ],
+)
+def test_bad_configs_give_one_line_errors_naming_file_and_key(tmp_path, obj, overrides, pattern):
+    p = _write(tmp_path, obj)
+    with pytest.raises(DmaError, match=pattern) as e:
+        load_config(p, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_bad_yaml_and_unknown_variant(tmp_path):
+    with pytest.raises(DmaError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(DmaError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(DmaError, match="expected a mapping"):
+        load_config(lst)
+    with pytest.raises(DmaError, match="no variant 'huge'"):
+        load_config(_write(tmp_path, {}), variant="huge")

@@ -1,0 +1,128 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dma_jax import train as train_mod
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.cli import main
+from dma_jax.config import load_config
+from dma_jax.pretrain import run_pretrain
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _cfg(out, *extra):
+    return load_config(DEMO, [f"run.out_dir={out}", "pretrain.steps=8", "pretrain.checkpoint_every=4",
+                              "pretrain.eval_every=4", "mesh.data=1", *extra], variant="tiny")
+
+
+def _final_params(cfg):
+    tr = train_mod.Trainer(cfg.model, cfg.optim, cfg.mesh, cfg.pretrain.steps, cfg.pretrain.batch_size,
+                           cfg.pretrain.seq_len, devices=jax.devices()[:1])
+    ck = Checkpointer(Path(cfg.run.out_dir) / "pretrain" / "checkpoints")
+    state, _, _ = ck.restore(tr.abstract_state)
+    return ck.latest_step(), jax.tree.map(np.asarray, state)
+
+
+def _losses(out):
+    recs = [json.loads(x) for x in (Path(out) / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    cfg = _cfg(out)
+    summary = run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    return cfg, summary
+
+
+def test_pretrain_writes_checkpoints_metrics_and_learns(uninterrupted):
+    cfg, summary = uninterrupted
+    out = Path(cfg.run.out_dir) / "pretrain"
+    assert summary["steps"] == 8 and not summary["stopped_early"]
+    assert (out / "config.yaml").exists()
+    losses = _losses(cfg.run.out_dir)
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert losses[-1][1] < losses[0][1]
+    assert summary["final_eval_loss"] < np.log(259)  # better than uniform over the byte vocabulary
+    assert Checkpointer(out / "checkpoints").all_steps() == [4, 8]
+
+
+def _crash_at(monkeypatch, n_calls, exc):
+    real_step = train_mod.Trainer.step
+    calls = {"n": 0}
+
+    def step(self, state, batch):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            exc()
+        return real_step(self, state, batch)
+
+    monkeypatch.setattr(train_mod.Trainer, "step", step)
+
+
+def test_crash_then_rerun_ends_where_an_uninterrupted_run_does(uninterrupted, tmp_path, monkeypatch):
+    cfg_full, _ = uninterrupted
+    cfg = _cfg(tmp_path)
+
+    def boom():
+        raise RuntimeError("simulated crash")
+
+    _crash_at(monkeypatch, 6, boom)  # after the step-4 checkpoint
+    with pytest.raises(RuntimeError):
+        run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    monkeypatch.undo()
+    run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    s_full, p_full = _final_params(cfg_full)
+    s_res, p_res = _final_params(cfg)
+    assert s_full == s_res == 8
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_res)):
+        np.testing.assert_array_equal(a, b)
+    assert _losses(cfg.run.out_dir) == _losses(cfg_full.run.out_dir)  # no duplicated or lost metric lines
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, monkeypatch):
+    cfg_full, _ = uninterrupted
+    cfg = _cfg(tmp_path)
+    _crash_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    summary = run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    monkeypatch.undo()
+    assert summary["stopped_early"] and summary["steps"] == 3
+    assert Checkpointer(Path(cfg.run.out_dir) / "pretrain" / "checkpoints").latest_step() == 3
+    run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    _, p_full = _final_params(cfg_full)
+    _, p_res = _final_params(cfg)
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_res)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_another_model_is_refused(uninterrupted, capsys):
+    cfg_full, _ = uninterrupted
+    rc = main(["pretrain", "--config", str(DEMO), "--variant", "tiny", f"run.out_dir={cfg_full.run.out_dir}",
+               "pretrain.steps=8", "model.d_ff=80", "mesh.data=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "differs in model.d_ff" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "dma_jax.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("pretrain", "demo"):
+        assert cmd in out.stdout
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: -1\n")
+    out = subprocess.run([sys.executable, "-m", "dma_jax.cli", "pretrain", "--config", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"dma: error: {bad}: model.d_model: Input should be greater than 0 (got -1)"
