@@ -32,6 +32,25 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides, args.variant)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dma_jax.prepare import run_prepare
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    space = run_prepare(cfg, progress=not args.no_progress)
+    _print_space(space, time.perf_counter() - t0)
+    return 0
+
+
+def _print_space(space, seconds: float) -> None:
+    print(f"prepare: {space.num_domains} domains in {space.dir} ({seconds:.1f} s)")
+    for field in space.fields:
+        idx = space.domain_indices(field)
+        toks = int(space.train_tokens[idx].sum())
+        print(f"  {field:<8} {len(idx):>2} domains  {toks:>12,} train tokens  "
+              f"{len(space.benchmarks(field)):>4} benchmark items")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dma_jax.pretrain import run_pretrain
 
@@ -45,11 +64,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from dma_jax.prepare import run_prepare
     from dma_jax.pretrain import run_pretrain
 
     cfg = _load(args)
     t0 = time.perf_counter()
-    print(f"demo: pre-training the demo LM ({cfg.pretrain.steps} steps) into {cfg.run.out_dir}/pretrain")
+    print(f"demo: [1/2] preparing the demo domain space in {cfg.data_dir}")
+    space = run_prepare(cfg, progress=not args.no_progress)
+    _print_space(space, time.perf_counter() - t0)
+    print(f"demo: [2/2] pre-training the base LM ({cfg.pretrain.steps} steps) into {cfg.run.out_dir}/pretrain")
     summary = run_pretrain(cfg, progress=not args.no_progress)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s; held-out loss {summary['final_eval_loss']:.4f}; "
           f"metrics in {summary['out_dir']}/metrics.jsonl")
@@ -78,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser("prepare", help="tokenize and pack each domain into ArrayRecord shards + a manifest")
+    _add_config_args(p, DEMO_CONFIG)
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("pretrain", help="train a base LM on a token stream (resumes from the last checkpoint)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: pre-training)")
+    p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: prepare, pretrain)")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -20,7 +20,7 @@ import yaml
 from dma_jax.errors import DmaError
 
 
-class _Section(pydantic.BaseModel):
+class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
@@ -29,7 +29,7 @@ NonNegInt = pydantic.NonNegativeInt
 PosFloat = pydantic.PositiveFloat
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A LLaMA-style decoder-only LM (RMSNorm, RoPE, SwiGLU, optional GQA)."""
 
     vocab_size: PosInt = 259
@@ -64,7 +64,7 @@ class ModelConfig(_Section):
         return self
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW with linear warm-up then cosine decay, and global-norm clipping."""
 
     lr: PosFloat = 3e-3
@@ -77,7 +77,7 @@ class OptimConfig(_Section):
     grad_clip: PosFloat | None = 1.0
 
 
-class MeshConfig(_Section):
+class MeshConfig(Section):
     """Device mesh for LM training: axes `data` and `model`; -1 takes all remaining devices.
 
     `rules` maps the LM's logical parameter axes to mesh axes (None: replicated).
@@ -104,20 +104,93 @@ class MeshConfig(_Section):
         return v
 
 
-class TextDataConfig(_Section):
-    """A token stream for `dma pretrain`: text files (globs) or built-in corpora (`builtin:NAME`)."""
+class TokenizerConfig(Section):
+    kind: Literal["byte", "sentencepiece", "hf"] = "byte"
+    path: str | None = None  # model file for sentencepiece / tokenizer.json for hf
 
-    sources: tuple[str, ...] = ("builtin:python_docs",)
-    tokenizer: Literal["byte"] = "byte"
-    holdout_fraction: float = pydantic.Field(0.05, gt=0.0, lt=0.5)
+    @pydantic.model_validator(mode="after")
+    def _check_path(self) -> TokenizerConfig:
+        if self.kind == "byte" and self.path is not None:
+            raise ValueError("the byte tokenizer takes no path")
+        if self.kind != "byte" and not self.path:
+            raise ValueError(f"tokenizer kind '{self.kind}' needs a path")
+        return self
 
 
-class PretrainConfig(_Section):
+class DomainInput(Section):
+    """One domain of a user-defined domain space and where its documents come from."""
+
+    name: str = pydantic.Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-/]+$")
+    field: str = pydantic.Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    kind: Literal["text", "jsonl", "tfds", "array_record"]
+    paths: tuple[str, ...] = ()  # globs for text / jsonl / array_record
+    text_field: str = "text"  # jsonl / tfds / array_record-of-JSON
+    tfds_name: str | None = None
+    split: str = "train"
+    data_dir: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _check_input(self) -> DomainInput:
+        if self.kind == "tfds" and not self.tfds_name:
+            raise ValueError(f"domain '{self.name}': kind tfds needs tfds_name")
+        if self.kind != "tfds" and not self.paths:
+            raise ValueError(f"domain '{self.name}': kind {self.kind} needs paths")
+        return self
+
+
+class BenchmarkInput(Section):
+    """Held-out multiple-choice items for one field: JSONL of {context, choices, gold}."""
+
+    field: str
+    path: str
+
+
+class DataConfig(Section):
+    """The domain space: `dma prepare` turns it into packed ArrayRecord shards + a manifest.
+
+    With `demo: true` the embedded offline demo space is used (fields source, math, code);
+    otherwise `domains` lists each domain's input. Records are `record_len` tokens
+    (a model trains on `record_len - 1` positions).
+    """
+
+    dir: str | None = None  # default: <run.out_dir>/data
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    record_len: PosInt = 129
+    heldout_fraction: float = pydantic.Field(0.05, gt=0.0, lt=0.5)
+    records_per_shard: PosInt = 4096
+    demo: bool = True
+    demo_fields: tuple[str, ...] = ("source", "math", "code")
+    demo_math_docs_per_domain: PosInt = 3500
+    demo_max_docs_per_domain: PosInt | None = None  # cap documents per domain (tiny variants)
+    demo_benchmark_items: PosInt = 200  # per field
+    domains: tuple[DomainInput, ...] = ()
+    benchmarks: tuple[BenchmarkInput, ...] = ()
+
+    @pydantic.model_validator(mode="after")
+    def _check_domains(self) -> DataConfig:
+        if not self.demo:
+            if not self.domains:
+                raise ValueError("no domains: set data.demo=true or list data.domains")
+            names = [d.name for d in self.domains]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate domain name(s): {', '.join(dup)}")
+            if "source" not in {d.field for d in self.domains}:
+                raise ValueError("no domain of field 'source' (the field the base model was trained on)")
+            unknown = sorted({b.field for b in self.benchmarks} - {d.field for d in self.domains})
+            if unknown:
+                raise ValueError(f"benchmarks name unknown field(s): {', '.join(unknown)}")
+        elif "source" not in self.demo_fields:
+            raise ValueError("demo_fields must include 'source'")
+        return self
+
+
+class PretrainConfig(Section):
     """Pre-training of a base LM on the source field."""
 
     steps: PosInt = 200
     batch_size: PosInt = 16
-    seq_len: PosInt = 128
+    fields: tuple[str, ...] = ("source",)  # fields whose training records it reads
     eval_every: PosInt = 50
     eval_batches: PosInt = 4
     checkpoint_every: PosInt = 50
@@ -125,27 +198,31 @@ class PretrainConfig(_Section):
     log_every: PosInt = 10
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/demo"
     seed: NonNegInt = 0
 
 
-class Config(_Section):
+class Config(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
-    data: TextDataConfig = TextDataConfig()
+    data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_cross(self) -> Config:
-        if self.pretrain.seq_len > self.model.max_seq_len:
+        if self.data.record_len - 1 > self.model.max_seq_len:
             raise ValueError(
-                f"pretrain.seq_len={self.pretrain.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+                f"data.record_len-1={self.data.record_len - 1} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
+
+    @property
+    def data_dir(self) -> str:
+        return self.data.dir or f"{self.run.out_dir}/data"
 
 
 # ---------------------------------------------------------------------------- loading

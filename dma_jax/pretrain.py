@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
-from dma_jax.data.text_stream import TokenStream
+from dma_jax.data.domains import DomainSpace
+from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import JsonlLog, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
@@ -65,10 +66,15 @@ def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
     out = Path(cfg.run.out_dir) / "pretrain"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
-    stream = TokenStream.from_sources(cfg.data.sources, cfg.data.holdout_fraction)
-    eval_np = stream.eval_batches(pc.eval_batches, pc.batch_size, pc.seq_len)
+    space = DomainSpace.for_config(cfg)
+    if space.tokenizer().vocab_size > cfg.model.vocab_size:
+        raise DmaError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                       f"{space.tokenizer().vocab_size}")
+    stream = RecordStream(space, pc.fields, "train")
+    eval_np = RecordStream(space, pc.fields, "heldout").eval_batches(pc.eval_batches, pc.batch_size)
+    seq_len = space.record_len - 1
 
-    trainer = Trainer(cfg.model, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, pc.seq_len, devices)
+    trainer = Trainer(cfg.model, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, seq_len, devices)
     n_params = param_count_formula(cfg.model)
     mem = trainer.memory
     log.info(
@@ -92,7 +98,7 @@ def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
         losses = [trainer.eval_loss(params, trainer.put_batch(b)) for b in eval_np]
         return float(np.mean(jax.device_get(losses)))
 
-    tokens_per_step = pc.batch_size * pc.seq_len
+    tokens_per_step = pc.batch_size * seq_len
     bar = tqdm(total=pc.steps, initial=start, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     pending = None  # (step, device metrics) read only after the next step is dispatched
     t_last, steps_since = time.perf_counter(), 0
@@ -120,7 +126,7 @@ def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
     stopped_early = False
     with _StopFlag() as stop:
         for step in range(start, pc.steps):
-            batch = trainer.put_batch(stream.batch(step, pc.batch_size, pc.seq_len, cfg.run.seed))
+            batch = trainer.put_batch(stream.batch(step, pc.batch_size, cfg.run.seed))
             state, metrics = trainer.step(state, batch)
             if pending is not None:
                 flush(pending)

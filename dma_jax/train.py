@@ -71,6 +71,22 @@ def batch_from_tokens(tokens_BxL1: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def host_batch(records: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    """Next-token batch from packed records [B, L+1]: padding (segment 0) targets are masked out.
+
+    Segment ids are kept so a token attends only within its own document.
+    """
+    if not isinstance(records, dict):
+        records = {"tokens": records, "segment_ids": np.ones_like(records)}
+    tokens, seg = np.asarray(records["tokens"], np.int32), np.asarray(records["segment_ids"], np.int32)
+    return {
+        "inputs": np.ascontiguousarray(tokens[:, :-1]),
+        "targets": np.ascontiguousarray(tokens[:, 1:]),
+        "mask": (seg[:, 1:] != 0).astype(np.float32),
+        "segment_ids": np.ascontiguousarray(seg[:, :-1]),
+    }
+
+
 def token_losses(lm: LMDef, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
     """Per-token cross-entropy [B, L] (unmasked)."""
     logits_BxLxV = lm.apply(params, batch["inputs"], batch.get("segment_ids"))
@@ -162,9 +178,9 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding
         )
         abstract_batch = {
-            "inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding),
-            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding),
-            "mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=self.batch_sharding),
+            k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=self.batch_sharding)
+            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32),
+                          ("segment_ids", jnp.int32))
         }
         step_fn = jax.jit(
             lambda s, b: train_step(s, b, lm=self.lm, tx=self.tx),
@@ -185,13 +201,9 @@ class Trainer:
         fn = jax.jit(lambda: init_state(self.lm, self.tx, seed), out_shardings=self.state_sharding)
         return fn()
 
-    def put_batch(self, tokens_BxL1: np.ndarray) -> dict[str, jax.Array]:
-        batch = {
-            "inputs": np.ascontiguousarray(tokens_BxL1[:, :-1], dtype=np.int32),
-            "targets": np.ascontiguousarray(tokens_BxL1[:, 1:], dtype=np.int32),
-            "mask": np.ones((tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1), np.float32),
-        }
-        return jax.device_put(batch, self.batch_sharding)
+    def put_batch(self, records: dict[str, np.ndarray] | np.ndarray) -> dict[str, jax.Array]:
+        """Packed records {"tokens", "segment_ids"} [B, L+1] (or bare token windows) -> a sharded batch."""
+        return jax.device_put(host_batch(records), self.batch_sharding)
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]):
         return self.compiled_step(state, batch)

@@ -29,9 +29,10 @@ def _write(tmp_path, obj):
 
 def test_values_and_overrides_apply(tmp_path):
     p = _write(tmp_path, {"model": {"d_model": 48, "n_heads": 3, "d_ff": 100}, "variants": {"v": {"model": {"n_layers": 3}}}})
-    cfg = load_config(p, ["optim.lr=0.5", "model.tie_embeddings=false", "data.sources=[a.txt, b.txt]"], variant="v")
+    cfg = load_config(p, ["optim.lr=0.5", "model.tie_embeddings=false", "pretrain.fields=[source, math]"],
+                      variant="v")
     assert cfg.model.d_model == 48 and cfg.model.n_layers == 3 and cfg.optim.lr == 0.5
-    assert cfg.model.tie_embeddings is False and cfg.data.sources == ("a.txt", "b.txt")
+    assert cfg.model.tie_embeddings is False and cfg.pretrain.fields == ("source", "math")
     with pytest.raises(Exception):
         cfg.model.d_model = 3  # frozen
 
@@ -49,7 +50,9 @@ def test_values_and_overrides_apply(tmp_path):
         ({}, ["model.nope=1"], r"override 'model\.nope=1': unknown key 'model\.nope'"),
         ({}, ["pretrain.steps"], r"override 'pretrain\.steps': expected key\.sub=value"),
         ({}, ["pretrain.steps=0"], r"c\.yaml: pretrain\.steps: .*greater than 0"),
-        ({}, ["pretrain.seq_len=4096"], r"c\.yaml: pretrain\.seq_len=4096 exceeds model\.max_seq_len"),
+        ({}, ["data.record_len=4096"], r"c\.yaml: data\.record_len-1=4095 exceeds model\.max_seq_len"),
+        ({}, ["data.demo=false"], r"c\.yaml: data: no domains"),
+        ({}, ["data.tokenizer.kind=hf"], r"c\.yaml: data\.tokenizer: tokenizer kind 'hf' needs a path"),
     ],
 )
 def test_bad_configs_give_one_line_errors_naming_file_and_key(tmp_path, obj, overrides, pattern):

@@ -19,13 +19,26 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _cfg(out, *extra):
-    return load_config(DEMO, [f"run.out_dir={out}", "pretrain.steps=8", "pretrain.checkpoint_every=4",
-                              "pretrain.eval_every=4", "mesh.data=1", *extra], variant="tiny")
+    return load_config(DEMO, [f"run.out_dir={out}", f"data.dir={_DATA['dir']}", "pretrain.steps=8",
+                              "pretrain.checkpoint_every=4", "pretrain.eval_every=4", "mesh.data=1", *extra],
+                       variant="tiny")
+
+
+_DATA = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prepared(tmp_path_factory):
+    from dma_jax.prepare import run_prepare
+
+    _DATA["dir"] = str(tmp_path_factory.mktemp("data"))
+    run_prepare(load_config(DEMO, [f"data.dir={_DATA['dir']}", "data.demo_fields=[source]"], variant="tiny"),
+                progress=False)
 
 
 def _final_params(cfg):
     tr = train_mod.Trainer(cfg.model, cfg.optim, cfg.mesh, cfg.pretrain.steps, cfg.pretrain.batch_size,
-                           cfg.pretrain.seq_len, devices=jax.devices()[:1])
+                           cfg.data.record_len - 1, devices=jax.devices()[:1])
     ck = Checkpointer(Path(cfg.run.out_dir) / "pretrain" / "checkpoints")
     state, _, _ = ck.restore(tr.abstract_state)
     return ck.latest_step(), jax.tree.map(np.asarray, state)
@@ -37,7 +50,7 @@ def _losses(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, prepared):
     out = tmp_path_factory.mktemp("full")
     cfg = _cfg(out)
     summary = run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
@@ -107,7 +120,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, m
 def test_resume_with_another_model_is_refused(uninterrupted, capsys):
     cfg_full, _ = uninterrupted
     rc = main(["pretrain", "--config", str(DEMO), "--variant", "tiny", f"run.out_dir={cfg_full.run.out_dir}",
-               "pretrain.steps=8", "model.d_ff=80", "mesh.data=1"])
+               f"data.dir={_DATA['dir']}", "pretrain.steps=8", "model.d_ff=80", "mesh.data=1"])
     err = capsys.readouterr().err
     assert rc == 2 and "differs in model.d_ff" in err and len(err.strip().splitlines()) == 1
 
