@@ -57,9 +57,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.config is None:
         raise DmaError("pretrain: --config is required (e.g. --config configs/demo.yaml)")
     cfg = _load(args)
-    summary = run_pretrain(cfg, progress=not args.no_progress)
-    print(f"pretrain: {summary['steps']} steps, held-out loss {summary['final_eval_loss']}, "
+    summary = run_pretrain(cfg, args.model, progress=not args.no_progress)
+    print(f"pretrain {args.model}: {summary['steps']} steps, held-out loss {summary['final_eval_loss']}, "
           f"checkpoints in {summary['out_dir']}/checkpoints")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from dma_jax.sweep import run_sample
+
+    cfg = _load(args)
+    path = run_sample(cfg)
+    print(f"sample: {cfg.sweep.num_trajectories} trajectories x {cfg.sweep.num_stages} re-weighting steps "
+          f"in {path}; picture: {path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dma_jax.sweep import run_sweep
+
+    cfg = _load(args)
+    s = run_sweep(cfg, progress=not args.no_progress)
+    r = s["returns"]
+    print(f"sweep: N={s['N']} T={s['T']} S={s['S']} in {s['seconds']:.0f} s "
+          f"({s['tokens_per_s']:,.0f} tokens/s over all proxies); returns min {r.min():+.4f} "
+          f"median {np.median(r):+.4f} max {r.max():+.4f}; offline dataset in {s['out_dir']}")
     return 0
 
 
@@ -72,10 +96,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: [1/2] preparing the demo domain space in {cfg.data_dir}")
     space = run_prepare(cfg, progress=not args.no_progress)
     _print_space(space, time.perf_counter() - t0)
-    print(f"demo: [2/2] pre-training the base LM ({cfg.pretrain.steps} steps) into {cfg.run.out_dir}/pretrain")
-    summary = run_pretrain(cfg, progress=not args.no_progress)
-    print(f"demo: done in {time.perf_counter() - t0:.0f} s; held-out loss {summary['final_eval_loss']:.4f}; "
-          f"metrics in {summary['out_dir']}/metrics.jsonl")
+    for which in ("proxy", "target"):
+        print(f"demo: [2/2] pre-training the base {which} on the source field into {cfg.run.out_dir}/pretrain-{which}")
+        summary = run_pretrain(cfg, which, progress=not args.no_progress)
+        print(f"demo: base {which}: held-out loss {summary['final_eval_loss']:.4f} "
+              f"({summary['n_params'] / 1e6:.2f}M parameters)")
+    print(f"demo: done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -105,9 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("pretrain", help="train a base LM on a token stream (resumes from the last checkpoint)")
+    p = sub.add_parser("pretrain", help="train the base proxy or target LM on the source field (resumable)")
     _add_config_args(p)
+    p.add_argument("--model", choices=("proxy", "target"), default="proxy", help="which base model (default: proxy)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="sample mixture trajectories [N, T, D] with the sweep's inductive biases")
+    _add_config_args(p, DEMO_CONFIG)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sweep", help="train N proxies at once (vmapped, sharded) along the trajectories -> offline data")
+    _add_config_args(p, DEMO_CONFIG)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: prepare, pretrain)")
     _add_config_args(p, DEMO_CONFIG)

@@ -196,6 +196,46 @@ class PretrainConfig(Section):
     checkpoint_every: PosInt = 50
     keep_checkpoints: PosInt = 3
     log_every: PosInt = 10
+    target_steps: PosInt | None = None  # steps for the target model (default: `steps`)
+
+
+class EvalConfig(Section):
+    """The evaluation environment run after every re-weighting step (sweep and CPT)."""
+
+    balanced: Literal["mean", "min", "harmonic"] = "mean"  # aggregation of field scores into B
+    heldout_windows_per_domain: PosInt = 16
+    benchmark_items_per_field: PosInt = 200
+    max_len: PosInt = 128  # model input length: held-out windows and benchmark rows hold max_len + 1 tokens
+    batch_size: PosInt = 32  # rows per forward pass
+    acc_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of accuracy in the field score
+    ll_scale: PosFloat = 1.0  # nats per token of answer log-likelihood change that saturate the tanh
+
+
+class SamplerConfig(Section):
+    """Inductive biases of the trajectory sampler (see `dma_jax.trajectories.SamplerParams`)."""
+
+    init_concentration: PosFloat = 200.0
+    init_target_share: float = pydantic.Field(0.02, ge=0.0, lt=1.0)
+    step_concentration: PosFloat = 300.0
+    drift_rate_range: tuple[float, float] = (0.0, 0.1)
+    wide_share: float = pydantic.Field(0.25, ge=0.0, le=1.0)
+    wide_concentration: PosFloat = 30.0
+    min_weight: float = pydantic.Field(1e-4, ge=0.0, lt=1.0)
+
+
+class SweepConfig(Section):
+    """The proxy environment: N proxies, T re-weighting steps of S optimizer steps each."""
+
+    target_field: str = "math"
+    num_trajectories: PosInt = 64
+    num_stages: PosInt = 8  # T: re-weighting steps per trajectory
+    steps_per_stage: PosInt = 20  # S: optimizer steps per re-weighting step
+    batch_size: PosInt = 8
+    seq_len: PosInt = 128
+    chunk_size: PosInt | None = None  # trajectories trained at once (None: all)
+    devices: int = -1  # devices on the `traj` mesh axis (-1: as many as divide the chunk)
+    pool_tokens_per_domain: PosInt = 2_000_000  # cap of each domain's on-device token pool
+    sampler: SamplerConfig = SamplerConfig()
 
 
 class RunConfig(Section):
@@ -206,18 +246,24 @@ class RunConfig(Section):
 
 class Config(Section):
     run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
+    proxy: ModelConfig = ModelConfig()
+    target: ModelConfig = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=344)
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    eval: EvalConfig = EvalConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_cross(self) -> Config:
-        if self.data.record_len - 1 > self.model.max_seq_len:
-            raise ValueError(
-                f"data.record_len-1={self.data.record_len - 1} exceeds model.max_seq_len={self.model.max_seq_len}"
-            )
+        for which in ("proxy", "target"):
+            m = getattr(self, which)
+            for name, length in (("data.record_len-1", self.data.record_len - 1), ("eval.max_len", self.eval.max_len)):
+                if length > m.max_seq_len:
+                    raise ValueError(f"{name}={length} exceeds {which}.max_seq_len={m.max_seq_len}")
+        if self.sweep.seq_len > self.proxy.max_seq_len:
+            raise ValueError(f"sweep.seq_len={self.sweep.seq_len} exceeds proxy.max_seq_len={self.proxy.max_seq_len}")
         return self
 
     @property

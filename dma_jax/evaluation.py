@@ -21,32 +21,19 @@ re-weighting step t is B(o_t) - B(o_{t-1}), so the return telescopes to B(o_T) -
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pydantic
 
-from dma_jax.config import PosFloat, PosInt, Section
+from dma_jax.config import EvalConfig
 from dma_jax.data.tokenizer import Tokenizer
 from dma_jax.errors import DmaError
 from dma_jax.train import LMDef, Params, batch_from_tokens, token_losses
 
 BALANCED = ("mean", "min", "harmonic")
 _HARMONIC_EPS = 1e-6
-
-
-class EvalConfig(Section):
-    """The evaluation environment run after every re-weighting step (sweep and CPT)."""
-
-    balanced: Literal["mean", "min", "harmonic"] = "mean"  # aggregation of field scores into B
-    heldout_windows_per_domain: PosInt = 16
-    benchmark_items_per_field: PosInt = 200
-    max_len: PosInt = 128  # model input length: held-out windows and benchmark rows hold max_len + 1 tokens
-    batch_size: PosInt = 32  # rows per forward pass
-    acc_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of accuracy in the field score
-    ll_scale: PosFloat = 1.0  # nats per token of answer log-likelihood change that saturate the tanh
 
 
 class EvalSet(NamedTuple):

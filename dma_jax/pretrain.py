@@ -1,6 +1,6 @@
 """`dma pretrain`: train a base LM on a token stream, with checkpoints, metrics and resume.
 
-Outputs under `<run.out_dir>/pretrain/`: `config.yaml`, `metrics.jsonl`, and
+Outputs under `<run.out_dir>/pretrain-<proxy|target>/`: `config.yaml`, `metrics.jsonl`, and
 Orbax checkpoints in `checkpoints/<step>/`. Re-running the same command resumes
 from the last checkpoint and ends where an uninterrupted run would. SIGTERM
 (a preemption notice) saves a checkpoint at the next step and exits cleanly.
@@ -52,30 +52,40 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._prev)
 
 
-def _check_resume_config(meta: dict, cfg: Config, ckpt_dir: Path) -> None:
+def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
+    """Refuse a checkpoint whose recorded model config differs from `model_cfg` (one line, fields named)."""
     saved = meta.get("model")
-    now = dump_config(cfg)["model"]
-    if saved is not None and saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise DmaError(f"{ckpt_dir}: checkpoint was written for another model (differs in model.{', model.'.join(diff)})")
+    if saved is not None and saved != model_cfg:
+        diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
+        raise DmaError(f"{where}: checkpoint was written for another model (differs in "
+                       f"{which}.{f', {which}.'.join(diff)})")
 
 
-def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
-    """Train (or resume) and return a summary dict."""
+def pretrain_dir(cfg: Config, which: str) -> Path:
+    return Path(cfg.run.out_dir) / f"pretrain-{which}"
+
+
+def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool = True) -> dict:
+    """Train (or resume) the base `which` model ("proxy" or "target"); returns a summary dict."""
+    if which not in ("proxy", "target"):
+        raise DmaError(f"pretrain: unknown model '{which}' (proxy or target)")
     pc = cfg.pretrain
-    out = Path(cfg.run.out_dir) / "pretrain"
+    model_cfg = getattr(cfg, which)
+    steps = pc.target_steps if which == "target" and pc.target_steps else pc.steps
+    pc = pc.model_copy(update={"steps": steps})
+    out = pretrain_dir(cfg, which)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
     space = DomainSpace.for_config(cfg)
-    if space.tokenizer().vocab_size > cfg.model.vocab_size:
-        raise DmaError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+    if space.tokenizer().vocab_size > model_cfg.vocab_size:
+        raise DmaError(f"{which}.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                        f"{space.tokenizer().vocab_size}")
     stream = RecordStream(space, pc.fields, "train")
     eval_np = RecordStream(space, pc.fields, "heldout").eval_batches(pc.eval_batches, pc.batch_size)
     seq_len = space.record_len - 1
 
-    trainer = Trainer(cfg.model, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, seq_len, devices)
-    n_params = param_count_formula(cfg.model)
+    trainer = Trainer(model_cfg, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, seq_len, devices)
+    n_params = param_count_formula(model_cfg)
     mem = trainer.memory
     log.info(
         "LM %.2fM params on mesh %s; compiled train step needs %s per device (temp %s)",
@@ -85,21 +95,21 @@ def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
     metrics_log = JsonlLog(out / "metrics.jsonl")
     start = ckpt.latest_step()
     if start is not None:
-        _check_resume_config(ckpt.read_meta(start), cfg, ckpt.directory)
+        check_model_meta(ckpt.read_meta(start), dump_config(cfg)[which], which, ckpt.directory)
         state, _, _ = ckpt.restore(trainer.abstract_state, start)
         log.info("resumed from step %d", start)
     else:
         start = 0
         state = trainer.init(cfg.run.seed)
     metrics_log.truncate_after(start)
-    meta = {"model": dump_config(cfg)["model"], "n_params": n_params}
+    meta = {"model": dump_config(cfg)[which], "n_params": n_params, "which": which}
 
     def evaluate(params) -> float:
         losses = [trainer.eval_loss(params, trainer.put_batch(b)) for b in eval_np]
         return float(np.mean(jax.device_get(losses)))
 
     tokens_per_step = pc.batch_size * seq_len
-    bar = tqdm(total=pc.steps, initial=start, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain {which}", unit="step", disable=not progress, dynamic_ncols=True)
     pending = None  # (step, device metrics) read only after the next step is dispatched
     t_last, steps_since = time.perf_counter(), 0
     last_loss = float("nan")
@@ -163,3 +173,26 @@ def run_pretrain(cfg: Config, devices=None, progress: bool = True) -> dict:
         "memory_per_device": mem,
     }
 
+
+
+def load_base_params(cfg: Config, which: str):
+    """The parameters of the last checkpoint of `dma pretrain --model which` (on the default device)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dma_jax.train import LMDef, init_state, make_optimizer
+
+    ckpt_dir = pretrain_dir(cfg, which) / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise DmaError(f"{ckpt_dir}: no base {which} checkpoint (run `dma pretrain --model {which}` first)")
+    check_model_meta(ckpt.read_meta(step), dump_config(cfg)[which], which, ckpt.directory)
+    lm = LMDef.build(getattr(cfg, which))
+    steps = cfg.pretrain.target_steps if which == "target" and cfg.pretrain.target_steps else cfg.pretrain.steps
+    tx = make_optimizer(cfg.optim, steps)
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)), PartitionSpec())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
+    state, _, _ = ckpt.restore(abstract, step)
+    ckpt.close()
+    return state.params

@@ -28,29 +28,29 @@ def _write(tmp_path, obj):
 
 
 def test_values_and_overrides_apply(tmp_path):
-    p = _write(tmp_path, {"model": {"d_model": 48, "n_heads": 3, "d_ff": 100}, "variants": {"v": {"model": {"n_layers": 3}}}})
-    cfg = load_config(p, ["optim.lr=0.5", "model.tie_embeddings=false", "pretrain.fields=[source, math]"],
+    p = _write(tmp_path, {"proxy": {"d_model": 48, "n_heads": 3, "d_ff": 100}, "variants": {"v": {"proxy": {"n_layers": 3}}}})
+    cfg = load_config(p, ["optim.lr=0.5", "proxy.tie_embeddings=false", "pretrain.fields=[source, math]"],
                       variant="v")
-    assert cfg.model.d_model == 48 and cfg.model.n_layers == 3 and cfg.optim.lr == 0.5
-    assert cfg.model.tie_embeddings is False and cfg.pretrain.fields == ("source", "math")
+    assert cfg.proxy.d_model == 48 and cfg.proxy.n_layers == 3 and cfg.optim.lr == 0.5
+    assert cfg.proxy.tie_embeddings is False and cfg.pretrain.fields == ("source", "math")
     with pytest.raises(Exception):
-        cfg.model.d_model = 3  # frozen
+        cfg.proxy.d_model = 3  # frozen
 
 
 @pytest.mark.parametrize(
     "obj, overrides, pattern",
     [
-        ({"model": {"d_modle": 3}}, [], r"c\.yaml: unknown key 'model\.d_modle'"),
+        ({"proxy": {"d_modle": 3}}, [], r"c\.yaml: unknown key 'proxy\.d_modle'"),
         ({"modle": {}}, [], r"c\.yaml: unknown key 'modle'"),
-        ({"model": {"d_model": "big"}}, [], r"c\.yaml: model\.d_model: .*integer.*'big'"),
-        ({"model": {"d_model": -4}}, [], r"c\.yaml: model\.d_model: .*greater than 0"),
+        ({"proxy": {"d_model": "big"}}, [], r"c\.yaml: proxy\.d_model: .*integer.*'big'"),
+        ({"target": {"d_model": -4}}, [], r"c\.yaml: target\.d_model: .*greater than 0"),
         ({"optim": {"b1": 1.5}}, [], r"c\.yaml: optim\.b1: .*less than 1"),
         ({"optim": {"lr": float("nan")}}, [], r"c\.yaml: optim\.lr: value must be finite"),
-        ({"model": {"d_model": 30, "n_heads": 4}}, [], r"c\.yaml: model: d_model=30 is not divisible by n_heads=4"),
-        ({}, ["model.nope=1"], r"override 'model\.nope=1': unknown key 'model\.nope'"),
+        ({"proxy": {"d_model": 30, "n_heads": 4}}, [], r"c\.yaml: proxy: d_model=30 is not divisible by n_heads=4"),
+        ({}, ["proxy.nope=1"], r"override 'proxy\.nope=1': unknown key 'proxy\.nope'"),
         ({}, ["pretrain.steps"], r"override 'pretrain\.steps': expected key\.sub=value"),
         ({}, ["pretrain.steps=0"], r"c\.yaml: pretrain\.steps: .*greater than 0"),
-        ({}, ["data.record_len=4096"], r"c\.yaml: data\.record_len-1=4095 exceeds model\.max_seq_len"),
+        ({}, ["data.record_len=4096"], r"c\.yaml: data\.record_len-1=4095 exceeds proxy\.max_seq_len"),
         ({}, ["data.demo=false"], r"c\.yaml: data: no domains"),
         ({}, ["data.tokenizer.kind=hf"], r"c\.yaml: data\.tokenizer: tokenizer kind 'hf' needs a path"),
     ],

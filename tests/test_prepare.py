@@ -93,7 +93,7 @@ def _user_cfg(tmp_path, domains, benchmarks=()):
     raw = {"run": {"out_dir": str(tmp_path / "run")},
            "data": {"demo": False, "record_len": 33, "heldout_fraction": 0.25, "domains": domains,
                     "benchmarks": list(benchmarks)},
-           "model": {"max_seq_len": 64}}
+           "proxy": {"max_seq_len": 64}, "target": {"max_seq_len": 64}, "eval": {"max_len": 32}, "sweep": {"seq_len": 32}}
     p = tmp_path / "user.yaml"
     p.write_text(yaml.safe_dump(raw))
     return load_config(p)

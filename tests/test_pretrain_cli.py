@@ -37,15 +37,15 @@ def prepared(tmp_path_factory):
 
 
 def _final_params(cfg):
-    tr = train_mod.Trainer(cfg.model, cfg.optim, cfg.mesh, cfg.pretrain.steps, cfg.pretrain.batch_size,
+    tr = train_mod.Trainer(cfg.proxy, cfg.optim, cfg.mesh, cfg.pretrain.steps, cfg.pretrain.batch_size,
                            cfg.data.record_len - 1, devices=jax.devices()[:1])
-    ck = Checkpointer(Path(cfg.run.out_dir) / "pretrain" / "checkpoints")
+    ck = Checkpointer(Path(cfg.run.out_dir) / "pretrain-proxy" / "checkpoints")
     state, _, _ = ck.restore(tr.abstract_state)
     return ck.latest_step(), jax.tree.map(np.asarray, state)
 
 
 def _losses(out):
-    recs = [json.loads(x) for x in (Path(out) / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (Path(out) / "pretrain-proxy" / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in recs if "loss" in r]
 
 
@@ -53,13 +53,13 @@ def _losses(out):
 def uninterrupted(tmp_path_factory, prepared):
     out = tmp_path_factory.mktemp("full")
     cfg = _cfg(out)
-    summary = run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    summary = run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     return cfg, summary
 
 
 def test_pretrain_writes_checkpoints_metrics_and_learns(uninterrupted):
     cfg, summary = uninterrupted
-    out = Path(cfg.run.out_dir) / "pretrain"
+    out = Path(cfg.run.out_dir) / "pretrain-proxy"
     assert summary["steps"] == 8 and not summary["stopped_early"]
     assert (out / "config.yaml").exists()
     losses = _losses(cfg.run.out_dir)
@@ -91,9 +91,9 @@ def test_crash_then_rerun_ends_where_an_uninterrupted_run_does(uninterrupted, tm
 
     _crash_at(monkeypatch, 6, boom)  # after the step-4 checkpoint
     with pytest.raises(RuntimeError):
-        run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+        run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
-    run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     s_full, p_full = _final_params(cfg_full)
     s_res, p_res = _final_params(cfg)
     assert s_full == s_res == 8
@@ -106,11 +106,11 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, m
     cfg_full, _ = uninterrupted
     cfg = _cfg(tmp_path)
     _crash_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    summary = run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    summary = run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
     assert summary["stopped_early"] and summary["steps"] == 3
-    assert Checkpointer(Path(cfg.run.out_dir) / "pretrain" / "checkpoints").latest_step() == 3
-    run_pretrain(cfg, devices=jax.devices()[:1], progress=False)
+    assert Checkpointer(Path(cfg.run.out_dir) / "pretrain-proxy" / "checkpoints").latest_step() == 3
+    run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     _, p_full = _final_params(cfg_full)
     _, p_res = _final_params(cfg)
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_res)):
@@ -120,9 +120,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, m
 def test_resume_with_another_model_is_refused(uninterrupted, capsys):
     cfg_full, _ = uninterrupted
     rc = main(["pretrain", "--config", str(DEMO), "--variant", "tiny", f"run.out_dir={cfg_full.run.out_dir}",
-               f"data.dir={_DATA['dir']}", "pretrain.steps=8", "model.d_ff=80", "mesh.data=1"])
+               f"data.dir={_DATA['dir']}", "pretrain.steps=8", "proxy.d_ff=80", "mesh.data=1"])
     err = capsys.readouterr().err
-    assert rc == 2 and "differs in model.d_ff" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "differs in proxy.d_ff" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_lists_subcommands():
@@ -134,8 +134,8 @@ def test_help_lists_subcommands():
 
 def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  d_model: -1\n")
+    bad.write_text("proxy:\n  d_model: -1\n")
     out = subprocess.run([sys.executable, "-m", "dma_jax.cli", "pretrain", "--config", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == f"dma: error: {bad}: model.d_model: Input should be greater than 0 (got -1)"
+    assert out.stderr.strip() == f"dma: error: {bad}: proxy.d_model: Input should be greater than 0 (got -1)"

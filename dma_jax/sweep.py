@@ -1,0 +1,284 @@
+"""`dma sample` and `dma sweep`: the proxy environment that produces the agent's offline data.
+
+N proxies start from the base proxy and each follows its own mixture trajectory
+[T, D]. They are trained at once: the train state carries a leading trajectory
+axis, sharded over a ("traj",) mesh; one jitted function vmaps `train_step` and
+`lax.scan`s over the S optimizer steps of a re-weighting step, drawing each
+batch on device from per-domain token pools (`data.device_sampler`). After every
+re-weighting step all proxies are evaluated, vmapped (`evaluation.evaluate`).
+N larger than `chunk_size` runs chunk by chunk. Batches are keyed by
+(seed, trajectory id, stage, step), so chunking and the device count change no number.
+
+Resumable: after each re-weighting step the chunk's state and the feedback so far
+are checkpointed (Orbax, atomic); re-running resumes from the last finished step.
+Output: `<run.out_dir>/sweep/offline/` (see `dma_jax.offline_data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from dma_jax import evaluation as ev
+from dma_jax import offline_data
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.config import Config, dump_config
+from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
+from dma_jax.data.domains import DomainSpace
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import atomic_write_bytes
+from dma_jax.pretrain import load_base_params
+from dma_jax.train import LMDef, TrainState, batch_from_tokens, make_optimizer, train_step
+from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
+
+log = logging.getLogger(__name__)
+
+
+def sweep_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / "sweep"
+
+
+def sweep_space(cfg: Config) -> DomainSpace:
+    return DomainSpace.for_config(cfg).subset(["source", cfg.sweep.target_field])
+
+
+# ------------------------------------------------------------------------------ sample
+
+
+def run_sample(cfg: Config) -> Path:
+    """Sample N trajectories [N, T, D]; write `trajectories.npz` and a PNG of a few."""
+    sc = cfg.sweep
+    space = sweep_space(cfg)
+    weights_NxTxD = sample_trajectories(
+        sc.num_trajectories, sc.num_stages, space.fields_of_domain, space.train_tokens.astype(float),
+        sc.target_field, SamplerParams(**sc.sampler.model_dump()), cfg.run.seed,
+    )
+    out = sweep_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, weights_NxTxD=weights_NxTxD, domain_names=np.array(space.names),
+             domain_fields=np.array(space.fields_of_domain))
+    atomic_write_bytes(out / "trajectories.npz", buf.getvalue())
+    plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain, out / "trajectories.png")
+    return out / "trajectories.npz"
+
+
+def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            w = np.asarray(z["weights_NxTxD"], np.float32)
+            names = [str(x) for x in z["domain_names"]]
+    except (OSError, ValueError, KeyError) as e:
+        raise DmaError(f"{path}: not a trajectories file ({str(e).splitlines()[0]})") from None
+    if names != space.names:
+        only_file = sorted(set(names) - set(space.names))
+        only_space = sorted(set(space.names) - set(names))
+        raise DmaError(f"{path}: trajectories were sampled for other domains (only in file: {only_file}, "
+                       f"only in the domain space: {only_space}); re-run `dma sample`")
+    sc = cfg.sweep
+    if w.shape != (sc.num_trajectories, sc.num_stages, space.num_domains):
+        raise DmaError(f"{path}: shape {w.shape}, config wants "
+                       f"[{sc.num_trajectories}, {sc.num_stages}, {space.num_domains}]; re-run `dma sample`")
+    if not np.all(np.isfinite(w)) or (w < 0).any() or np.abs(w.sum(-1) - 1).max() > 1e-4:
+        raise DmaError(f"{path}: mixtures must be finite, >= 0 and sum to 1")
+    return w
+
+
+def build_space_eval_set(space: DomainSpace, ec, tok, windows) -> ev.EvalSet:
+    """The eval set of a domain space: items whose longest choice leaves < 8 tokens of context are skipped."""
+    benches = {}
+    for f in space.fields:
+        items = space.benchmarks(f)
+        fits = [it for it in items if max(len(tok.encode(c)) for c in it["choices"]) <= ec.max_len - 8]
+        if len(fits) < len(items):
+            log.warning("field %s: %d of %d benchmark items have a choice too long for eval.max_len=%d: skipped",
+                        f, len(items) - len(fits), len(items), ec.max_len)
+        benches[f] = fits[: ec.benchmark_items_per_field]
+    return ev.build_eval_set(windows, benches, tok, space.fields, ec.max_len)
+
+
+# ------------------------------------------------------------------------------ the vmapped step
+
+
+def stage_keys(seed: int, traj_ids_n: jax.Array, stage: jax.Array) -> jax.Array:
+    """One key per proxy for a re-weighting step: depends on the trajectory id, not its chunk."""
+    root = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), stage))(traj_ids_n)
+
+
+def proxy_stage(state: TrainState, weights_D: jax.Array, key: jax.Array, pools: TokenPools, *,
+                lm: LMDef, tx, steps: int, batch_size: int, seq_len: int):
+    """S optimizer steps of one proxy under one mixture (lax.scan): (state, losses [S])."""
+
+    def body(st, s):
+        tokens_BxL1, _ = sample_batch(pools, weights_D, jax.random.fold_in(key, s), batch_size, seq_len)
+        st, m = train_step(st, batch_from_tokens(tokens_BxL1), lm=lm, tx=tx)
+        return st, m["loss"]
+
+    return jax.lax.scan(body, state, jnp.arange(steps))
+
+
+class Sweep:
+    """Compiled pieces of the sweep for one config: init, stage (train S steps), evaluate."""
+
+    def __init__(self, cfg: Config, space: DomainSpace, devices=None):
+        sc = cfg.sweep
+        self.cfg, self.space = cfg, space
+        self.lm = LMDef.build(cfg.proxy)
+        self.tx = make_optimizer(cfg.optim, sc.num_stages * sc.steps_per_stage)
+        self.chunk = min(sc.chunk_size or sc.num_trajectories, sc.num_trajectories)
+        devices = list(devices if devices is not None else jax.devices())
+        n_dev = len(devices) if sc.devices == -1 else sc.devices
+        if n_dev > len(devices):
+            raise DmaError(f"sweep.devices={n_dev} but only {len(devices)} devices are visible")
+        n_dev = math.gcd(self.chunk, n_dev)
+        self.mesh = Mesh(np.array(devices[:n_dev]), ("traj",))
+        self.traj_sharding = NamedSharding(self.mesh, P("traj"))
+        self.replicated = NamedSharding(self.mesh, P())
+        tok = space.tokenizer()
+        self.pools = jax.device_put(make_pools(
+            [space.tokens(d, "train", sc.pool_tokens_per_domain) for d in range(space.num_domains)], sc.seq_len),
+            self.replicated)
+        ec = cfg.eval
+        windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
+                   for d in range(space.num_domains)]
+        self.eval_set = jax.device_put(build_space_eval_set(space, cfg.eval, tok, windows), self.replicated)
+
+        lm, tx = self.lm, self.tx
+        stage_fn = lambda st, w, k, pools: proxy_stage(  # noqa: E731
+            st, w, k, pools, lm=lm, tx=tx, steps=sc.steps_per_stage, batch_size=sc.batch_size, seq_len=sc.seq_len)
+        self._stage = jax.jit(
+            lambda st, w_nxD, ids_n, stage, pools: jax.vmap(stage_fn, in_axes=(0, 0, 0, None))(
+                st, w_nxD, stage_keys(cfg.run.seed, ids_n, stage), pools),
+            in_shardings=(self.traj_sharding, self.traj_sharding, self.traj_sharding, None, self.replicated),
+            out_shardings=(self.traj_sharding, self.traj_sharding),
+            donate_argnums=0,
+        )
+        eval_one = lambda p, es: ev.evaluate(lm, p, es, ec.batch_size)  # noqa: E731
+        self._eval = jax.jit(jax.vmap(eval_one, in_axes=(0, None)),
+                             in_shardings=(self.traj_sharding, self.replicated), out_shardings=self.traj_sharding)
+        self.eval_single = jax.jit(eval_one)
+        self._init = jax.jit(
+            lambda p: jax.vmap(lambda _: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)))(jnp.arange(self.chunk)),
+            out_shardings=self.traj_sharding,
+        )
+        abstract = jax.eval_shape(self._init, self.lm.abstract_params)
+        self.abstract_state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.traj_sharding), abstract)
+
+    def init_chunk(self, base_params) -> TrainState:
+        return self._init(jax.device_put(base_params, self.replicated))
+
+    def stage(self, state: TrainState, weights_nxD: np.ndarray, traj_ids_n: np.ndarray, stage: int):
+        w = jax.device_put(jnp.asarray(weights_nxD, jnp.float32), self.traj_sharding)
+        ids = jax.device_put(jnp.asarray(traj_ids_n, jnp.int32), self.traj_sharding)
+        return self._stage(state, w, ids, jnp.int32(stage), self.pools)
+
+    def evaluate(self, params_n) -> dict:
+        return self._eval(params_n, self.eval_set)
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _meta(cfg: Config, space: DomainSpace) -> dict:
+    config = dump_config(cfg)
+    return {
+        "format": "dma-offline-v1",
+        "domain_names": space.names,
+        "domain_fields": space.fields_of_domain,
+        "fields": space.fields,
+        "target_field": cfg.sweep.target_field,
+        "feedback_names": ev.feedback_names(space.names, space.fields),
+        "domain_loss_index": ev.domain_loss_index(space.names, space.fields),
+        "field_score_index": ev.field_score_index(space.names, space.fields),
+        "balanced": cfg.eval.balanced,
+        "config": config,
+        "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
+    sc = cfg.sweep
+    out = sweep_dir(cfg)
+    space = sweep_space(cfg)
+    traj_path = out / "trajectories.npz"
+    if not traj_path.is_file():
+        log.warning("no %s: sampling trajectories first (dma sample)", traj_path)
+        run_sample(cfg)
+    weights_NxTxD = load_trajectories(traj_path, space, cfg)
+    base_params = load_base_params(cfg, "proxy")
+    sw = Sweep(cfg, space, devices)
+    base_params = jax.device_put(base_params, sw.replicated)
+    N, T, n = sc.num_trajectories, sc.num_stages, sw.chunk
+    n_chunks = math.ceil(N / n)
+    base_raw = jax.device_get(sw.eval_single(base_params, sw.eval_set))
+    meta = _meta(cfg, space)
+    M = len(meta["feedback_names"])
+    base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, cfg.eval)), np.float32)
+
+    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    feedback_NxT1xM = np.zeros((N, T + 1, M), np.float32)
+    feedback_NxT1xM[:, 0] = base_fb
+    chunk, stage, state = 0, 0, None
+    if ckpt.latest_step() is not None:
+        m = ckpt.read_meta()
+        if m.get("config_hash") != meta["config_hash"]:
+            raise DmaError(f"{ckpt.directory}: the sweep checkpoint was written with another config; "
+                           f"delete {out} or restore the config")
+        abstract = {"state": sw.abstract_state,
+                    "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32)}
+        restored, m, _ = ckpt.restore(abstract)
+        chunk, stage = int(m["chunk"]), int(m["stage"])
+        feedback_NxT1xM = np.array(restored["feedback"])
+        state = restored["state"]
+        log.info("resuming the sweep at chunk %d, stage %d", chunk, stage)
+        if stage == T:
+            chunk, stage, state = chunk + 1, 0, None
+
+    tokens_per_stage = n * sc.steps_per_stage * sc.batch_size * sc.seq_len
+    bar = tqdm(total=n_chunks * T, initial=chunk * T + stage, desc="sweep", unit="stage",
+               disable=not progress, dynamic_ncols=True)
+    t_start, tokens_done = time.perf_counter(), 0
+    normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, cfg.eval))))
+    for c in range(chunk, n_chunks):
+        ids_n = np.arange(c * n, (c + 1) * n) % N  # the last chunk wraps; its extra rows are dropped
+        if state is None:
+            state = sw.init_chunk(base_params)
+        for t in range(stage, T):
+            state, losses = sw.stage(state, weights_NxTxD[ids_n, t], ids_n, t)
+            fb_nxM = np.asarray(jax.device_get(normalise_n(sw.evaluate(state.params))))
+            keep = ids_n < N if c < n_chunks - 1 else np.arange(n) < N - c * n
+            feedback_NxT1xM[ids_n[keep], t + 1] = fb_nxM[keep]
+            tokens_done += tokens_per_stage
+            rate = tokens_done / (time.perf_counter() - t_start)
+            bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses[:, -1])):.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            ckpt.save(c * T + t + 1, {"state": state, "feedback": jnp.asarray(feedback_NxT1xM)},
+                      meta={"chunk": c, "stage": t + 1, "config_hash": meta["config_hash"]})
+        state, stage = None, 0
+    bar.close()
+    ckpt.close()
+
+    idx = np.asarray(meta["field_score_index"])
+    balanced_NxT1 = np.asarray(ev.balanced_score(jnp.asarray(feedback_NxT1xM[..., idx]), cfg.eval.balanced))
+    rewards_NxT = np.diff(balanced_NxT1, axis=1).astype(np.float32)
+    ds = offline_data.OfflineDataset(
+        actions=weights_NxTxD.astype(np.float32), feedback=feedback_NxT1xM, rewards=rewards_NxT,
+        returns=rewards_NxT.sum(1).astype(np.float32), meta=meta)
+    offline_data.save(ds, out / "offline")
+    elapsed = time.perf_counter() - t_start
+    return {"out_dir": str(out / "offline"), "N": N, "T": T, "S": sc.steps_per_stage, "seconds": elapsed,
+            "tokens_per_s": tokens_done / max(elapsed, 1e-9), "returns": ds.returns}
