@@ -87,6 +87,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cpt(args: argparse.Namespace) -> int:
+    from dma_jax.cpt import run_cpt
+
+    cfg = _load(args)
+    policies = args.policy or list(cfg.cpt.policies)
+    seeds = args.seed if args.seed is not None else list(cfg.cpt.seeds)
+    for name in policies:
+        for seed in seeds:
+            doc = run_cpt(cfg, name, seed, progress=not args.no_progress)
+            final = doc["field_scores"][-1]
+            fields = ", ".join(f"{f} {v:.4f}" for f, v in zip(doc["fields"], final))
+            print(f"cpt {name} seed {seed}: {fields}; balanced {doc['balanced'][-1]:.4f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dma_jax.cpt import cpt_dir
+    from dma_jax.report import write_report
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "report"
+    path = write_report(cpt_dir(cfg), out, title=f"{cfg.run.name}: continual pre-training report")
+    print(f"report: {path} (plots: {out / 'mixtures.png'}, {out / 'scores.png'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dma_jax import export
+
+    cfg = _load(args)
+    if args.what == "target":
+        out = export.export_target(cfg, args.policy, args.seed, args.out)
+        print(f"export: target model ({args.policy}, seed {args.seed}) in {out}/orbax and {out}/hf")
+    else:
+        out = export.export_agent_stage(cfg, args.stage, args.out)
+        print(f"export: {args.stage} agent in {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from dma_jax import export
+
+    cfg = _load(args)
+    path = export.import_target(cfg, args.hf_dir)
+    print(f"import: {args.hf_dir} is now the base target model ({path}); `dma cpt` continues from it")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dma_jax.prepare import run_prepare
     from dma_jax.pretrain import run_pretrain
@@ -143,6 +191,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train N proxies at once (vmapped, sharded) along the trajectories -> offline data")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("cpt", help="continually pre-train the target model under mixing policies (resumable)")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies)")
+    p.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: cpt.seeds)")
+    p.set_defaults(func=cmd_cpt)
+
+    p = sub.add_parser("report", help="markdown table of every CPT run + plots of mixtures and scores")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--out", help="output folder (default: <run.out_dir>/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export the CPT'd target model (Orbax + Hugging Face layout) or an agent")
+    p.add_argument("what", choices=("target", "agent"))
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--policy", default="agent-cql", help="target: which CPT run (default: agent-cql)")
+    p.add_argument("--seed", type=int, default=0, help="target: which seed (default: 0)")
+    p.add_argument("--stage", choices=("sft", "cql"), default="cql", help="agent: which stage (default: cql)")
+    p.add_argument("--out", help="output folder (default: under <run.out_dir>)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="use a Hugging Face LLaMA checkpoint (config.json + safetensors) as the "
+                                      "base target model")
+    p.add_argument("what", choices=("target",))
+    p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+    _add_config_args(p, DEMO_CONFIG)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: prepare, pretrain)")
     _add_config_args(p, DEMO_CONFIG)

@@ -238,6 +238,21 @@ class SweepConfig(Section):
     sampler: SamplerConfig = SamplerConfig()
 
 
+class CptConfig(Section):
+    """Target continual pre-training under each mixing policy (agent and baselines)."""
+
+    target_field: str = "math"
+    policies: tuple[str, ...] = ("source-only", "target-only", "fixed-0.3", "fixed-0.7", "curriculum", "regmix",
+                                 "replay-best", "agent-sft", "agent-cql")
+    seeds: tuple[NonNegInt, ...] = (0,)
+    num_stages: PosInt = 6  # re-weighting steps
+    steps_per_stage: PosInt = 20
+    batch_size: PosInt = 16
+    spread: Literal["size", "uniform"] = "size"  # how fixed shares spread over a field's domains
+    curriculum_end: float = pydantic.Field(1.0, ge=0.0, le=1.0)
+    num_threads: NonNegInt = 0  # Grain reader threads per batch
+
+
 class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/demo"
@@ -253,6 +268,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sweep: SweepConfig = SweepConfig()
+    cpt: CptConfig = CptConfig()
     eval: EvalConfig = EvalConfig()
 
     @pydantic.model_validator(mode="after")

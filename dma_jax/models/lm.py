@@ -68,13 +68,17 @@ class Attention(nnx.Module):
         k_BxLxGxK = apply_rope(k_BxLxGxK, cos_BxLxK, sin_BxLxK)
         B, L, H, K = q_BxLxHxK.shape
         G = k_BxLxGxK.shape[2]
-        q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)  # R: query heads per kv head
-        logits_BxGxRxLxL = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK).astype(jnp.float32)
-        logits_BxGxRxLxL = logits_BxGxRxLxL / jnp.sqrt(jnp.float32(K))
-        logits_BxGxRxLxL = jnp.where(mask_BxLxL[:, None, None], logits_BxGxRxLxL, jnp.finfo(jnp.float32).min)
-        probs_BxGxRxLxL = jax.nn.softmax(logits_BxGxRxLxL, axis=-1).astype(dt)
-        out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxL, v_BxLxGxK)
-        out_BxLxHxK = out_BxLxGxRxK.reshape(B, L, H, K)
+        R = H // G  # query heads per kv head
+        # Layout [B, G, R*L, K] x [B, G, M, K]: one batched matmul per (batch, kv head), fast on every backend.
+        q_BxGxNxK = q_BxLxHxK.reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * L, K)
+        k_BxGxMxK = k_BxLxGxK.transpose(0, 2, 1, 3)
+        v_BxGxMxK = v_BxLxGxK.transpose(0, 2, 1, 3)
+        logits_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", q_BxGxNxK, k_BxGxMxK).astype(jnp.float32)
+        logits_BxGxRxLxM = logits_BxGxNxM.reshape(B, G, R, L, L) / jnp.sqrt(jnp.float32(K))
+        logits_BxGxRxLxM = jnp.where(mask_BxLxL[:, None, None], logits_BxGxRxLxM, jnp.finfo(jnp.float32).min)
+        probs_BxGxNxM = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(dt).reshape(B, G, R * L, L)
+        out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", probs_BxGxNxM, v_BxGxMxK)
+        out_BxLxHxK = out_BxGxNxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
         return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
 
 

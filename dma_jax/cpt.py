@@ -1,0 +1,181 @@
+"""`dma cpt`: continual pre-training of the target model under a mixing policy.
+
+Every `steps_per_stage` optimizer steps the target is evaluated (the sweep's
+evaluation environment), the feedback is appended to the history, the policy
+emits the next mixture and the Grain mixer (`data.mixer.DomainMixer`) switches
+to it at the very next batch. Resumable: after each re-weighting step the model,
+optimizer, mixer state (step, cursors, weight history) and history are
+checkpointed together (Orbax, atomic); re-running continues from there and ends
+where an uninterrupted run would, with no training record repeated or skipped.
+
+Output per run: `<run.out_dir>/cpt/<policy>/seed<k>/history.json` (format
+`dma-cpt-history-v1`, read by `dma report`), `records.jsonl` (the (domain,
+record id) of every training example, by step) and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dma_jax import evaluation as ev
+from dma_jax import sharding as shd
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.config import Config, dump_config
+from dma_jax.data.domains import DomainSpace
+from dma_jax.data.mixer import DomainMixer
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import JsonlLog, atomic_write_json
+from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
+from dma_jax.pretrain import load_base_params
+from dma_jax.sweep import build_space_eval_set
+from dma_jax.train import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+HISTORY_FORMAT = "dma-cpt-history-v1"
+
+
+def cpt_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / "cpt"
+
+
+def agent_export_dirs(cfg: Config) -> dict[str, Path]:
+    base = Path(cfg.run.out_dir) / "agent"
+    return {"agent-sft": base / "export-sft", "agent-cql": base / "export-cql"}
+
+
+def _decode(record) -> dict:
+    return {"tokens": record["tokens"], "segment_ids": record["segment_ids"]}
+
+
+class _CurrentWeights:
+    """The mixer's policy: the mixture the CPT loop set for the current re-weighting step."""
+
+    def __init__(self):
+        self.weights = None
+
+    def __call__(self, step: int):
+        return self.weights
+
+
+def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bool = True,
+            space: DomainSpace | None = None) -> dict:
+    cc = cfg.cpt
+    space = space or DomainSpace.for_config(cfg).subset(["source", cc.target_field])
+    info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cc.target_field,
+                     tuple(float(x) for x in space.train_tokens))
+    policy = make_policy(policy_name, info, sweep_dir=Path(cfg.run.out_dir) / "sweep" / "offline",
+                         agent_dirs=agent_export_dirs(cfg), spread=cc.spread, curriculum_end=cc.curriculum_end,
+                         seed=seed)
+    safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
+    out = cpt_dir(cfg) / policy_name / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    T, S = cc.num_stages, cc.steps_per_stage
+
+    trainer = Trainer(cfg.target, cfg.optim, cfg.mesh, T * S, cc.batch_size, space.record_len - 1, devices)
+    ec = cfg.eval
+    tok = space.tokenizer()
+    windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
+               for d in range(space.num_domains)]
+    eval_set = jax.device_put(build_space_eval_set(space, ec, tok, windows), shd.replicated(trainer.mesh))
+    lm = trainer.lm
+    evaluate = jax.jit(lambda p, es: ev.evaluate(lm, p, es, ec.batch_size))
+
+    current = _CurrentWeights()
+    mixer = DomainMixer([space.records(d) for d in range(space.num_domains)], space.names, cc.batch_size,
+                        current, seed, num_threads=cc.num_threads, decode=_decode)
+    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    records_log = JsonlLog(out / "records.jsonl")
+
+    def raw_of(params):
+        return jax.tree.map(np.asarray, jax.device_get(evaluate(params, eval_set)))
+
+    start = ckpt.latest_step()
+    if start is not None:
+        meta = ckpt.read_meta(start)
+        if meta.get("domain_names") != space.names:
+            raise DmaError(f"{ckpt.directory}: checkpoint is for another domain space")
+        state, meta, data_state = ckpt.restore(trainer.abstract_state, start)
+        mixer.set_state(data_state)
+        hist = meta["history"]
+        history = History([np.array(w) for w in hist["weights"]], [np.array(f) for f in hist["feedback"]], T)
+        base_raw = {k: np.array(v) for k, v in meta["base_raw"].items()}
+        raws = [{k: np.array(v) for k, v in r.items()} for r in meta["raws"]]
+        timings = meta["timings"]
+        log.info("resuming %s seed %d at re-weighting step %d", policy_name, seed, start)
+    else:
+        params = jax.device_put(load_base_params(cfg, "target"), trainer.state_sharding.params)
+        state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p)),
+                        out_shardings=trainer.state_sharding)(params)
+        base_raw = raw_of(state.params)
+        history = History([], [np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, ec)))], T)
+        raws = [base_raw]
+        timings = {"policy_s": [], "stage_s": []}
+        start = 0
+    records_log.truncate_after(start * S)
+
+    bar = tqdm(total=T, initial=start, desc=f"cpt {policy_name} seed {seed}", unit="stage", disable=not progress,
+               dynamic_ncols=True)
+    for t in range(start, T):
+        t0 = time.perf_counter()
+        w = safe(history)
+        t1 = time.perf_counter()
+        history.weights.append(np.asarray(w, np.float64))
+        current.weights = history.weights[-1]
+        for s in range(S):
+            batch = next(mixer)
+            records_log.append({"step": t * S + s + 1, "domain": batch["domain"].tolist(),
+                                "record_id": batch["record_id"].tolist()})
+            state, metrics = trainer.step(state, trainer.put_batch(batch))
+        raw = raw_of(state.params)
+        t2 = time.perf_counter()
+        raws.append(raw)
+        history.feedback.append(np.asarray(ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
+        timings["policy_s"].append(t1 - t0)
+        timings["stage_s"].append(t2 - t1)
+        meta = {"domain_names": space.names, "history": {"weights": [w.tolist() for w in history.weights],
+                                                         "feedback": [f.tolist() for f in history.feedback]},
+                "base_raw": {k: v.tolist() for k, v in base_raw.items()},
+                "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
+                "policy": policy_name, "seed": seed}
+        ckpt.save(t + 1, state, meta=meta, data=mixer.get_state())
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        bar.update(1)
+    bar.close()
+    ckpt.close()
+    return _write_history(cfg, space, policy_name, seed, history, raws, timings, safe.rejected, out)
+
+
+def _write_history(cfg, space, policy_name, seed, history, raws, timings, rejected, out: Path) -> dict:
+    idx = ev.field_score_index(space.names, space.fields)
+    fb = np.stack(history.feedback)
+    scores = fb[:, idx]
+    balanced = np.asarray(ev.balanced_score(jnp.asarray(scores), cfg.eval.balanced))
+    doc = {
+        "format": HISTORY_FORMAT, "policy": policy_name, "seed": seed,
+        "domain_names": space.names, "domain_fields": space.fields_of_domain, "fields": space.fields,
+        "target_field": cfg.cpt.target_field, "steps_per_stage": cfg.cpt.steps_per_stage,
+        "weights": [w.tolist() for w in history.weights], "feedback_names": ev.feedback_names(space.names,
+                                                                                              space.fields),
+        "field_scores": scores.tolist(), "balanced": balanced.tolist(), "balanced_how": cfg.eval.balanced,
+        "accuracy": [r["accuracy"].tolist() for r in raws], "domain_loss": [r["domain_loss"].tolist() for r in raws],
+        "timings": timings, "rejected_policy_outputs": rejected, "complete": True,
+        "config": dump_config(cfg)["cpt"],
+    }
+    atomic_write_json(out / "history.json", doc)
+    return doc
+
+
+def load_history(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DmaError(f"{path}: cannot read CPT history ({e})") from None

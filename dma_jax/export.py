@@ -1,0 +1,82 @@
+"""Moving models in and out: the CPT'd target (Orbax + Hugging Face layout), agents, HF imports.
+
+- `export_target`: the final params of a CPT run -> `<out>/orbax` (an Orbax checkpoint of the
+  params) and `<out>/hf` (config.json + model.safetensors, loadable by transformers).
+- `import_target`: a Hugging Face LLaMA checkpoint becomes the base target model (a
+  `pretrain-target` checkpoint), so `dma cpt` continually pre-trains it.
+- `export_agent_stage`: a trained agent -> a standalone folder CPT loads without the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.config import Config, dump_config
+from dma_jax.errors import DmaError
+from dma_jax.models import hf
+from dma_jax.pretrain import check_model_meta, pretrain_dir
+from dma_jax.train import LMDef, init_state, make_optimizer
+
+
+def _cpt_params(cfg: Config, policy: str, seed: int):
+    from dma_jax.cpt import cpt_dir
+
+    ckpt_dir = cpt_dir(cfg) / policy / f"seed{seed}" / "checkpoints"
+    ck = Checkpointer(ckpt_dir)
+    if ck.latest_step() is None:
+        raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
+    lm = LMDef.build(cfg.target)
+    tx = make_optimizer(cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
+    state, _, _ = ck.restore(abstract)
+    ck.close()
+    return state.params
+
+
+def export_target(cfg: Config, policy: str, seed: int, out: str | None) -> Path:
+    out_dir = Path(out) if out else Path(cfg.run.out_dir) / "export" / f"target-{policy}-seed{seed}"
+    params = _cpt_params(cfg, policy, seed)
+    ck = Checkpointer(out_dir / "orbax", keep=1)
+    ck.save(0, params, meta={"model": dump_config(cfg)["target"], "policy": policy, "seed": seed})
+    ck.close()
+    hf.export_hf(cfg.target, jax.tree.map(np.asarray, params), out_dir / "hf")
+    return out_dir
+
+
+def import_target(cfg: Config, hf_dir: str) -> Path:
+    model_cfg, params = hf.import_hf(hf_dir)
+    want = dump_config(cfg)["target"]
+    got = model_cfg.model_dump(mode="json")
+    keys = [k for k in want if k not in ("init_std", "compute_dtype", "n_kv_heads")]
+    diff = [k for k in keys if want[k] != got[k]]
+    if cfg.target.kv_heads != model_cfg.kv_heads:
+        diff.append("n_kv_heads")
+    if diff:
+        fix = ", ".join(f"target.{k}={got[k]}" for k in diff)
+        raise DmaError(f"{hf_dir}: the checkpoint's shape differs from the config's target model; set {fix}")
+    ckpt = Checkpointer(pretrain_dir(cfg, "target") / "checkpoints", keep=1)
+    if ckpt.latest_step() is not None:
+        check_model_meta(ckpt.read_meta(), want, "target", ckpt.directory)
+    lm = LMDef.build(cfg.target)
+    steps = cfg.pretrain.target_steps or cfg.pretrain.steps
+    tx = make_optimizer(cfg.optim, steps)
+    state = init_state(lm, tx, 0)._replace(params=jax.tree.map(jnp.asarray, params))
+    ckpt.save(steps, state, meta={"model": want, "imported_from": str(Path(hf_dir).absolute())})
+    ckpt.close()
+    return ckpt.directory
+
+
+def export_agent_stage(cfg: Config, stage: str, out: str | None) -> Path:
+    from dma_jax.agent.runner import export_agent
+
+    src = Path(cfg.run.out_dir) / "agent" / stage
+    out_dir = Path(out) if out else Path(cfg.run.out_dir) / "agent" / f"export-{stage}"
+    export_agent(src, out_dir)
+    return out_dir

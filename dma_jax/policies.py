@@ -1,0 +1,211 @@
+"""Mixing policies: what decides the next mixture during target CPT (agent and baselines).
+
+A policy is called once per re-weighting step with the history so far and returns
+the mixture [D] for the next S optimizer steps. Every policy runs through the same
+CPT loop. `SafePolicy` guards the loader: a NaN or off-simplex output never
+reaches it (the last valid mixture is kept and a warning logged).
+
+Names (`make_policy`): `source-only`, `target-only`, `fixed-P` (target share P,
+spread over the field's domains by size or uniformly), `curriculum` (target share
+rising linearly from 0 to `curriculum_end`), `regmix` (a ridge regression fitted
+on the sweep: average mixture -> return, then its best predicted static mixture),
+`replay-best` (the sweep's best trajectory), `agent-sft`, `agent-cql` (exported agents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from dma_jax.errors import DmaError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class History:
+    """What a policy sees: the mixtures used so far and the feedback after each step (row 0: base)."""
+
+    weights: list[np.ndarray]  # t entries of [D]
+    feedback: list[np.ndarray]  # t + 1 entries of [M]
+    num_stages: int
+
+    @property
+    def stage(self) -> int:
+        return len(self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceInfo:
+    domain_names: tuple[str, ...]
+    domain_fields: tuple[str, ...]
+    target_field: str
+    sizes: tuple[float, ...]  # train tokens per domain
+
+    def field_mask(self, field: str) -> np.ndarray:
+        return np.array([f == field for f in self.domain_fields])
+
+    def spread(self, field: str, how: str = "size") -> np.ndarray:
+        """A distribution over the domains of `field` (by size or uniform), zero elsewhere."""
+        mask = self.field_mask(field)
+        if not mask.any():
+            raise DmaError(f"policy: no domain of field '{field}' in the domain space")
+        w = np.where(mask, np.asarray(self.sizes, np.float64) if how == "size" else 1.0, 0.0)
+        return w / w.sum()
+
+    def target_share(self, p: float, how: str = "size") -> np.ndarray:
+        return (1.0 - p) * self.spread("source", how) + p * self.spread(self.target_field, how)
+
+
+class Policy(Protocol):
+    name: str
+
+    def __call__(self, history: History) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class Static:
+    name: str
+    weights: np.ndarray
+
+    def __call__(self, history: History) -> np.ndarray:
+        return self.weights
+
+
+@dataclasses.dataclass
+class Curriculum:
+    """Target share rising linearly from `start` at the first step to `end` at the last."""
+
+    name: str
+    info: SpaceInfo
+    start: float = 0.0
+    end: float = 1.0
+    how: str = "size"
+
+    def __call__(self, history: History) -> np.ndarray:
+        frac = history.stage / max(history.num_stages - 1, 1)
+        return self.info.target_share(self.start + (self.end - self.start) * frac, self.how)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A fixed sequence of mixtures (e.g. the sweep's best trajectory), stretched to the CPT's length."""
+
+    name: str
+    weights_TxD: np.ndarray
+
+    def __call__(self, history: History) -> np.ndarray:
+        T = len(self.weights_TxD)
+        i = round(history.stage * (T - 1) / max(history.num_stages - 1, 1)) if history.num_stages > 1 else 0
+        return self.weights_TxD[min(i, T - 1)]
+
+
+def fit_regmix(actions_NxTxD: np.ndarray, returns_N: np.ndarray, n_candidates: int = 20000, seed: int = 0,
+               ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """RegMix: ridge regression of the return on the average mixture; returns (best mixture, coefficients).
+
+    Candidates are Dirichlet draws around the mean sweep mixture at several concentrations plus the
+    sweep's own average mixtures; the best predicted one wins (RegMix's search, linear model).
+    """
+    X_NxD = actions_NxTxD.mean(axis=1).astype(np.float64)
+    N, D = X_NxD.shape
+    A = np.concatenate([X_NxD, np.ones((N, 1))], axis=1)
+    coef = np.linalg.solve(A.T @ A + ridge * np.eye(D + 1), A.T @ returns_N.astype(np.float64))
+    rng = np.random.default_rng(seed)
+    centre = X_NxD.mean(0) + 1e-6
+    cands = [X_NxD] + [rng.dirichlet(c * centre / centre.sum(), size=n_candidates // 4) for c in (1, 5, 20)]
+    cands.append(rng.dirichlet(np.ones(D), size=n_candidates // 4))
+    C = np.concatenate(cands)
+    pred = C @ coef[:D] + coef[D]
+    return C[int(np.argmax(pred))], coef
+
+
+@dataclasses.dataclass
+class SafePolicy:
+    """Validates each output; a NaN / negative / wrong-length / unnormalised mixture is replaced by the last valid one."""
+
+    inner: Policy
+    num_domains: int
+    fallback: np.ndarray
+    rejected: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def __call__(self, history: History) -> np.ndarray:
+        try:
+            w = np.asarray(self.inner(history), np.float64)
+        except Exception as e:  # noqa: BLE001 - a failing policy must not stop the run
+            log.warning("policy %s raised %s at step %d: keeping the last valid mixture", self.name, e, history.stage)
+            w = None
+        ok = (w is not None and w.shape == (self.num_domains,) and np.all(np.isfinite(w)) and np.all(w >= 0)
+              and abs(w.sum() - 1.0) <= 1e-6)
+        if not ok:
+            self.rejected += 1
+            last = history.weights[-1] if history.weights else self.fallback
+            log.warning("policy %s gave an invalid mixture at step %d (%s): keeping the last valid one",
+                        self.name, history.stage, None if w is None else np.array2string(w, precision=3))
+            return np.asarray(last, np.float64)
+        return w
+
+
+def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, agent_dirs: dict | None = None,
+                spread: str = "size", curriculum_end: float = 1.0, seed: int = 0) -> Policy:
+    """Build a policy by name (see the module docstring)."""
+    if name == "source-only":
+        return Static(name, info.spread("source", spread))
+    if name == "target-only":
+        return Static(name, info.spread(info.target_field, spread))
+    if name.startswith("fixed-"):
+        try:
+            p = float(name.removeprefix("fixed-"))
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p <= 1.0:
+            raise DmaError(f"policy '{name}': the target share after 'fixed-' must be a number in [0, 1]")
+        return Static(name, info.target_share(p, spread))
+    if name == "curriculum":
+        return Curriculum(name, info, 0.0, curriculum_end, spread)
+    if name in ("regmix", "replay-best"):
+        from dma_jax import offline_data
+
+        if sweep_dir is None:
+            raise DmaError(f"policy '{name}' needs the sweep's offline dataset")
+        ds = offline_data.load(sweep_dir)
+        _check_domains(ds.meta["domain_names"], info.domain_names, f"{sweep_dir}/meta.json")
+        if name == "regmix":
+            best, _ = fit_regmix(ds.actions, ds.returns, seed=seed)
+            return Static(name, best)
+        return Schedule(name, ds.actions[int(np.argmax(ds.returns))])
+    if name.startswith("agent-"):
+        from dma_jax.agent.runner import load_exported_agent
+
+        path = (agent_dirs or {}).get(name)
+        if path is None:
+            raise DmaError(f"policy '{name}': no exported agent (run `dma train-agent` and `dma export agent`)")
+        return AgentPolicy(name, load_exported_agent(path), info)
+    raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, curriculum, regmix, "
+                   f"replay-best, agent-sft, agent-cql)")
+
+
+@dataclasses.dataclass
+class AgentPolicy:
+    name: str
+    agent: object
+    info: SpaceInfo
+
+    def __call__(self, history: History) -> np.ndarray:
+        return np.asarray(self.agent.act(history.weights, history.feedback, history.num_stages), np.float64)
+
+
+def _check_domains(have: Sequence[str], want: Sequence[str], where: str) -> None:
+    if list(have) != list(want):
+        only_have = sorted(set(have) - set(want))
+        only_want = sorted(set(want) - set(have))
+        raise DmaError(f"{where}: built for another domain space (only there: {only_have}; only here: {only_want}"
+                       + ("; same domains in another order" if not only_have and not only_want else "") + ")")

@@ -1,0 +1,157 @@
+"""Target CPT under mixing policies: the loop, the baselines, guard rails, resume, export/import."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dma_jax import cpt as cpt_mod
+from dma_jax import export, policies
+from dma_jax.config import load_config
+from dma_jax.data.mixer import largest_remainder_counts
+from dma_jax.errors import DmaError
+from dma_jax.models import hf
+from dma_jax.prepare import run_prepare
+from dma_jax.pretrain import load_base_params, run_pretrain
+from dma_jax.sweep import run_sweep
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+INFO = policies.SpaceInfo(("s1", "s2", "m1", "m2", "m3"), ("source", "source", "math", "math", "math"), "math",
+                          (100.0, 300.0, 10.0, 30.0, 60.0))
+
+
+def _hist(t, T=5):
+    return policies.History([np.ones(5) / 5] * t, [np.ones(3)] * (t + 1), T)
+
+
+def test_static_baselines_match_their_definitions():
+    src = policies.make_policy("source-only", INFO)(_hist(0))
+    np.testing.assert_allclose(src, [0.25, 0.75, 0, 0, 0])
+    tgt = policies.make_policy("target-only", INFO, spread="uniform")(_hist(0))
+    np.testing.assert_allclose(tgt, [0, 0, 1 / 3, 1 / 3, 1 / 3])
+    w = policies.make_policy("fixed-0.3", INFO)(_hist(2))
+    np.testing.assert_allclose(w, [0.175, 0.525, 0.03, 0.09, 0.18])
+    cur = policies.make_policy("curriculum", INFO)
+    shares = [cur(_hist(t))[2:].sum() for t in range(5)]
+    np.testing.assert_allclose(shares, [0, 0.25, 0.5, 0.75, 1.0])
+    with pytest.raises(DmaError, match="fixed-1.5"):
+        policies.make_policy("fixed-1.5", INFO)
+    with pytest.raises(DmaError, match="unknown policy 'magic'"):
+        policies.make_policy("magic", INFO)
+
+
+def test_regmix_finds_the_best_mixture_of_a_linear_world():
+    rng = np.random.default_rng(0)
+    acts = rng.dirichlet(np.ones(5), size=(200, 4))
+    coef = np.array([0.1, -0.2, 0.9, 0.0, 0.3])
+    returns = acts.mean(1) @ coef + rng.normal(0, 1e-3, 200)
+    best, fitted = policies.fit_regmix(acts, returns)
+    np.testing.assert_allclose(fitted[:5] - fitted[:5].mean(), coef - coef.mean(), atol=0.02)
+    assert int(np.argmax(best)) == 2 and best[2] > 0.8
+
+
+def test_safe_policy_never_lets_a_bad_mixture_through():
+    outs = iter([np.array([0.5, 0.5, 0, 0, 0]), np.array([np.nan, 1, 0, 0, 0]), np.array([0.2] * 4),
+                 np.array([-0.1, 0.6, 0.5, 0, 0]), np.array([0.3] * 5)])
+    bad = policies.Static("bad", None)
+    bad.__call__ = None
+    safe = policies.SafePolicy(type("P", (), {"name": "bad", "__call__": lambda self, h: next(outs)})(), 5,
+                               np.array([0.25, 0.75, 0, 0, 0]))
+    h = _hist(0)
+    first = safe(h)
+    h.weights.append(first)
+    for _ in range(4):
+        assert np.array_equal(safe(h), first)  # NaN, wrong length, negative, sum 1.5: all replaced
+    assert safe.rejected == 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpt")
+    over = [f"run.out_dir={root}", "data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.num_stages=3",
+            "mesh.data=1"]
+    cfg = load_config(DEMO, over, variant="tiny")
+    run_prepare(cfg, progress=False)
+    for which in ("proxy", "target"):
+        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
+    run_sweep(cfg, devices=jax.devices()[:1], progress=False)
+    return cfg, over
+
+
+def test_cpt_follows_the_policy_batch_by_batch(run):
+    cfg, _ = run
+    doc = cpt_mod.run_cpt(cfg, "curriculum", 0, devices=jax.devices()[:1], progress=False)
+    assert doc["complete"] and len(doc["weights"]) == 3 and len(doc["field_scores"]) == 4
+    np.testing.assert_allclose(doc["field_scores"][0], 1.0)
+    out = cpt_mod.cpt_dir(cfg) / "curriculum" / "seed0"
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    S, B = cfg.cpt.steps_per_stage, cfg.cpt.batch_size
+    assert [r["step"] for r in recs] == list(range(1, 3 * S + 1))
+    for r in recs:
+        w = np.array(doc["weights"][(r["step"] - 1) // S])
+        counts = np.bincount(r["domain"], minlength=len(w))
+        np.testing.assert_array_equal(counts, largest_remainder_counts(w, B))
+    assert doc["weights"][0][doc["domain_fields"].index("math")] == 0.0  # the curriculum starts on source
+
+
+def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monkeypatch):
+    cfg, over = run
+    ref = cpt_mod.run_cpt(cfg, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
+    ref_recs = (cpt_mod.cpt_dir(cfg) / "fixed-0.5" / "seed0" / "records.jsonl").read_text()
+    cfg2 = load_config(DEMO, over + [f"data.dir={cfg.data_dir}"], variant="tiny")
+    cfg2 = cfg2.model_copy(update={"run": cfg2.run.model_copy(update={"out_dir": str(tmp_path)})})
+    for sub in ("pretrain-target", "sweep"):
+        (tmp_path / sub).symlink_to(Path(cfg.run.out_dir) / sub)
+    from dma_jax.train import Trainer
+    real, calls = Trainer.step, {"n": 0}
+
+    def crash(self, *a):
+        calls["n"] += 1
+        if calls["n"] == cfg.cpt.steps_per_stage + 1:  # first step of the second re-weighting step
+            raise RuntimeError("simulated crash")
+        return real(self, *a)
+
+    monkeypatch.setattr(Trainer, "step", crash)
+    with pytest.raises(RuntimeError):
+        cpt_mod.run_cpt(cfg2, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
+    monkeypatch.undo()
+    doc = cpt_mod.run_cpt(cfg2, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
+    assert (tmp_path / "cpt" / "fixed-0.5" / "seed0" / "records.jsonl").read_text() == ref_recs
+    np.testing.assert_allclose(doc["field_scores"], ref["field_scores"], atol=1e-6)
+
+
+def test_sweep_based_baselines_run_and_foreign_data_is_refused(run):
+    cfg, _ = run
+    for name in ("regmix", "replay-best"):
+        doc = cpt_mod.run_cpt(cfg, name, 0, devices=jax.devices()[:1], progress=False)
+        assert doc["complete"]
+    other = policies.SpaceInfo(("a", "b"), ("source", "math"), "math", (1.0, 1.0))
+    with pytest.raises(DmaError, match=r"built for another domain space \(only there: .*only here: \['a', 'b'\]"):
+        policies.make_policy("regmix", other, sweep_dir=Path(cfg.run.out_dir) / "sweep" / "offline")
+
+
+def test_export_target_round_trips_through_the_hf_layout(run, tmp_path):
+    cfg, _ = run
+    cpt_mod.run_cpt(cfg, "source-only", 0, devices=jax.devices()[:1], progress=False)
+    out = export.export_target(cfg, "source-only", 0, str(tmp_path / "exp"))
+    model_cfg, params = hf.import_hf(out / "hf")
+    assert model_cfg.d_model == cfg.target.d_model
+    want = export._cpt_params(cfg, "source-only", 0)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_import_hf_as_base_target(run, tmp_path):
+    cfg, over = run
+    params = load_base_params(cfg, "target")
+    hf.export_hf(cfg.target, jax.tree.map(np.asarray, params), tmp_path / "hf")
+    cfg2 = load_config(DEMO, over + [f"run.out_dir={tmp_path / 'run'}"], variant="tiny")
+    export.import_target(cfg2, str(tmp_path / "hf"))
+    got = load_base_params(cfg2, "target")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = load_config(DEMO, over + [f"run.out_dir={tmp_path / 'run2'}", "target.d_ff=96"], variant="tiny")
+    with pytest.raises(DmaError, match=r"set target.d_ff=128"):
+        export.import_target(bad, str(tmp_path / "hf"))
