@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/dma demo
 
 test: install-test
+	$(BIN)/ruff check --select F,E9 dma_jax tests
 	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
 clean:

@@ -87,6 +87,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_agent(args: argparse.Namespace) -> int:
+    from dma_jax.agent.runner import export_agent, run_train_agent
+
+    cfg = _load(args)
+    out = Path(cfg.run.out_dir)
+    for stage in (["sft", "cql"] if args.stage == "all" else [args.stage]):
+        s = run_train_agent(cfg.agent, out / "sweep" / "offline", out / "agent", stage, cfg.run.seed,
+                            progress=not args.no_progress)
+        export_agent(out / "agent" / stage, out / "agent" / f"export-{stage}")
+        m = s.get("final_metrics", {})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float) and k != "updates_per_s")
+        print(f"train-agent {stage}: {s['steps']} updates in {s['seconds']:.0f} s ({shown}); "
+              f"exported to {out / 'agent' / f'export-{stage}'}")
+    return 0
+
+
 def cmd_cpt(args: argparse.Namespace) -> int:
     from dma_jax.cpt import run_cpt
 
@@ -136,21 +152,40 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dma_jax.prepare import run_prepare
-    from dma_jax.pretrain import run_pretrain
+    """Every stage on the demo config; each one resumes or skips what is already done."""
+    import types
 
     cfg = _load(args)
-    t0 = time.perf_counter()
-    print(f"demo: [1/2] preparing the demo domain space in {cfg.data_dir}")
-    space = run_prepare(cfg, progress=not args.no_progress)
-    _print_space(space, time.perf_counter() - t0)
+    out = Path(cfg.run.out_dir)
+    timings: list[tuple[str, float]] = []
+
+    def stage(name: str, fn) -> None:
+        print(f"demo: [{len(timings) + 1}/8] {name}", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        timings.append((name, time.perf_counter() - t0))
+
+    ns = types.SimpleNamespace(**vars(args), policy=None, seed=None, stage="all", out=None)
+    stage("prepare the demo domain space", lambda: cmd_prepare(ns))
     for which in ("proxy", "target"):
-        print(f"demo: [2/2] pre-training the base {which} on the source field into {cfg.run.out_dir}/pretrain-{which}")
-        summary = run_pretrain(cfg, which, progress=not args.no_progress)
-        print(f"demo: base {which}: held-out loss {summary['final_eval_loss']:.4f} "
-              f"({summary['n_params'] / 1e6:.2f}M parameters)")
-    print(f"demo: done in {time.perf_counter() - t0:.0f} s")
+        stage(f"pre-train the base {which}", lambda w=which: _pretrain_once(cfg, w, args))
+    stage("sample trajectories", lambda: None if (out / "sweep" / "trajectories.npz").exists() else cmd_sample(ns))
+    stage("sweep: train the proxies", lambda: None if (out / "sweep" / "offline" / "meta.json").exists()
+          else cmd_sweep(ns))
+    stage("train the agent (SFT, then CQL)", lambda: cmd_train_agent(ns))
+    stage("CPT of the target under every policy", lambda: cmd_cpt(ns))
+    stage("report", lambda: cmd_report(ns))
+    total = sum(t for _, t in timings)
+    print("demo: wall time per stage: " + "; ".join(f"{n} {t:.0f} s" for n, t in timings) + f"; total {total:.0f} s")
+    print(f"demo: report in {out / 'report' / 'report.md'}, plots in {out / 'report'}")
     return 0
+
+
+def _pretrain_once(cfg, which: str, args) -> None:
+    from dma_jax.pretrain import run_pretrain
+
+    s = run_pretrain(cfg, which, progress=not args.no_progress)
+    print(f"pretrain {which}: {s['n_params'] / 1e6:.2f}M parameters, held-out loss {s['final_eval_loss']:.4f}")
 
 
 def _enable_compilation_cache() -> None:
@@ -192,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("train-agent", help="train the mixing agent on the sweep's offline data: SFT, then CQL")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--stage", choices=("sft", "cql", "all"), default="all", help="default: all (sft then cql)")
+    p.set_defaults(func=cmd_train_agent)
+
     p = sub.add_parser("cpt", help="continually pre-train the target model under mixing policies (resumable)")
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies)")
@@ -219,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("demo", help="run the pipeline on the embedded offline demo (so far: prepare, pretrain)")
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded offline demo, ending with a report")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
     return parser

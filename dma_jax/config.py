@@ -259,6 +259,9 @@ class RunConfig(Section):
     seed: NonNegInt = 0
 
 
+from dma_jax.agent.config import AgentConfig  # noqa: E402  (needs Section, defined above)
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     proxy: ModelConfig = ModelConfig()
@@ -269,6 +272,7 @@ class Config(Section):
     pretrain: PretrainConfig = PretrainConfig()
     sweep: SweepConfig = SweepConfig()
     cpt: CptConfig = CptConfig()
+    agent: AgentConfig = AgentConfig()
     eval: EvalConfig = EvalConfig()
 
     @pydantic.model_validator(mode="after")

@@ -78,6 +78,10 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
     out = cpt_dir(cfg) / policy_name / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "history.json").is_file():
+        done = load_history(out / "history.json")
+        if done.get("complete") and done.get("config") == dump_config(cfg)["cpt"]:
+            return done  # finished with this config: nothing to redo
     T, S = cc.num_stages, cc.steps_per_stage
 
     trainer = Trainer(cfg.target, cfg.optim, cfg.mesh, T * S, cc.batch_size, space.record_len - 1, devices)

@@ -72,3 +72,16 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
+
+
+def read_json_file(path: str | Path, missing: str) -> Any:
+    """Parse a JSON file; DmaError '<path>: <missing>' if absent, '<path>: not valid JSON (...)' if broken."""
+    from dma_jax.errors import DmaError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DmaError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DmaError(f"{path}: not valid JSON ({e})") from None

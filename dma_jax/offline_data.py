@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_bytes, atomic_write_json
+from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file
 
 FORMAT = "dma-offline-v1"
 BALANCED = ("mean", "min", "harmonic")
@@ -142,14 +141,9 @@ def load(directory: str | Path) -> OfflineDataset:
     """Read and validate a dataset directory; any problem is a one-line DmaError naming the file."""
     directory = Path(directory)
     meta_path, data_path = directory / "meta.json", directory / "data.npz"
-    if not meta_path.is_file():
-        raise DmaError(f"{meta_path}: missing (no dataset here, or it was not completely written)")
+    meta = read_json_file(meta_path, "missing (no dataset here, or it was not completely written)")
     if not data_path.is_file():
         raise DmaError(f"{data_path}: missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DmaError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise DmaError(f"{meta_path}: expected a JSON object")
     data = data_path.read_bytes()
@@ -222,7 +216,7 @@ class ToyEnv:
         exposure_Nxt1xD = np.concatenate([zeros_Nx1xD, np.cumsum(a_NxtxD, axis=1)], axis=1)
         sq_err_NxtxD = (a_NxtxD - self.best_TxD[None, :t]) ** 2
         penalty_Nxt1xD = np.concatenate([zeros_Nx1xD, np.cumsum(sq_err_NxtxD, axis=1)], axis=1)
-        scores_Nxt1xF = 1.0 - self.penalty * np.einsum("ntd,fd->ntf", penalty_Nxt1xD, self.in_field_FxD)
+        scores_Nxt1xF = np.exp(-self.penalty * np.einsum("ntd,fd->ntf", penalty_Nxt1xD, self.in_field_FxD))
         return np.concatenate([np.exp(-self.loss_rate * exposure_Nxt1xD), scores_Nxt1xF], axis=-1).astype(np.float32)
 
     def returns(self, actions_NxTxD: np.ndarray) -> np.ndarray:

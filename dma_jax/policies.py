@@ -188,19 +188,34 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         path = (agent_dirs or {}).get(name)
         if path is None:
             raise DmaError(f"policy '{name}': no exported agent (run `dma train-agent` and `dma export agent`)")
-        return AgentPolicy(name, load_exported_agent(path), info)
+        from dma_jax import evaluation as ev
+
+        fields = list(dict.fromkeys(["source"] + list(info.domain_fields)))
+        layout = {"fields": fields, "target_field": info.target_field, "domain_fields": list(info.domain_fields),
+                  "domain_loss_index": ev.domain_loss_index(info.domain_names, fields),
+                  "field_score_index": ev.field_score_index(info.domain_names, fields)}
+        return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, curriculum, regmix, "
                    f"replay-best, agent-sft, agent-cql)")
 
 
 @dataclasses.dataclass
 class AgentPolicy:
+    """An exported agent in the loop: builds its per-domain features from the CPT's feedback layout."""
+
     name: str
     agent: object
     info: SpaceInfo
+    layout_meta: dict
 
     def __call__(self, history: History) -> np.ndarray:
-        return np.asarray(self.agent.act(history.weights, history.feedback, history.num_stages), np.float64)
+        from dma_jax.agent.features import FeedbackLayout, History as AgentHistory
+
+        D = len(self.info.domain_names)
+        acts = np.asarray(history.weights, np.float32).reshape(len(history.weights), D)
+        h = AgentHistory(acts, np.asarray(history.feedback, np.float32), FeedbackLayout.from_meta(self.layout_meta),
+                         history.num_stages)
+        return np.asarray(self.agent.act(h), np.float64)
 
 
 def _check_domains(have: Sequence[str], want: Sequence[str], where: str) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from dma_jax import sharding as shd
 from dma_jax.config import MeshConfig, ModelConfig, OptimConfig

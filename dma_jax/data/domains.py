@@ -15,7 +15,6 @@ Every path in the manifest is relative to the data directory, so it can be moved
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from dma_jax.data.demo_corpora import read_benchmarks_jsonl
 from dma_jax.data.packing import PackedRecords, read_records
 from dma_jax.data.tokenizer import Tokenizer, check_identity, load_tokenizer
 from dma_jax.errors import DmaError
+from dma_jax.io_utils import read_json_file
 
 FORMAT = "dma-domains-v1"
 
@@ -48,12 +48,7 @@ class DomainSpace:
     @classmethod
     def load(cls, data_dir: str | Path) -> DomainSpace:
         path = Path(data_dir) / "manifest.json"
-        if not path.is_file():
-            raise DmaError(f"{path}: no manifest (run `dma prepare` with this config first)")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DmaError(f"{path}: not valid JSON ({e})") from None
+        manifest = read_json_file(path, "no manifest (run `dma prepare` with this config first)")
         _validate_manifest(manifest, path)
         return cls(path.parent, manifest)
 

@@ -147,7 +147,6 @@ def _arith_expression(rng):
 def _arith_fractions(rng):
     b, d = rng.randint(2, 12), rng.randint(2, 12)
     a, c, op = rng.randint(1, 2 * b), rng.randint(1, 2 * d), rng.choice("+-*")
-    x, y = Fraction(a, b), Fraction(c, d)
     if op == "*":
         raw_n, raw_d = a * c, b * d
         steps = [f"Multiply the numerators and the denominators: {a} * {c} = {raw_n} and {b} * {d} = {raw_d}."]

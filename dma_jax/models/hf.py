@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from dma_jax.config import ModelConfig
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_bytes, atomic_write_json
+from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file
 from dma_jax.train import LMDef, Params
 
 CONFIG_NAME = "config.json"
@@ -207,12 +207,7 @@ def import_hf(checkpoint_dir: str | Path) -> tuple[ModelConfig, Params]:
     if not ckpt.is_dir():
         raise DmaError(f"{ckpt}: checkpoint directory not found")
     config_path = ckpt / CONFIG_NAME
-    if not config_path.is_file():
-        raise DmaError(f"{config_path}: not found (a Hugging Face checkpoint needs its config.json)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DmaError(f"{config_path}: not valid JSON ({e})") from None
+    hf_config = read_json_file(config_path, "not found (a Hugging Face checkpoint needs its config.json)")
     cfg = config_from_hf(hf_config, config_path)
     files = _weight_files(ckpt)
     location, info = _open_tensors(files)

@@ -1,0 +1,232 @@
+"""`dma train-agent` and `dma export agent`: train SFT then CQL on an offline dataset, export, load a policy.
+
+Layout under `out_dir`: `<stage>/checkpoints/<step>/` (Orbax) and `<stage>/metrics.jsonl`
+for stage in {sft, cql}. Re-running a stage resumes from its last checkpoint; CQL
+starts from the finished SFT actor. An export is `<export_dir>/checkpoint/` (the
+actor's parameters only) plus `<export_dir>/agent_spec.json` (written last): the
+model's hyper-parameters, the feature layout and standardisation, and versions, so
+the agent loads without the training config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydantic
+from tqdm.auto import tqdm
+
+from dma_jax import offline_data
+from dma_jax.agent import cql, distributions as dist, sft
+from dma_jax.agent.config import AgentConfig, AgentModelConfig
+from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEATURES, FeatureStats, FeedbackLayout,
+                                    History, history_features, trajectories)
+from dma_jax.agent.model import AgentDef
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file
+
+log = logging.getLogger(__name__)
+
+SPEC_FORMAT = "dma-agent-v1"
+SPEC_FILE = "agent_spec.json"
+STAGES = ("sft", "cql")
+
+
+def _spec(cfg: AgentConfig, ds: offline_data.OfflineDataset, stats: FeatureStats, stage: str) -> dict:
+    m = ds.meta
+    return {
+        "format": SPEC_FORMAT, "feature_version": FEATURE_VERSION,
+        "domain_features": list(DOMAIN_FEATURES), "global_features": list(GLOBAL_FEATURES),
+        "feature_stats": stats.to_json(), "model": cfg.model.model_dump(mode="json"), "stage": stage,
+        "trained_on": {"n_domains": ds.n_domains, "horizon": ds.horizon, "n_trajectories": ds.n,
+                       "domain_names": m["domain_names"], "domain_fields": m["domain_fields"], "fields": m["fields"],
+                       "target_field": m["target_field"], "dataset_sha256": m.get("data_sha256", "")},
+    }
+
+
+def _check_resume(meta: dict, now: dict, ckpt_dir: Path) -> None:
+    for key in ("model", "stage_config", "dataset_sha256"):
+        if meta.get(key) != now[key]:
+            raise DmaError(f"{ckpt_dir}: checkpoint was written with another {key.replace('_', ' ')}; "
+                           "use a new out_dir or restore the original settings")
+
+
+def _abstract(fn) -> Any:
+    return jax.eval_shape(fn)
+
+
+def _sft_setup(cfg: AgentConfig, agent: AgentDef, seed: int):
+    tx = sft.adam(cfg.sft.lr, cfg.grad_clip)
+    return tx, (lambda: sft.init_state(agent.init(seed)[0], tx, seed))
+
+
+def _cql_setup(cfg: AgentConfig, agent: AgentDef, returns_N: np.ndarray, n_domains: int) -> cql.CqlSetup:
+    scale = cfg.cql.reward_scale
+    if scale is None:
+        std = float(np.std(returns_N))
+        scale = 1.0 / std if std > 1e-12 else 1.0
+    target_entropy = dist.symmetric_entropy(1.0 + cfg.cql.target_concentration, n_domains)
+    return cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, target_entropy, scale)
+
+
+def _finished_sft_actor(cfg: AgentConfig, agent: AgentDef, sft_dir: Path, dataset_sha: str, seed: int):
+    ckpt = Checkpointer(sft_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise DmaError(f"{sft_dir}: no SFT checkpoint; run `dma train-agent --stage sft` first")
+    meta = ckpt.read_meta(step)
+    if step < meta.get("total_steps", step) or meta.get("dataset_sha256") != dataset_sha:
+        raise DmaError(f"{sft_dir}: SFT is unfinished (step {step} of {meta.get('total_steps')}) or was trained on "
+                       "another dataset; re-run `dma train-agent --stage sft`")
+    _, init_fn = _sft_setup(cfg, agent, seed)
+    state, _, _ = ckpt.restore(_abstract(init_fn), step)
+    ckpt.close()
+    return state.actor
+
+
+def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: str | Path, stage: str,
+                    seed: int = 0, progress: bool = True) -> dict:
+    """Train (or resume) one stage on the dataset in `dataset_dir`; returns a summary dict."""
+    if stage not in STAGES:
+        raise DmaError(f"train-agent: stage={stage!r} must be one of {list(STAGES)}")
+    cfg = agent_cfg
+    ds = offline_data.load(dataset_dir)
+    layout = FeedbackLayout.from_meta(ds.meta)
+    stats = FeatureStats.fit(*history_features(ds.actions, ds.feedback, layout, ds.horizon))
+    agent = AgentDef.build(cfg.model)
+    out = Path(out_dir) / stage
+    stage_cfg = cfg.sft if stage == "sft" else cfg.cql
+    meta = {
+        "spec": _spec(cfg, ds, stats, stage), "model": cfg.model.model_dump(mode="json"),
+        "stage_config": stage_cfg.model_dump(mode="json", exclude={"steps"}),
+        "dataset_sha256": ds.meta.get("data_sha256", ""), "total_steps": stage_cfg.steps, "seed": seed,
+    }
+
+    if stage == "sft":
+        keep_N = sft.top_trajectories(ds.returns, cfg.sft.top_percent)
+        tx, init_fn = _sft_setup(cfg, agent, seed)
+        step_fn = sft.make_sft_step(agent, tx, cfg.sft.batch_size, cfg.updates_per_dispatch)
+        extra = {"n_trajectories": int(keep_N.size), "min_return_kept": float(ds.returns[keep_N].min())}
+    else:
+        keep_N = np.arange(ds.n)
+        setup = _cql_setup(cfg, agent, ds.returns, ds.n_domains)
+        actor = _finished_sft_actor(cfg, agent, Path(out_dir) / "sft" / "checkpoints", meta["dataset_sha256"], seed)
+        init_fn = lambda: cql.init_state(setup, actor, agent.init(seed)[1], seed)  # noqa: E731
+        step_fn = cql.make_cql_step(setup, cfg.cql.batch_size, cfg.updates_per_dispatch)
+        extra = {"n_trajectories": ds.n, "reward_scale": setup.reward_scale, "target_entropy": setup.target_entropy}
+    data = jax.device_put(trajectories(ds.actions[keep_N], ds.feedback[keep_N], ds.rewards[keep_N], layout, stats))
+
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    metrics_log = JsonlLog(out / "metrics.jsonl")
+    start = ckpt.latest_step()
+    if start is not None:
+        _check_resume(ckpt.read_meta(start), meta, ckpt.directory)
+        state, _, _ = ckpt.restore(_abstract(init_fn), start)
+        log.info("agent %s: resumed from step %d", stage, start)
+    else:
+        start, state = 0, init_fn()
+    metrics_log.truncate_after(start)
+
+    total, k = stage_cfg.steps, cfg.updates_per_dispatch
+    bar = tqdm(total=total, initial=start, desc=f"agent {stage}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    record: dict = {}
+    for done in range(start + k, total + 1, k):
+        t_last = time.perf_counter()
+        state, metrics = step_fn(state, data)
+        record = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        if not all(np.isfinite(v) for v in record.values()):
+            bad = sorted(name for name, v in record.items() if not np.isfinite(v))
+            raise DmaError(f"agent {stage}: {', '.join(bad)} became NaN/Inf at step {done}; last good checkpoint: "
+                           f"step {ckpt.latest_step()} in {ckpt.directory} (lower the learning rates)")
+        record = dict(record, step=done, stage=stage, updates_per_s=k / max(time.perf_counter() - t_last, 1e-9))
+        metrics_log.append(record)
+        bar.update(k)
+        shown = ("bc_nll", "entropy") if stage == "sft" else ("q_data", "q_random", "cql_gap", "entropy")
+        bar.set_postfix({name: f"{record[name]:.3g}" for name in shown})
+        if done % cfg.checkpoint_every == 0 or done == total:
+            ckpt.save(done, state, meta=meta)
+    bar.close()
+    ckpt.close()
+    return dict(extra, stage=stage, out_dir=str(out), steps=total, resumed_from=start,
+                seconds=time.perf_counter() - t0, final_metrics=record)
+
+
+def _find_checkpoints(path: Path) -> Path:
+    for candidate in (path / "cql" / "checkpoints", path / "sft" / "checkpoints", path / "checkpoints", path):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            return candidate
+    raise DmaError(f"{path}: no agent checkpoint here (looked for cql/checkpoints, sft/checkpoints, checkpoints)")
+
+
+def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dict:
+    """Write the latest actor (CQL if trained, else SFT) as a standalone checkpoint + JSON spec; returns the spec."""
+    ckpt = Checkpointer(_find_checkpoints(Path(ckpt_dir_or_out_dir)))
+    meta = ckpt.read_meta()
+    spec = dict(meta["spec"], step=ckpt.latest_step())
+    cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
+    agent = AgentDef.build(cfg.model)
+    if spec["stage"] == "sft":
+        _, init_fn = _sft_setup(cfg, agent, 0)
+    else:
+        setup = cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0)
+        init_fn = lambda: cql.init_state(setup, *agent.init(0), 0)  # noqa: E731
+    state, _, _ = ckpt.restore(_abstract(init_fn))
+    ckpt.close()
+    export_dir = Path(export_dir)
+    (export_dir / SPEC_FILE).unlink(missing_ok=True)  # an export without its spec reads as unfinished
+    shutil.rmtree(export_dir / "checkpoint", ignore_errors=True)
+    out = Checkpointer(export_dir / "checkpoint", keep=1)
+    out.save(0, {"actor": state.actor}, meta={"format": SPEC_FORMAT})
+    out.close()
+    atomic_write_json(export_dir / SPEC_FILE, spec)
+    return spec
+
+
+class AgentPolicy:
+    """A loaded agent: `act(history)` returns the mean of the policy's next-mixture distribution, [D]."""
+
+    def __init__(self, agent: AgentDef, actor: dict, stats: FeatureStats, spec: dict):
+        self.agent, self.actor, self.stats, self.spec = agent, actor, stats, spec
+        self._mean_at = jax.jit(
+            lambda p, dom, glob, t: dist.mean(agent.concentrations(p, dom, glob))[0, t])
+
+    def act(self, history: History) -> np.ndarray:
+        t = history.actions_txD.shape[0]
+        dom, glob = history_features(np.asarray(history.actions_txD)[None], np.asarray(history.feedback_t1xM)[None],
+                                     history.layout, history.horizon)
+        dom, glob = self.stats.apply(dom, glob)
+        pad = history.horizon - (t + 1)  # causal: padding after token t never changes the output at t
+        dom = np.pad(dom, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        glob = np.pad(glob, ((0, 0), (0, pad), (0, 0)))
+        return np.asarray(self._mean_at(self.actor, dom, glob, jnp.int32(t)), np.float64)
+
+
+def load_exported_agent(export_dir: str | Path) -> AgentPolicy:
+    """Load an export; refuses (one-line DmaError) a spec whose format or feature layout this code does not know."""
+    export_dir = Path(export_dir)
+    spec_path = export_dir / SPEC_FILE
+    spec = read_json_file(spec_path, "missing (not an exported agent, or the export did not finish)")
+    expected = {"format": SPEC_FORMAT, "feature_version": FEATURE_VERSION,
+                "domain_features": list(DOMAIN_FEATURES), "global_features": list(GLOBAL_FEATURES)}
+    for key, want in expected.items():
+        if spec.get(key) != want:
+            raise DmaError(f"{spec_path}: {key} is {spec.get(key)!r}, this version understands {want!r}")
+    try:
+        model_cfg = AgentModelConfig.model_validate(spec.get("model"))
+    except pydantic.ValidationError as e:
+        raise DmaError(f"{spec_path}: model: {e.errors()[0]['msg']}") from None
+    stats = FeatureStats.from_json(spec.get("feature_stats") or {}, str(spec_path))
+    agent = AgentDef.build(model_cfg)
+    ckpt = Checkpointer(export_dir / "checkpoint")
+    restored, _, _ = ckpt.restore({"actor": agent.abstract_actor})
+    ckpt.close()
+    return AgentPolicy(agent, restored["actor"], stats, spec)

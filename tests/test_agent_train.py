@@ -1,0 +1,150 @@
+"""`run_train_agent` (SFT then CQL), resume, export / load, other domain spaces, and (d) a toy with a known optimum."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from dma_jax import offline_data as od
+from dma_jax.agent import (AgentConfig, FeedbackLayout, History, export_agent, load_exported_agent,
+                           run_train_agent)
+from dma_jax.agent import distributions as dist
+from dma_jax.agent.features import history_features
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import read_jsonl
+
+TINY = {"model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32},
+        "sft": {"steps": 20, "batch_size": 8},
+        "cql": {"steps": 20, "batch_size": 8, "n_actions": 3, "lagrange": True, "alpha": 1.0, "target_gap": 50.0,
+                "target_concentration": 0.1, "alpha_lr": 0.05},
+        "updates_per_dispatch": 10, "checkpoint_every": 10}
+
+
+def _cfg(**over) -> AgentConfig:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in over.items():
+        raw[section] = dict(raw[section], **values) if isinstance(values, dict) else values
+    return AgentConfig.model_validate(raw)
+
+
+def _env(n_source: int, n_target: int, horizon: int = 3) -> od.ToyEnv:
+    share_T1 = np.linspace(0.2, 0.7, horizon)[:, None]
+    best_TxD = np.concatenate([np.repeat((1 - share_T1) / n_source, n_source, 1),
+                               np.repeat(share_T1 / n_target, n_target, 1)], axis=1)
+    return od.ToyEnv(["source"] * n_source + ["math"] * n_target, "math", best_TxD)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    actions = np.random.default_rng(0).dirichlet(np.full(8, 3.0), size=(48, 3)).astype(np.float32)
+    path = tmp_path_factory.mktemp("offline")
+    od.save(_env(5, 3).dataset(actions), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("agent")
+    cfg = _cfg()
+    sft = run_train_agent(cfg, dataset_dir, out, "sft", seed=0, progress=False)
+    cql = run_train_agent(cfg, dataset_dir, out, "cql", seed=0, progress=False)
+    return out, sft, cql
+
+
+def test_sft_then_cql_log_and_checkpoint(trained, dataset_dir):
+    out, sft, cql = trained
+    assert sft["n_trajectories"] == math.ceil(48 * 0.25) and sft["steps"] == 20
+    returns = od.load(dataset_dir).returns
+    assert sft["min_return_kept"] == pytest.approx(np.sort(returns)[-12])
+    assert cql["reward_scale"] == pytest.approx(1.0 / returns.std(), rel=1e-4)
+    assert Checkpointer(out / "sft" / "checkpoints").all_steps() == [10, 20]
+    assert Checkpointer(out / "cql" / "checkpoints").all_steps() == [10, 20]
+    sft_log = read_jsonl(out / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in sft_log] == [10, 20]
+    assert {"bc_nll", "entropy", "mean_l1_to_data"} <= set(sft_log[0])
+    cql_log = read_jsonl(out / "cql" / "metrics.jsonl")
+    assert [r["step"] for r in cql_log] == [10, 20]
+    for key in ("q_data", "q_random", "q_policy", "cql_gap", "bc_nll", "entropy", "alpha_cql", "alpha_entropy",
+                "bellman", "critic_loss", "actor_loss"):
+        assert all(np.isfinite(r[key]) for r in cql_log), key
+    # Lagrange: the penalty sits far below target_gap = 50, so its weight must fall from 1.
+    assert cql_log[-1]["alpha_cql"] < cql_log[0]["alpha_cql"] < 1.0
+    # Entropy tuning: the target (a near-uniform Dirichlet) exceeds the policy's entropy, so the temperature rises.
+    assert cql_log[-1]["alpha_entropy"] > cql_log[0]["alpha_entropy"] > 0.01
+
+
+def _rollout(policy, env: od.ToyEnv) -> np.ndarray:
+    """Let the policy choose every mixture of one episode of `env`; returns the mixtures [T, D]."""
+    layout = FeedbackLayout.from_meta(env.meta())
+    d = len(env.domain_fields)
+    a_txD = np.zeros((0, d))
+    for _ in range(env.horizon):
+        w_D = policy.act(History(a_txD, env.feedback(a_txD[None])[0], layout, env.horizon))
+        a_txD = np.concatenate([a_txD, w_D[None]])
+    return a_txD
+
+
+@pytest.mark.parametrize("n_source, n_target", [(3, 2), (5, 3), (7, 5)])
+def test_export_runs_on_domain_spaces_of_5_8_and_12_domains(trained, tmp_path, n_source, n_target):
+    out, _, _ = trained
+    spec = export_agent(out, tmp_path / "export")
+    assert spec["stage"] == "cql" and spec["step"] == 20 and spec["trained_on"]["n_domains"] == 8
+    policy = load_exported_agent(tmp_path / "export")
+    env = _env(n_source, n_target, horizon=4)
+    a_TxD = _rollout(policy, env)
+    d = n_source + n_target
+    assert a_TxD.shape == (4, d) and np.isfinite(a_TxD).all() and (a_TxD > 0).all()
+    np.testing.assert_allclose(a_TxD.sum(-1), 1.0, atol=1e-5)
+    # act() pads the history to the horizon; the mean at step t must equal the unpadded computation.
+    layout = FeedbackLayout.from_meta(env.meta())
+    dom, glob = policy.stats.apply(*history_features(a_TxD[None, :2], env.feedback(a_TxD[None, :2]), layout, 4))
+    alpha = policy.agent.concentrations(policy.actor, dom, glob)
+    np.testing.assert_allclose(a_TxD[2], np.asarray(dist.mean(alpha))[0, 2], rtol=1e-5, atol=1e-6)
+
+
+def test_export_of_sft_only_and_spec_checks(trained, tmp_path):
+    out, _, _ = trained
+    spec = export_agent(out / "sft", tmp_path / "sft_export")
+    assert spec["stage"] == "sft" and spec["format"] == "dma-agent-v1"
+    load_exported_agent(tmp_path / "sft_export")
+    spec_path = tmp_path / "sft_export" / "agent_spec.json"
+    for key, value in (("feature_version", 99), ("format", "dma-agent-v0"),
+                       ("domain_features", list(reversed(spec["domain_features"])))):
+        spec_path.write_text(json.dumps(dict(spec, **{key: value})))
+        with pytest.raises(DmaError) as e:
+            load_exported_agent(tmp_path / "sft_export")
+        assert key in str(e.value) and "\n" not in str(e.value)
+    spec_path.unlink()
+    with pytest.raises(DmaError, match="missing"):
+        load_exported_agent(tmp_path / "sft_export")
+    with pytest.raises(DmaError, match="no agent checkpoint"):
+        export_agent(tmp_path / "nothing_here", tmp_path / "x")
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(dataset_dir, tmp_path):
+    run_train_agent(_cfg(), dataset_dir, tmp_path / "straight", "sft", progress=False)
+    first = run_train_agent(_cfg(sft={"steps": 10}), dataset_dir, tmp_path / "resumed", "sft", progress=False)
+    second = run_train_agent(_cfg(), dataset_dir, tmp_path / "resumed", "sft", progress=False)
+    assert first["resumed_from"] == 0 and second["resumed_from"] == 10
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "sft" / "metrics.jsonl")] == [10, 20]
+    a = _exported_actor(tmp_path / "straight", tmp_path / "e1")
+    b = _exported_actor(tmp_path / "resumed", tmp_path / "e2")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(DmaError, match="another stage config"):
+        run_train_agent(_cfg(sft={"lr": 0.5}), dataset_dir, tmp_path / "resumed", "sft", progress=False)
+
+
+def _exported_actor(out, export_dir):
+    export_agent(out, export_dir)
+    return load_exported_agent(export_dir).actor
+
+
+def test_cql_needs_a_finished_sft(dataset_dir, tmp_path):
+    with pytest.raises(DmaError, match="stage sft"):
+        run_train_agent(_cfg(), dataset_dir, tmp_path, "cql", progress=False)
+    with pytest.raises(DmaError, match="stage="):
+        run_train_agent(_cfg(), dataset_dir, tmp_path, "bc", progress=False)
