@@ -80,8 +80,8 @@ def run_bench(quick: bool, memory_budget_gb: float | None, out_json: str | Path,
     t_start = time.perf_counter()
     r: dict = {"meta": {"quick": quick, "platform": dev0.platform, "device_kind": dev0.device_kind,
                         "n_devices": n_dev, "jax": jax.__version__, "machine": platform.machine(),
-                        "cpu_count": os.cpu_count(), "memory_budget_bytes": budget, "memory_budget_source": budget_source,
-                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                        "cpu_count": os.cpu_count(), "memory_budget_bytes": budget,
+                        "memory_budget_source": budget_source, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                "sweep": [], "memory": [], "time_vs_t": [], "target": []}
     n_tasks = 4 + len(plan.targets) + sum(1 + len(plan.ns) for _ in plan.proxies)
     bar = tqdm(total=n_tasks, desc="bench", unit="task", disable=not progress, dynamic_ncols=True)
@@ -91,6 +91,20 @@ def run_bench(quick: bool, memory_budget_gb: float | None, out_json: str | Path,
 
     task("matmul peak")
     r["peak"] = peak = measure.measure_peak(dev0, plan.min_seconds)
+    bar.update()
+    for name, model, batch, seq_len in plan.targets:  # targets, loader and agent first: they fail fast
+        task(name)
+        r["target"].append(measure.bench_target(name, model, batch, seq_len, cfg.optim, devices, peak,
+                                                plan.min_seconds))
+        bar.update()
+    demo_step_s = r["target"][0]["step_s"]
+    task("loader")
+    r["loader"] = measure.bench_loader(cfg.data.record_len, cfg.target.vocab_size, cfg.cpt.batch_size,
+                                       plan.loader_batches, demo_step_s)
+    bar.update()
+    task("agent")
+    r["agent"] = measure.bench_agent(cfg.agent.model, plan.agent_domains, cfg.cpt.num_stages, plan.agent_decisions,
+                                     cfg.cpt.steps_per_stage * demo_step_s)
     bar.update()
     for name, model, steps in plan.proxies:
         pb = measure.ProxyBench(model, cfg.optim, steps, cfg.sweep.batch_size, cfg.sweep.seq_len, devices,
@@ -110,20 +124,6 @@ def run_bench(quick: bool, memory_budget_gb: float | None, out_json: str | Path,
             r["time_vs_t"] = measure.time_vs_t(pb, n, measure.chunk_for(n, mem, n_dev), plan.t_values)
             bar.update()
         del pb
-    for name, model, batch, seq_len in plan.targets:
-        task(name)
-        r["target"].append(measure.bench_target(name, model, batch, seq_len, cfg.optim, devices, peak,
-                                                plan.min_seconds))
-        bar.update()
-    demo_step_s = r["target"][0]["step_s"]
-    task("loader")
-    r["loader"] = measure.bench_loader(cfg.data.record_len, cfg.target.vocab_size, cfg.cpt.batch_size,
-                                       plan.loader_batches, demo_step_s)
-    bar.update()
-    task("agent")
-    r["agent"] = measure.bench_agent(plan.agent_domains, cfg.cpt.num_stages, plan.agent_decisions,
-                                     cfg.cpt.steps_per_stage * demo_step_s)
-    bar.update()
     bar.close()
     r["goals"] = goals(r)
     r["meta"]["seconds"] = time.perf_counter() - t_start
@@ -183,7 +183,7 @@ def format_table(r: dict) -> str:
          for s in r["sweep"]])
     lines += ["", "2. Cost growth: sweep time vs N is 'sweep s' above; vs T (re-weighting steps):"]
     lines += ["  " + "   ".join(f"N={x['N']} S={x['S']} T={x['T']}: {x['seconds']:.3g} s" for x in r["time_vs_t"])]
-    lines += [f"  compiled memory per device (XLA memory analysis); budget {m['memory_budget_bytes'] / 2**30:.1f} GiB "
+    lines += [f"  compiled memory per device (XLA memory analysis); budget {m['memory_budget_bytes'] / 2**30:.3g} GiB "
               f"({m['memory_budget_source']})"]
     lines += _table(["proxy", "MiB at N=" + ",".join(str(p["n"]) for p in r["memory"][0]["points"]),
                      "MiB per proxy", "MiB fixed", "largest N"],

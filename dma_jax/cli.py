@@ -151,6 +151,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dma_jax.bench import format_table, run_bench
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / ("bench-quick.json" if args.quick else "bench.json")
+    results = run_bench(args.quick, args.memory_budget_gb, out, cfg, ns=args.n, progress=not args.no_progress)
+    print(format_table(results))
+    print(f"bench: results in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every stage on the demo config; each one resumes or skips what is already done."""
     import types
@@ -258,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("bench", help="measure the sweep, loader, agent and training throughput on this machine "
+                                     "(table + JSON)")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--quick", action="store_true", help="demo sizes only, N in {1, 4}: about a minute")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="memory per device for the largest-N estimate and sweep chunking "
+                        "(default: the device's limit, else 80%% of available host RAM)")
+    p.add_argument("--n", type=int, action="append", metavar="N",
+                   help="number of proxies (repeatable; default 1 4 16 64, --quick: 1 4)")
+    p.add_argument("--out", help="JSON file (default: <run.out_dir>/bench.json, bench-quick.json with --quick)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded offline demo, ending with a report")
     _add_config_args(p, DEMO_CONFIG)

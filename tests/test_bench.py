@@ -3,12 +3,13 @@
 Checked against independent numbers: tokens trained (N * S * B * L), the bytes an
 AdamW train state needs at least (3 float32 copies of the parameters per proxy),
 the loader's consumption and the agent's share derived from the target step time,
-the largest divisor chosen as a chunk, and the goals' verdicts on made-up results.
+the largest divisor chosen as a chunk, the goals' verdicts on made-up results, and
+the warm-up/repeat rule of the timer on a fake clock.
 """
 
 import json
 import math
-import time
+import types
 from pathlib import Path
 
 import jax
@@ -57,11 +58,13 @@ def test_quick_bench_measures_every_section(quick):
     _finite_positive(target["step_s"])
     _finite_positive(target["mfu"])
     loader = r["loader"]
-    np.testing.assert_allclose(loader["train_tokens_per_s"], cfg.cpt.batch_size * cfg.data.record_len / target["step_s"])
+    records_per_s = cfg.cpt.batch_size / target["step_s"]
+    np.testing.assert_allclose(loader["train_tokens_per_s"], records_per_s * cfg.data.record_len)
     assert [x["threads"] for x in loader["runs"]] == [0, 2]
     for x in loader["runs"]:
         _finite_positive(x["tokens_per_s"])
     agent = r["agent"]
+    assert agent["model"] == cfg.agent.model.model_dump(mode="json") and agent["horizon"] == cfg.cpt.num_stages
     _finite_positive(agent["decision_s"])
     np.testing.assert_allclose(agent["stage_s"], cfg.cpt.steps_per_stage * target["step_s"])
     np.testing.assert_allclose(agent["share"], agent["decision_s"] / (agent["decision_s"] + agent["stage_s"]))
@@ -106,12 +109,31 @@ def test_chunk_is_the_largest_divisor_that_fits_per_device():
     assert measure.chunk_for(16, {"max_n_per_device": None}, 1) == 16
 
 
-def test_seconds_repeats_short_runs_and_keeps_the_fastest():
-    sleeps = iter([0.05, 0.01, 0.02, 0.01, 0.03, 0.02, 0.01])
-    assert measure._seconds(lambda: time.sleep(next(sleeps)), 0.06) == pytest.approx(0.01, abs=0.008)
-    calls = []
-    assert measure._seconds(lambda: calls.append(time.sleep(0.03)), 0.01) >= 0.03
-    assert len(calls) == 1  # a run longer than min_seconds is timed once
+class _FakeClock:
+    """`perf_counter` that only moves when `run` is called, by the next of `durations`."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, iter(durations), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        self.now += next(self.durations)
+        self.calls += 1
+
+
+@pytest.mark.parametrize("durations, min_seconds, seconds, calls", [
+    ([3.0], 0.1, 3.0, 1),  # >= 20 * min_seconds: the first call counts alone
+    ([1.0, 0.9], 0.1, 0.9, 2),  # shorter: the first call is a warm-up, then at least one more
+    ([0.05, 0.02, 0.01, 0.03], 0.06, 0.01, 4),  # repeated until ~min_seconds, the fastest kept
+    ([1e-4] * 51, 0.1, 1e-4, 51),  # at most 50 repeats
+])
+def test_seconds_warms_up_repeats_and_keeps_the_fastest(monkeypatch, durations, min_seconds, seconds, calls):
+    clock = _FakeClock(durations)
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    assert measure._seconds(clock.run, min_seconds) == pytest.approx(seconds)
+    assert clock.calls == calls
 
 
 def _row(proxy, n, mfu, x_plain, x_one):
