@@ -106,7 +106,8 @@ def validate(ds: OfflineDataset, where: str = "<offline dataset>") -> None:
     expected = {"feedback": (n, t + 1, m), "rewards": (n, t), "returns": (n,)}
     for name, shape in expected.items():
         if getattr(ds, name).shape != shape:
-            raise DmaError(f"{where}: {name} has shape {getattr(ds, name).shape}, expected {shape} from actions and meta")
+            got = getattr(ds, name).shape
+            raise DmaError(f"{where}: {name} has shape {got}, expected {shape} from actions and meta")
     for key in ("domain_names", "domain_fields", "domain_loss_index"):
         if len(ds.meta[key]) != d:
             raise DmaError(f"{where}: meta.{key} has {len(ds.meta[key])} entries but actions have D={d} domains")

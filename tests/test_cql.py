@@ -42,7 +42,11 @@ def fixed():
         ctx, emb = agent.encode(critic, batch.dom_NxT1xDxF, batch.glob_NxT1xG)
         return agent.q(critic, ctx[:, shift:shift + T], emb[:, shift:shift + T], actions_AxBxLxD)
 
-    return agent, actor, critic, target, batch, conc, q_at
+    @jax.jit
+    def loss_and_grad(critic, samples, weight, tau):
+        return jax.value_and_grad(cql.critic_loss, has_aux=True)(critic, agent, batch, samples, weight, tau)
+
+    return agent, actor, critic, target, batch, conc, q_at, loss_and_grad
 
 
 def _logpdf(x_D, alpha_D):
@@ -51,15 +55,16 @@ def _logpdf(x_D, alpha_D):
 
 
 def _samples(fixed, cfg, alpha_entropy=0.3, scale=2.0):
-    agent, actor, critic, target, batch, _, _ = fixed
+    agent, actor, critic, target, batch = fixed[:5]
     setup = cql.CqlSetup(agent, cfg, 1.0, -1.0, scale)
-    fn = jax.jit(lambda key: cql.cql_samples(key, actor, target, batch, setup, jnp.float32(alpha_entropy)))
+    alpha = agent.concentrations(actor, batch.dom_NxT1xDxF, batch.glob_NxT1xG)
+    fn = jax.jit(lambda key: cql.cql_samples(key, alpha, target, batch, setup, jnp.float32(alpha_entropy)))
     return jax.tree.map(np.asarray, fn(jax.random.PRNGKey(7)))
 
 
 def _numpy_target(fixed, cfg, samples, alpha_entropy=0.3, scale=2.0):
     """y = scale * r + discount * (t < T-1) * (min_i Qbar_i(s', a') - [backup] a_ent * log pi(a'|s')), in numpy."""
-    _, actor, _, target, batch, conc, q_at = fixed
+    _, actor, _, target, batch, conc, q_at, _ = fixed
     alpha_next = np.asarray(conc(actor, batch.dom_NxT1xDxF, batch.glob_NxT1xG), np.float64)[:, 1:]
     logp = np.array([[_logpdf(samples.next_actions_BxTxD[b, t], alpha_next[b, t]) for t in range(T)]
                      for b in range(B)])
@@ -70,8 +75,8 @@ def _numpy_target(fixed, cfg, samples, alpha_entropy=0.3, scale=2.0):
 
 
 def test_samples_targets_and_proposal_densities(fixed):
-    _, actor, _, _, batch, conc, _ = fixed
-    cfg = CqlConfig(n_actions=3, discount=0.9, backup_entropy=True)
+    _, actor, _, _, batch, conc, _, _ = fixed
+    cfg = CqlConfig(n_actions=4, discount=0.9, backup_entropy=True)
     s = _samples(fixed, cfg)
     y, logp_next = _numpy_target(fixed, cfg, s)
     np.testing.assert_allclose(s.target_BxT, y, rtol=1e-4, atol=1e-4)
@@ -88,11 +93,13 @@ def test_samples_targets_and_proposal_densities(fixed):
 
 
 def _numpy_critic_loss(q_2xAxBxT, y_BxT, ood_logp_KxBxT, weight, tau):
-    """Loss and dLoss/dQ of  sum_i mean (Q_i(a_data) - y)^2 + weight * sum_i mean[tau (lse(Q/tau - log mu) - log K) - Q_i(a_data)]."""
+    """Loss and dLoss/dQ of  sum_i mean (Q_i(a_data) - y)^2
+    + weight * sum_i mean[tau (lse_k(Q_ik / tau - log(mu_k / u)) - log K) - Q_i(a_data)],  u = (D-1)!.
+    """
     q = q_2xAxBxT.astype(np.float64)
     q_data, q_ood = q[:, 0], q[:, 1:]
     K, n_cells = q_ood.shape[1], y_BxT.size
-    z = q_ood / tau - ood_logp_KxBxT[None]
+    z = q_ood / tau - (ood_logp_KxBxT[None] - math.log(math.factorial(D - 1)))
     lse = tau * (scipy.special.logsumexp(z, axis=1) - math.log(K))
     loss = ((q_data - y_BxT[None]) ** 2).mean(axis=(1, 2)).sum() + weight * (lse - q_data).mean(axis=(1, 2)).sum()
     d_q = np.zeros_like(q)
@@ -104,11 +111,10 @@ def _numpy_critic_loss(q_2xAxBxT, y_BxT, ood_logp_KxBxT, weight, tau):
 @pytest.mark.parametrize("weight, tau", [(0.8, 0.7), (2.5, 3.0), (0.0, 1.0)])
 def test_critic_loss_and_gradient_match_numpy(fixed, weight, tau):
     """(a) the CQL(H) critic loss and its parameter gradient; weight 0 is (b) the plain SAC critic loss."""
-    agent, _, critic, _, batch, _, q_at = fixed
-    cfg = CqlConfig(n_actions=4, discount=0.95, backup_entropy=weight == 0.0)  # SAC backs up the entropy
+    _, _, critic, _, batch, _, q_at, loss_and_grad = fixed
+    cfg = CqlConfig(n_actions=4, discount=0.9, backup_entropy=True)  # as in SAC (weight 0)
     s = _samples(fixed, cfg)
-    loss_fn = jax.jit(lambda c: cql.critic_loss(c, agent, batch, s, jnp.float32(weight), tau))
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda c: loss_fn(c), has_aux=True))(critic)
+    (loss, metrics), grads = loss_and_grad(critic, s, jnp.float32(weight), jnp.float32(tau))
 
     actions = np.concatenate([batch.actions_NxTxD[None], s.ood_actions_AxBxTxD])
     q = np.asarray(q_at(critic, batch, actions, 0))

@@ -46,9 +46,11 @@ class SftConfig(Section):
 class CqlConfig(Section):
     """SAC-style actor-critic with twin Q, Polyak targets and the CQL(H) penalty.
 
-    alpha: weight of the CQL penalty (the initial value when `lagrange` tunes it
-      to keep the penalty near `target_gap`).
-    temperature: tau in tau * logsumexp(Q / tau - log density).
+    alpha: weight of the CQL penalty, in units of Q (with the default reward scale,
+      returns have std 1); the initial value when `lagrange` tunes it.
+    target_gap: with `lagrange`, the penalty (cql_gap: a soft maximum of Q over the
+      simplex minus Q on the data) the tuned weight holds.
+    temperature: tau in tau * logsumexp(Q / tau - log importance ratio).
     n_actions: samples per proposal (uniform on the simplex, policy at s, policy at s').
     reward_scale: rewards are multiplied by it; None: 1 / std of the dataset's returns.
     target_concentration: target entropy = entropy of a symmetric Dirichlet whose
@@ -66,9 +68,9 @@ class CqlConfig(Section):
     discount: float = pydantic.Field(1.0, gt=0.0, le=1.0)
     polyak: float = pydantic.Field(0.005, gt=0.0, le=1.0)
     reward_scale: PosFloat | None = None
-    alpha: NonNegFloat = 1.0
+    alpha: NonNegFloat = 0.3
     temperature: PosFloat = 1.0
-    n_actions: PosInt = 10
+    n_actions: PosInt = 5
     lagrange: bool = False
     target_gap: float = 1.0
     bc_weight: NonNegFloat = 0.0

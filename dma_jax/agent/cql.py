@@ -6,9 +6,11 @@ h_t at every step, so s = tokens 0..T-1 and s' = tokens 1..T. Per critic i:
   y          = scale * r_t + discount * (1 - done_t) * [min_j Qbar_j(s', a') - [backup] a_ent log pi(a'|s')],
                a' ~ pi(.|s'), Qbar the Polyak-averaged target critics;
   bellman_i  = mean_{b,t} (Q_i(s, a_data) - y)^2;
-  penalty_i  = mean_{b,t} [ tau * (logsumexp_k(Q_i(s, a_k) / tau - log mu_k(a_k)) - log A) - Q_i(s, a_data) ],
-               with A = 3n proposals a_k: n uniform on the simplex (mu = (D-1)!), n from pi(.|s), n from
-               pi(.|s'), each weighted by its own density (importance sampling of log of the integral of exp(Q/tau));
+  penalty_i  = mean_{b,t} [ tau * (logsumexp_k(Q_i(s, a_k) / tau - log(mu_k(a_k) / u)) - log A) - Q_i(s, a_data) ],
+               with A = 3n proposals a_k: n uniform on the simplex (density u = (D-1)!), n from pi(.|s), n
+               from pi(.|s'), each importance-weighted by u / its own density mu_k: the first term estimates
+               tau * log E_{a ~ uniform}[exp(Q(s, a) / tau)], a soft maximum of Q over the simplex, so the
+               penalty ("cql_gap") reads in units of Q: 0 when Q is flat, > 0 when some action beats the data;
   critic loss = sum_i bellman_i + alpha_cql * sum_i penalty_i.
 
 Actor: mean_{b,t} [a_ent log pi(a|s) - min_i Q_i(s, a)], a ~ pi(.|s) reparameterised, plus
@@ -30,7 +32,7 @@ from dma_jax.agent import distributions as dist
 from dma_jax.agent.config import CqlConfig
 from dma_jax.agent.features import Trajectories
 from dma_jax.agent.model import AgentDef, Params
-from dma_jax.agent.sft import adam, sample_batch
+from dma_jax.agent.sft import adam, flat_init, flat_step, sample_batch
 
 _LOG_ALPHA_CQL_MAX = math.log(1e6)
 
@@ -92,15 +94,17 @@ def init_state(setup: CqlSetup, actor: Params, critic: Params, seed: int) -> Cql
                   "cql": jnp.log(jnp.float32(max(cfg.alpha, 1e-30)))}
     return CqlState(
         jnp.zeros((), jnp.int32), actor, critic, jax.tree.map(jnp.copy, critic),
-        setup.tx_actor.init(actor), setup.tx_critic.init(critic), log_alphas, setup.tx_alphas.init(log_alphas),
+        flat_init(setup.tx_actor, actor), flat_init(setup.tx_critic, critic), log_alphas,
+        setup.tx_alphas.init(log_alphas),
         jax.random.PRNGKey(seed),
     )
 
 
-def cql_samples(key: jax.Array, actor: Params, target_critic: Params, batch: Trajectories, setup: CqlSetup,
-                alpha_entropy: jax.Array) -> CqlSamples:
+def cql_samples(key: jax.Array, alpha_BxT1xD: jax.Array, target_critic: Params, batch: Trajectories,
+                setup: CqlSetup, alpha_entropy: jax.Array) -> CqlSamples:
+    """Draws and Bellman targets, given the policy's concentrations at tokens 0..T."""
     cfg, agent, n = setup.cfg, setup.agent, setup.cfg.n_actions
-    alpha_BxT1xD = agent.concentrations(actor, batch.dom_NxT1xDxF, batch.glob_NxT1xG)
+    alpha_BxT1xD = jax.lax.stop_gradient(alpha_BxT1xD)
     B, T1, D = alpha_BxT1xD.shape
     T = T1 - 1
     cur_alpha_BxTxD, next_alpha_BxTxD = alpha_BxT1xD[:, :-1], alpha_BxT1xD[:, 1:]
@@ -129,8 +133,9 @@ def critic_loss(critic: Params, agent: AgentDef, batch: Trajectories, samples: C
     q_2xAxBxT = agent.q(critic, ctx_BxT1xH[:, :-1], emb_BxT1xDxH[:, :-1], actions_AxBxTxD)
     q_data_2xBxT, q_ood_2xAxBxT = q_2xAxBxT[:, 0], q_2xAxBxT[:, 1:]
     bellman_2 = ((q_data_2xBxT - samples.target_BxT[None]) ** 2).mean(axis=(1, 2))
-    n_ood = q_ood_2xAxBxT.shape[1]
-    weighted_2xAxBxT = q_ood_2xAxBxT / temperature - samples.ood_logp_AxBxT[None]
+    n_ood, D = q_ood_2xAxBxT.shape[1], samples.ood_actions_AxBxTxD.shape[-1]
+    log_ratio_AxBxT = samples.ood_logp_AxBxT - dist.uniform_log_prob(D)  # proposal density / uniform density
+    weighted_2xAxBxT = q_ood_2xAxBxT / temperature - log_ratio_AxBxT[None]
     soft_max_2xBxT = temperature * (jax.nn.logsumexp(weighted_2xAxBxT, axis=1) - math.log(n_ood))
     penalty_2 = (soft_max_2xBxT - q_data_2xBxT).mean(axis=(1, 2))
     loss = bellman_2.sum() + cql_weight * penalty_2.sum()
@@ -143,9 +148,9 @@ def critic_loss(critic: Params, agent: AgentDef, batch: Trajectories, samples: C
     return loss, metrics
 
 
-def actor_loss(actor: Params, critic: Params, agent: AgentDef, batch: Trajectories, key: jax.Array,
+def actor_loss(alpha_BxTxD: jax.Array, critic: Params, agent: AgentDef, batch: Trajectories, key: jax.Array,
                alpha_entropy: jax.Array, bc_weight: float) -> tuple[jax.Array, dict]:
-    alpha_BxTxD = agent.concentrations(actor, batch.dom_NxT1xDxF, batch.glob_NxT1xG)[:, :-1]
+    """The actor loss as a function of the policy's concentrations at the T decision steps."""
     a_1xBxTxD = dist.sample(key, alpha_BxTxD, 1)
     logp_BxT = dist.log_prob(alpha_BxTxD, a_1xBxTxD[0])
     critic = jax.lax.stop_gradient(critic)
@@ -164,16 +169,19 @@ def update(state: CqlState, data: Trajectories, setup: CqlSetup, batch_size: int
     batch = sample_batch(k_batch, data, batch_size)
     alpha_entropy, alpha_cql = alpha_values(state.log_alphas, cfg)
 
-    samples = cql_samples(k_samples, state.actor, state.target_critic, batch, setup, alpha_entropy)
+    # One actor pass serves the samples and the actor loss; the loss's gradient is pulled back through it.
+    alpha_BxT1xD, actor_vjp = jax.vjp(
+        lambda actor: setup.agent.concentrations(actor, batch.dom_NxT1xDxF, batch.glob_NxT1xG), state.actor)
+
+    samples = cql_samples(k_samples, alpha_BxT1xD, state.target_critic, batch, setup, alpha_entropy)
     (_, c_metrics), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(
         state.critic, setup.agent, batch, samples, alpha_cql, cfg.temperature)
-    c_updates, critic_opt = setup.tx_critic.update(c_grads, state.critic_opt, state.critic)
-    critic = optax.apply_updates(state.critic, c_updates)
+    critic, critic_opt = flat_step(setup.tx_critic, c_grads, state.critic_opt, state.critic)
 
-    (_, a_metrics), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(
-        state.actor, critic, setup.agent, batch, k_actor, alpha_entropy, cfg.bc_weight)
-    a_updates, actor_opt = setup.tx_actor.update(a_grads, state.actor_opt, state.actor)
-    actor = optax.apply_updates(state.actor, a_updates)
+    (_, a_metrics), d_alpha_BxTxD = jax.value_and_grad(actor_loss, has_aux=True)(
+        alpha_BxT1xD[:, :-1], critic, setup.agent, batch, k_actor, alpha_entropy, cfg.bc_weight)
+    (a_grads,) = actor_vjp(jnp.concatenate([d_alpha_BxTxD, jnp.zeros_like(alpha_BxT1xD[:, -1:])], axis=1))
+    actor, actor_opt = flat_step(setup.tx_actor, a_grads, state.actor_opt, state.actor)
 
     def temperature_loss(log_alphas: dict) -> jax.Array:
         _, weight = alpha_values(log_alphas, cfg)

@@ -7,7 +7,8 @@ Token t (t = 0 … number of steps taken) describes the state before choosing a_
 - global: the target field's normalised score, the mean score of the other
   (source) fields, both scores' changes, and progress t / T.
 Nothing depends on the number of domains or fields, so one agent runs on any
-domain space. Features are standardised per channel with statistics of the
+domain space; the price is that two domains of one field look alike until their
+losses move apart. Features are standardised per channel with statistics of the
 training data (`FeatureStats`), saved with the agent.
 """
 

