@@ -23,11 +23,15 @@ from dma_jax.errors import DmaError
 log = logging.getLogger(__name__)
 
 
+@jax.jit
+def _finite_flags(tree: Any) -> jax.Array:
+    """One compiled reduction over every float leaf (not one small program per leaf shape)."""
+    flags = [jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.stack(flags)) if flags else jax.numpy.bool_(True)
+
+
 def _all_finite(tree: Any) -> bool:
-    for x in jax.tree.leaves(tree):
-        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all()):
-            return False
-    return True
+    return bool(_finite_flags(tree))
 
 
 class Checkpointer:

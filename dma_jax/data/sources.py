@@ -88,7 +88,7 @@ def iter_tfds(name: str, split: str, data_dir: str | os.PathLike | None,
                        "with file_format='array_record')")
     try:
         source = builder.as_data_source(split=split)
-    except (ValueError, NotImplementedError) as e:
+    except (ValueError, NotImplementedError) as e:  # TFDS raises these for an unknown split or file format
         raise DmaError(f"{where}, split {split!r}: {_first_line(e)}") from None
     for start in range(0, len(source), _CHUNK):
         examples = source.__getitems__(range(start, min(start + _CHUNK, len(source))))
