@@ -8,8 +8,9 @@
 2. Cost growth: sweep time vs N (table 1) and vs T; compiled bytes per proxy from the AOT
    memory analysis, fitted over N, and the largest N that fits a memory budget. Sweeps
    whose N does not fit run in chunks, as `sweep.chunk_size` would.
-3. Loader: the Grain mixer reading packed ArrayRecord shards (the CPT read path) vs the
-   target train step's consumption, with 0 and 2 reader threads.
+3. Loader: the Grain mixer reading packed ArrayRecord shards (the CPT read path), with 0 and
+   2 reader threads, and a fixed-mixture Grain pipeline with 0 and 2 worker processes, vs the
+   target train step's consumption.
 4. Agent: latency of one decision and its share of a re-weighting step.
 5. Target training: train-step MFU.
 Synthetic data (random tokens) throughout: nothing needs `dma prepare`. The measurements
@@ -192,8 +193,9 @@ def format_table(r: dict) -> str:
     ld = r["loader"]
     lines += ["", f"3. Loader: Grain mixer over ArrayRecord shards; the demo target step consumes "
                   f"{ld['train_tokens_per_s']:,.0f} tokens/s (batch {ld['batch']} x {ld['record_len']})"]
-    lines += _table(["threads", "tokens/s", "x train step"],
-                    [[x["threads"], f"{x['tokens_per_s']:,.0f}", f"{x['x_train_step']:.1f}"] for x in ld["runs"]])
+    lines += _table(["reader", "threads", "processes", "tokens/s", "x train step"],
+                    [[x["reader"], x["threads"], x["processes"], f"{x['tokens_per_s']:,.0f}",
+                      f"{x['x_train_step']:.1f}"] for x in ld["runs"]])
     a = r["agent"]
     lines += ["", f"4. Agent: one decision {a['decision_s'] * 1e3:.2f} ms (D={a['n_domains']}, T={a['horizon']}; "
                   f"compile {a['compile_s']:.1f} s); a re-weighting step trains {a['stage_s']:.2f} s "

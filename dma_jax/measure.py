@@ -285,8 +285,10 @@ def bench_target(name: str, model: ModelConfig, batch: int, seq_len: int, optim:
 
 
 def bench_loader(record_len: int, vocab: int, batch: int, n_batches: int, step_s: float,
-                 threads: Sequence[int] = (0, 2), records_per_domain: int = 512) -> dict:
-    """The Grain mixer over packed ArrayRecord shards (the CPT read path) vs one target step's consumption."""
+                 threads: Sequence[int] = (0, 2), records_per_domain: int = 512,
+                 processes: Sequence[int] = (0, 2)) -> dict:
+    """The Grain mixer over packed ArrayRecord shards (the CPT read path) with 0 and 2 reader threads, and a
+    fixed-mixture Grain pipeline with 0 and 2 worker processes, vs one target step's consumption."""
     rng = np.random.default_rng(0)
     consumption = batch * record_len / step_s
     out: dict = {"batch": batch, "record_len": record_len, "train_tokens_per_s": consumption, "runs": []}
@@ -303,9 +305,41 @@ def bench_loader(record_len: int, vocab: int, batch: int, n_batches: int, step_s
             with DomainMixer(sources, names, batch, lambda step: weights_D, 0, num_threads=n_threads) as mixer:
                 next(mixer)  # opens the shard readers
                 tokens_per_s = measure_throughput(mixer, n_batches)
-            out["runs"].append({"threads": n_threads, "tokens_per_s": tokens_per_s,
-                                "x_train_step": tokens_per_s / consumption})
+            out["runs"].append({"reader": "DomainMixer", "threads": n_threads, "processes": 0,
+                                "tokens_per_s": tokens_per_s, "x_train_step": tokens_per_s / consumption})
+        for n_procs in processes:
+            tokens_per_s = _grain_fixed_mix_throughput(sources, weights_D, batch, n_batches, n_procs)
+            out["runs"].append({"reader": "grain mix (fixed)", "threads": 0, "processes": n_procs,
+                                "tokens_per_s": tokens_per_s, "x_train_step": tokens_per_s / consumption})
     return out
+
+
+def _grain_fixed_mix_throughput(sources: Sequence, weights_D: np.ndarray, batch: int, n_batches: int,
+                                n_procs: int) -> float:
+    """Tokens/s of a plain Grain pipeline over the same shards (`MapDataset.mix` of shuffled, repeated domains,
+    batched), with `n_procs` worker processes (`mp_prefetch`). Its mixture is fixed when it is built, and worker
+    processes read ahead: what the CPT mixer gives up to make a new mixture take effect at the next batch."""
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
+        flags.FLAGS.mark_as_parsed()
+    streams = [grain.MapDataset.source(s).shuffle(seed=d).repeat() for d, s in enumerate(sources)]
+    ds = grain.MapDataset.mix(streams, [float(w) for w in weights_D]).to_iter_dataset().batch(batch)
+    if n_procs:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=n_procs))
+    it = iter(ds)
+    try:
+        first = next(it)  # starts the workers
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            next(it)
+        seconds = time.perf_counter() - t0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return n_batches * batch * first["tokens"].shape[1] / seconds
 
 
 def bench_agent(model_cfg, n_domains: int, horizon: int, decisions: int, stage_s: float) -> dict:

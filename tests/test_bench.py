@@ -60,7 +60,8 @@ def test_quick_bench_measures_every_section(quick):
     loader = r["loader"]
     records_per_s = cfg.cpt.batch_size / target["step_s"]
     np.testing.assert_allclose(loader["train_tokens_per_s"], records_per_s * cfg.data.record_len)
-    assert [x["threads"] for x in loader["runs"]] == [0, 2]
+    assert [(x["reader"], x["threads"], x["processes"]) for x in loader["runs"]] == [
+        ("DomainMixer", 0, 0), ("DomainMixer", 2, 0), ("grain mix (fixed)", 0, 0), ("grain mix (fixed)", 0, 2)]
     for x in loader["runs"]:
         _finite_positive(x["tokens_per_s"])
     agent = r["agent"]
