@@ -6,10 +6,13 @@ domain's random-access source. Grain reseeds the shuffle each epoch, so element
 k of a domain's infinite stream is computable in O(1) from k and no record
 repeats before its epoch ends. The mixer, in the main process, asks the policy
 for this step's weights, turns them into exact per-batch counts
-(largest-remainder rounding; zero weights allowed), reads the next `counts[d]`
+(largest-remainder rounding of weight * B plus the fraction each domain was owed
+after the previous batch, so a domain weighted below one example per batch still
+gets its share over consecutive batches — cumulative counts stay within one
+example of the cumulative quota; zero weights get nothing), reads the next `counts[d]`
 stream elements of every domain at its cursor, and permutes the rows with a
 per-step key. Nothing is buffered after the mixer, so a new mixture takes effect
-at the very next batch. The state (step, cursors, weight history) is JSON and
+at the very next batch. The state (step, cursors, carry, weight history) is JSON and
 restores exactly with no replay.
 """
 
@@ -163,6 +166,7 @@ class DomainMixer:
         )
         self._step = 0
         self._cursors = [0] * len(self._streams)
+        self._carry = np.zeros(len(self._streams), np.float64)
         self._weight_history: list[list] = []
 
     @property
@@ -177,7 +181,7 @@ class DomainMixer:
         step = self._step
         where = f"mixer policy at step {step}"
         weights_D = validate_weights(self._policy(step), self.domain_names, where)
-        counts_D = largest_remainder_counts(weights_D, self.batch_size)
+        counts_D = self._counts(weights_D)
         jobs = []
         for d, count in enumerate(counts_D):
             start = self._cursors[d]
@@ -194,6 +198,19 @@ class DomainMixer:
             self._weight_history.append([step, weights_D.tolist()])
         self._step = step + 1
         return batch
+
+    def _counts(self, weights_D: np.ndarray) -> np.ndarray:
+        """This batch's counts: largest-remainder rounding of the quotas weight * B plus the carried
+        fraction; the carry is what each domain is still owed (or was over-served), reset to 0 for a
+        domain whose weight is 0."""
+        active_D = weights_D > 0
+        owed_D = np.where(active_D, weights_D * self.batch_size + self._carry, 0.0)
+        quota_D = np.maximum(owed_D, 0.0)
+        if quota_D.sum() <= 0:  # only if carries ever summed to -B; fall back to this step's weights
+            quota_D = weights_D
+        counts_D = largest_remainder_counts(quota_D / quota_D.sum(), self.batch_size)
+        self._carry = np.where(active_D, owed_D - counts_D, 0.0)
+        return counts_D
 
     def _read(self, jobs: list[tuple[int, int]]) -> list[tuple[int, Mapping[str, Any]]]:
         """Reads stream element k of domain d for each (d, k), in order."""
@@ -244,6 +261,7 @@ class DomainMixer:
         return {
             "step": self._step,
             "cursors": list(self._cursors),
+            "carry": [float(c) for c in self._carry],
             "weight_history": [[step, list(w)] for step, w in self._weight_history],
             "seed": self.seed,
             "domain_names": list(self.domain_names),
@@ -278,8 +296,12 @@ class DomainMixer:
                 f"mixer state: step {state['step']} / cursors {state['cursors']} invalid "
                 f"(need step >= 0 and {len(self._sizes)} cursors >= 0)"
             )
+        carry = [float(c) for c in state.get("carry", [0.0] * len(cursors))]  # states before the carry: 0
+        if len(carry) != len(cursors) or not all(math.isfinite(c) for c in carry):
+            raise DmaError(f"mixer state: carry {state.get('carry')} invalid (need {len(cursors)} finite numbers)")
         self._step = int(state["step"])
         self._cursors = cursors
+        self._carry = np.array(carry, np.float64)
         self._weight_history = [[int(step), [float(w) for w in weights]]
                                 for step, weights in state["weight_history"]]
 
