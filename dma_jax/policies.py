@@ -9,7 +9,8 @@ Names (`make_policy`): `source-only`, `target-only`, `fixed-P` (target share P,
 spread over the field's domains by size or uniformly), `curriculum` (target share
 rising linearly from 0 to `curriculum_end`), `regmix` (a ridge regression fitted
 on the sweep: average mixture -> return, then its best predicted static mixture),
-`replay-best` (the sweep's best trajectory), `agent-sft`, `agent-cql` (exported agents).
+`replay-best` (the sweep's best trajectory), `replay-K` (the sweep's trajectory K, e.g. for
+proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents).
 """
 
 from __future__ import annotations
@@ -105,23 +106,29 @@ class Schedule:
 
 
 def fit_regmix(actions_NxTxD: np.ndarray, returns_N: np.ndarray, n_candidates: int = 20000, seed: int = 0,
-               ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+               ridge: float = 1e-3, top_share: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """RegMix: ridge regression of the return on the average mixture; returns (best mixture, coefficients).
 
-    Candidates are Dirichlet draws around the mean sweep mixture at several concentrations plus the
-    sweep's own average mixtures; the best predicted one wins (RegMix's search, linear model).
+    As in RegMix, candidates come from the distribution the regression was fitted on — the sweep's own
+    average mixtures and Dirichlet draws centred on each of them — not from the whole simplex, where a linear
+    fit only extrapolates toward a corner; the answer is the mean of the top `top_share` of candidates by
+    predicted return (RegMix averages its top 100).
     """
     X_NxD = actions_NxTxD.mean(axis=1).astype(np.float64)
     N, D = X_NxD.shape
     A = np.concatenate([X_NxD, np.ones((N, 1))], axis=1)
     coef = np.linalg.solve(A.T @ A + ridge * np.eye(D + 1), A.T @ returns_N.astype(np.float64))
     rng = np.random.default_rng(seed)
-    centre = X_NxD.mean(0) + 1e-6
-    cands = [X_NxD] + [rng.dirichlet(c * centre / centre.sum(), size=n_candidates // 4) for c in (1, 5, 20)]
-    cands.append(rng.dirichlet(np.ones(D), size=n_candidates // 4))
+    per_mixture = max(n_candidates // (2 * N), 1)
+    cands = [X_NxD]
+    for concentration in (20.0 * D, 100.0 * D):  # local perturbations of every sweep mixture
+        alpha_NxD = concentration * X_NxD + 1e-3
+        cands.append(np.concatenate([rng.dirichlet(a, size=per_mixture) for a in alpha_NxD]))
     C = np.concatenate(cands)
     pred = C @ coef[:D] + coef[D]
-    return C[int(np.argmax(pred))], coef
+    k = max(1, int(round(top_share * len(C))))
+    best = C[np.argsort(-pred, kind="stable")[:k]].mean(axis=0)
+    return best / best.sum(), coef
 
 
 @dataclasses.dataclass
@@ -171,7 +178,7 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         return Static(name, info.target_share(p, spread))
     if name == "curriculum":
         return Curriculum(name, info, 0.0, curriculum_end, spread)
-    if name in ("regmix", "replay-best"):
+    if name in ("regmix", "replay-best") or name.removeprefix("replay-").isdigit():
         from dma_jax import offline_data
 
         if sweep_dir is None:
@@ -181,7 +188,10 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         if name == "regmix":
             best, _ = fit_regmix(ds.actions, ds.returns, seed=seed)
             return Static(name, best)
-        return Schedule(name, ds.actions[int(np.argmax(ds.returns))])
+        k = int(np.argmax(ds.returns)) if name == "replay-best" else int(name.removeprefix("replay-"))
+        if k >= ds.n:
+            raise DmaError(f"policy '{name}': the sweep in {sweep_dir} has trajectories 0..{ds.n - 1} only")
+        return Schedule(name, ds.actions[k])
     if name.startswith("agent-"):
         from dma_jax.agent.runner import load_exported_agent
 
@@ -196,7 +206,7 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
                   "field_score_index": ev.field_score_index(info.domain_names, fields)}
         return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, curriculum, regmix, "
-                   f"replay-best, agent-sft, agent-cql)")
+                   f"replay-best, replay-K, agent-sft, agent-cql)")
 
 
 @dataclasses.dataclass
