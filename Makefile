@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo study test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/dma demo
+
+# The study of issue 10 (not in CI; ~2 h on 2 CPU cores; resumable): runs/study/RESULTS.md.
+study: install
+	$(BIN)/dma study
 
 test: install-test
 	$(BIN)/ruff check --select F,E9 dma_jax tests

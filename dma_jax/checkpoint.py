@@ -4,20 +4,26 @@ Layout: `<dir>/<step>/{state,meta,data}`. Orbax writes each step to a temporary
 directory and renames it when complete, so a save killed mid-way leaves the
 previous step restorable; leftover temporaries are removed on the next open.
 Restoring takes an abstract target whose leaves carry shardings, so a checkpoint
-saved on one mesh restores onto another.
+saved on one mesh restores onto another. Directories are `etils.epath` paths, so
+`gs://bucket/...` works (pathlib would turn it into `gs:/bucket/...`); on an
+accelerator saves are asynchronous (the device-to-host copy blocks, the write
+does not), and every read or close first waits for the save in flight.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from dma_jax import faults
 from dma_jax.errors import DmaError
 
 log = logging.getLogger(__name__)
@@ -34,13 +40,42 @@ def _all_finite(tree: Any) -> bool:
     return bool(_finite_flags(tree))
 
 
+class _FaultBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """Orbax's local default (write into a temporary directory, then rename) with the test hook
+    `ckpt.save_mid` just before a step's rename: everything is written, nothing is committed."""
+
+    async def finalize(self, *args, **kwargs):
+        if self.get_final().name.isdigit():  # the step directory, not one of its items
+            faults.maybe_fault("ckpt.save_mid")
+        return await super().finalize(*args, **kwargs)
+
+
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """`directory` as an epath: URLs (`gs://...`) kept as they are, local paths made absolute."""
+    text = os.fspath(directory)
+    return epath.Path(text) if "://" in text else epath.Path(text).absolute()
+
+
+def _async_by_default() -> bool:
+    """Async saves on GPU/TPU. Orbax's async save needs the jax.distributed client when there are
+    several processes, so a multi-host run without it (see sharding.maybe_initialize_distributed) saves
+    synchronously instead of failing."""
+    if jax.default_backend() == "cpu":
+        return False
+    return jax.process_count() == 1 or jax.distributed.is_initialized()
+
+
 class Checkpointer:
     """Keep-last-N checkpoints of (state pytree, meta JSON, data-iterator JSON)."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = False):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool | None = None):
+        """`async_save=None`: asynchronous on an accelerator, synchronous on CPU."""
+        self.directory = checkpoint_path(directory)
+        if async_save is None:
+            async_save = _async_by_default()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            temporary_path_class=_FaultBeforeCommit if faults.armed("ckpt.save_mid") else None,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -55,26 +90,41 @@ class Checkpointer:
         """Save `step`; refuses a state with NaN/Inf (never becomes 'latest')."""
         if check_finite and not _all_finite(state):
             raise DmaError(f"{self.directory}: refusing to save step {step}: the state has NaN/Inf values")
+        faults.maybe_fault("ckpt.save_begin")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta or {}),
             data=ocp.args.JsonSave(data or {}),
         )
-        self.manager.save(step, args=args, force=True)
+        previous = self.latest_step()
+        try:
+            self.manager.save(step, args=args, force=True)
+        except (ValueError, OSError) as e:  # Orbax reports a full disk as ValueError(RESOURCE_EXHAUSTED ...)
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+                raise
+            raise DmaError(f"{self.directory}: disk full while saving step {step} (the last complete checkpoint, "
+                           f"step {previous}, is intact); free space and re-run the same command") from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (default latest) without touching the arrays."""
+        self.manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:
             raise DmaError(f"{self.directory}: no checkpoint to restore")
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, FileNotFoundError, TypeError, UnicodeDecodeError) as e:
+            raise DmaError(f"{self.directory}/{step}: cannot read the checkpoint's meta ({_first_line(e)})") from None
+        if not isinstance(out.meta, (dict, type(None))):
+            raise DmaError(f"{self.directory}/{step}: the checkpoint's meta is not a JSON object")
         return dict(out.meta or {})
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
         """Restore (state, meta, data) at `step` (default latest) onto `abstract_state`'s shardings."""
+        self.manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:
             raise DmaError(f"{self.directory}: no checkpoint to restore")
@@ -86,13 +136,19 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=args)
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DmaError(f"{self.directory}/{step}: cannot restore checkpoint ({first[:300]})") from None
+            raise DmaError(f"{self.directory}/{step}: cannot restore checkpoint ({_first_line(e)})") from None
+        if not _all_finite(out.state):  # saves refuse NaN, so this is a damaged or foreign checkpoint
+            raise DmaError(f"{self.directory}/{step}: the checkpoint's state holds NaN/Inf values")
         return out.state, dict(out.meta or {}), dict(out.data or {})
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def finite_scalar(x: Any) -> bool:

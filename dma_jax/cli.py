@@ -7,14 +7,24 @@ failure prints one line too unless `--debug` is given, which shows the traceback
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
 from pathlib import Path
 
 from dma_jax.errors import DmaError
+from dma_jax.faults import PREEMPTED_EXIT_CODE, Preempted
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STUDY_CONFIG = DEMO_CONFIG.with_name("study.yaml")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`dma: error: ...`), like every other error of `dma`."""
+
+    def error(self, message: str):
+        self.exit(2, f"dma: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = None) -> None:
@@ -58,6 +68,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise DmaError("pretrain: --config is required (e.g. --config configs/demo.yaml)")
     cfg = _load(args)
     summary = run_pretrain(cfg, args.model, progress=not args.no_progress)
+    _raise_if_stopped(summary, args.model)
     print(f"pretrain {args.model}: {summary['steps']} steps, held-out loss {summary['final_eval_loss']}, "
           f"checkpoints in {summary['out_dir']}/checkpoints")
     return 0
@@ -106,6 +117,9 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
 def cmd_cpt(args: argparse.Namespace) -> int:
     from dma_jax.cpt import run_cpt
 
+    bad_seeds = [s for s in args.seed or [] if s < 0]
+    if bad_seeds:
+        raise DmaError(f"cpt: --seed {bad_seeds[0]}: seeds must be >= 0")
     cfg = _load(args)
     policies = args.policy or list(cfg.cpt.policies)
     seeds = args.seed if args.seed is not None else list(cfg.cpt.seeds)
@@ -152,13 +166,34 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import math
+
     from dma_jax.bench import format_table, run_bench
 
+    bad_n = [n for n in args.n or [] if n < 1]
+    if bad_n:
+        raise DmaError(f"bench: --n {bad_n[0]}: the number of proxies must be >= 1")
+    budget = args.memory_budget_gb
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise DmaError(f"bench: --memory-budget-gb {budget}: must be a positive number of GiB")
     cfg = _load(args)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / ("bench-quick.json" if args.quick else "bench.json")
     results = run_bench(args.quick, args.memory_budget_gb, out, cfg, ns=args.n, progress=not args.no_progress)
     print(format_table(results))
     print(f"bench: results in {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dma_jax.plan import SLICES, format_plan, plan
+
+    cfg = _load(args)
+    unknown = sorted(set(args.slice or ()) - set(SLICES))
+    if unknown:
+        raise DmaError(f"plan: unknown slice(s) {', '.join(unknown)} (known: {', '.join(SLICES)})")
+    slices = {k: SLICES[k] for k in (args.slice or SLICES)}
+    print(f"plan: {args.config} on {', '.join(slices)} (from abstract shapes; nothing is allocated)")
+    print(format_plan(cfg, plan(cfg, slices)))
     return 0
 
 
@@ -192,11 +227,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """The study of issue 10 (sub-runs under <run.out_dir>, resumable) -> RESULTS.md."""
+    from dma_jax.study import run_study
+
+    path = run_study(args.config, args.overrides, args.variant, quick=args.quick, results=args.results,
+                     progress=not args.no_progress, only=args.only)
+    print(f"study: results in {path}")
+    return 0
+
+
 def _pretrain_once(cfg, which: str, args) -> None:
     from dma_jax.pretrain import run_pretrain
 
     s = run_pretrain(cfg, which, progress=not args.no_progress)
+    _raise_if_stopped(s, which)
     print(f"pretrain {which}: {s['n_params'] / 1e6:.2f}M parameters, held-out loss {s['final_eval_loss']:.4f}")
+
+
+def _raise_if_stopped(summary: dict, which: str) -> None:
+    if summary["stopped_early"]:
+        raise Preempted(f"pretrain {which}: stopped by SIGTERM at step {summary['steps']} (checkpoint in "
+                        f"{summary['out_dir']}/checkpoints); re-run the same command to resume")
 
 
 def _enable_compilation_cache() -> None:
@@ -212,7 +264,7 @@ def _enable_compilation_cache() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dma",
         description="Data Mixing Agent in JAX: learn to re-weight data domains during continual pre-training.",
     )
@@ -282,15 +334,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file (default: <run.out_dir>/bench.json, bench-quick.json with --quick)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("plan", help="memory per device of the target's train step and the sweep on a TPU slice "
+                                    "(v5e-8, v4-8), and whether it fits")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--slice", action="append", help="slice (repeatable; default: all known)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded offline demo, ending with a report")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="the study (issue 10): agent vs baselines, generalisation, ablations, proxy "
+                                     "fidelity -> RESULTS.md (resumable; ~2 h on 2 CPU cores)")
+    _add_config_args(p, STUDY_CONFIG)
+    p.add_argument("--quick", action="store_true", help="every part on the tiny variant, few steps (a pulse test)")
+    p.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md "
+                   "(default: <run.out_dir>/RESULTS.md)")
+    p.add_argument("--only", action="append", metavar="SUBRUN", help="run only this sub-run (repeatable: main, "
+                   "gen-code, gen-domains, gen-large, cql-alpha-<a>, no-feedback, fidelity)")
+    p.set_defaults(func=cmd_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` at the first positional (`dma import target ...`), so key=value
+    # arguments after later options arrive here; they are overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -299,18 +373,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _enable_compilation_cache()
     try:
+        from dma_jax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()  # multi-host: before anything touches a device
         return args.func(args)
     except DmaError as e:
         print(f"dma: error: {e}", file=sys.stderr)
         if args.debug:
             raise
         return 2
+    except Preempted as e:  # SIGTERM: a checkpoint was saved; the same command resumes
+        print(f"dma: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("dma: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # finished work is kept: re-running resumes
+            print(f"dma: error: no space left on device writing {e.filename}; free space and re-run the same "
+                  "command", file=sys.stderr)
+            return 2
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"dma: internal error: {type(e).__name__}: {first[:300]} (re-run with --debug for the traceback)",
               file=sys.stderr)

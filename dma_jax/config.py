@@ -75,6 +75,10 @@ class OptimConfig(Section):
     b2: float = pydantic.Field(0.95, ge=0.0, lt=1.0)
     eps: PosFloat = 1e-8
     grad_clip: PosFloat | None = 1.0
+    # Numerical health (dma_jax.numerics): a NaN/Inf loss, or one above max_loss_spike x the running
+    # mean of the earlier losses, stops the stage (last good checkpoint kept) or skips that step.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_loss_spike: float | None = pydantic.Field(None, gt=1.0)  # None: spikes are not checked
 
 
 class MeshConfig(Section):
@@ -379,9 +383,11 @@ def load_config(
         if not p.is_file():
             raise DmaError(f"{where}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise DmaError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if raw is None:
+            raise DmaError(f"{where}: the config file is empty (expected a mapping of sections: run, data, ...)")
         if not isinstance(raw, dict):
             raise DmaError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
     variants = raw.pop("variants", {}) or {}

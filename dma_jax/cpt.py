@@ -15,6 +15,7 @@ record id) of every training example, by step) and `checkpoints/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -32,7 +33,9 @@ from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.mixer import DomainMixer
 from dma_jax.errors import DmaError
+from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
 from dma_jax.io_utils import JsonlLog, atomic_write_json
+from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
 from dma_jax.pretrain import load_base_params
 from dma_jax.sweep import build_space_eval_set
@@ -56,6 +59,16 @@ def _decode(record) -> dict:
     return {"tokens": record["tokens"], "segment_ids": record["segment_ids"]}
 
 
+class _NoLog:
+    """The records log of processes other than 0 (every process reads the same batches; one writes them)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def append(self, record: dict) -> None:
+        pass
+
+
 class _CurrentWeights:
     """The mixer's policy: the mixture the CPT loop set for the current re-weighting step."""
 
@@ -66,6 +79,20 @@ class _CurrentWeights:
         return self.weights
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_trainer(*shape) -> Trainer:
+    """One Trainer (AOT-compiled step, no training state) per configuration and shape, so a process running many
+    CPT runs (`dma cpt`, `dma study`) traces and compiles it once instead of once per run."""
+    return Trainer(*shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_evaluate(trainer: Trainer, batch_size: int):
+    lm = trainer.lm
+    return jax.jit(lambda p, es: ev.evaluate(lm, p, es, batch_size))
+
+
+@stop_on_sigterm
 def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bool = True,
             space: DomainSpace | None = None) -> dict:
     cc = cfg.cpt
@@ -84,23 +111,23 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
             return done  # finished with this config: nothing to redo
     T, S = cc.num_stages, cc.steps_per_stage
 
-    trainer = Trainer(cfg.target, cfg.optim, cfg.mesh, T * S, cc.batch_size, space.record_len - 1, devices)
+    shape = (cfg.target, cfg.optim, cfg.mesh, T * S, cc.batch_size, space.record_len - 1)
+    trainer = _shared_trainer(*shape) if devices is None else Trainer(*shape, devices)
     ec = cfg.eval
     tok = space.tokenizer()
     windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
                for d in range(space.num_domains)]
-    eval_set = jax.device_put(build_space_eval_set(space, ec, tok, windows), shd.replicated(trainer.mesh))
-    lm = trainer.lm
-    evaluate = jax.jit(lambda p, es: ev.evaluate(lm, p, es, ec.batch_size))
+    eval_set = shd.put_global(build_space_eval_set(space, ec, tok, windows), shd.replicated(trainer.mesh))
+    evaluate = _shared_evaluate(trainer, ec.batch_size)
 
     current = _CurrentWeights()
     mixer = DomainMixer([space.records(d) for d in range(space.num_domains)], space.names, cc.batch_size,
                         current, seed, num_threads=cc.num_threads, decode=_decode)
     ckpt = Checkpointer(out / "checkpoints", keep=2)
-    records_log = JsonlLog(out / "records.jsonl")
+    records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else _NoLog()  # process 0 writes files
 
     def raw_of(params):
-        return jax.tree.map(np.asarray, jax.device_get(evaluate(params, eval_set)))
+        return shd.to_host(evaluate(params, eval_set))
 
     start = ckpt.latest_step()
     if start is not None:
@@ -110,13 +137,16 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         state, meta, data_state = ckpt.restore(trainer.abstract_state, start)
         mixer.set_state(data_state)
         hist = meta["history"]
-        history = History([np.array(w) for w in hist["weights"]], [np.array(f) for f in hist["feedback"]], T)
-        base_raw = {k: np.array(v) for k, v in meta["base_raw"].items()}
-        raws = [{k: np.array(v) for k, v in r.items()} for r in meta["raws"]]
+        # float32 as computed (JSON gives float64): same bits into normalise and the policy as without the restart
+        history = History([np.array(w) for w in hist["weights"]],
+                          [np.array(f, np.float32) for f in hist["feedback"]], T)
+        base_raw = {k: np.array(v, np.float32) for k, v in meta["base_raw"].items()}
+        raws = [{k: np.array(v, np.float32) for k, v in r.items()} for r in meta["raws"]]
+        safe.rejected = int(meta.get("rejected", 0))
         timings = meta["timings"]
         log.info("resuming %s seed %d at re-weighting step %d", policy_name, seed, start)
     else:
-        params = jax.device_put(load_base_params(cfg, "target"), trainer.state_sharding.params)
+        params = shd.put_global(load_base_params(cfg, "target"), trainer.state_sharding.params)
         state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p)),
                         out_shardings=trainer.state_sharding)(params)
         base_raw = raw_of(state.params)
@@ -125,6 +155,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         timings = {"policy_s": [], "stage_s": []}
         start = 0
     records_log.truncate_after(start * S)
+    guard = LossGuard(f"cpt {policy_name} seed {seed}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
 
     bar = tqdm(total=T, initial=start, desc=f"cpt {policy_name} seed {seed}", unit="stage", disable=not progress,
                dynamic_ncols=True)
@@ -134,12 +165,18 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         t1 = time.perf_counter()
         history.weights.append(np.asarray(w, np.float64))
         current.weights = history.weights[-1]
+        max_loss, losses_S = guard.max_loss(), []
         for s in range(S):
             batch = next(mixer)
             records_log.append({"step": t * S + s + 1, "domain": batch["domain"].tolist(),
                                 "record_id": batch["record_id"].tolist()})
-            state, metrics = trainer.step(state, trainer.put_batch(batch))
+            state, metrics = trainer.step(state, trainer.put_batch(batch), max_loss)
+            losses_S.append(metrics["loss"])
+            maybe_fault("cpt.step")
         raw = raw_of(state.params)
+        # NaN/spike: stop before the checkpoint below (or the steps were skipped on device); read after the eval's sync
+        guard.check_many(t * S + np.arange(1, S + 1), np.asarray(jax.device_get(losses_S)), last_good(ckpt),
+                         max_loss)
         t2 = time.perf_counter()
         raws.append(raw)
         history.feedback.append(np.asarray(ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
@@ -149,8 +186,14 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                                                          "feedback": [f.tolist() for f in history.feedback]},
                 "base_raw": {k: v.tolist() for k, v in base_raw.items()},
                 "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
-                "policy": policy_name, "seed": seed}
+                "policy": policy_name, "seed": seed, "rejected": safe.rejected}
         ckpt.save(t + 1, state, meta=meta, data=mixer.get_state())
+        maybe_fault("cpt.stage_done")
+        if stop_requested():  # SIGTERM: this re-weighting step is checkpointed; stop here
+            bar.close()
+            ckpt.close()
+            raise Preempted(f"cpt {policy_name} seed {seed}: stopped by SIGTERM after re-weighting step {t + 1}/{T} "
+                            f"(checkpoint in {ckpt.directory}); re-run the same command to resume")
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         bar.update(1)
     bar.close()
@@ -174,7 +217,8 @@ def _write_history(cfg, space, policy_name, seed, history, raws, timings, reject
         "timings": timings, "rejected_policy_outputs": rejected, "complete": True,
         "config": dump_config(cfg)["cpt"],
     }
-    atomic_write_json(out / "history.json", doc)
+    if shd.is_primary():
+        atomic_write_json(out / "history.json", doc)
     return doc
 
 

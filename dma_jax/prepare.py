@@ -30,6 +30,7 @@ from dma_jax.data.domains import FORMAT, DomainSpace
 from dma_jax.data.packing import pack_documents, verify_shards, write_shards
 from dma_jax.data.tokenizer import ByteTokenizer, Tokenizer, check_identity, load_tokenizer
 from dma_jax.errors import DmaError
+from dma_jax.faults import maybe_fault
 from dma_jax.io_utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def _write_split(docs: Iterable[str], encode, tok: Tokenizer, record_len: int, o
             ids = encode(text)
             counts["documents"] += 1
             counts["tokens"] += len(ids) + 1  # + eos
+            maybe_fault("prepare.document")
             yield ids
 
     shards = write_shards(pack_documents(token_docs(), record_len, tok.eos_id, tok.pad_id), out_dir, prefix,
@@ -133,6 +135,7 @@ def _prepare_domain(name, field, docs_fn, fp, tok, encode, cfg: Config, data_dir
         info["dir"] = str(rel)
         entry[split] = info
     atomic_write_json(done, entry)
+    maybe_fault("prepare.domain_done")
     return entry
 
 
@@ -189,5 +192,6 @@ def run_prepare(cfg: Config, progress: bool = True) -> DomainSpace:
         "config": dump_config(cfg)["data"],
         "prepare_seconds": round(time.perf_counter() - t0, 2),
     }
+    maybe_fault("prepare.manifest")
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return DomainSpace.load(data_dir)

@@ -9,7 +9,6 @@ from the last checkpoint and ends where an uninterrupted run would. SIGTERM
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -23,33 +22,13 @@ from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
+from dma_jax.faults import SigtermFlag as _StopFlag
 from dma_jax.io_utils import JsonlLog, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
+from dma_jax.numerics import LossGuard, last_good
 from dma_jax.train import Trainer, format_bytes
 
 log = logging.getLogger(__name__)
-
-
-class _StopFlag:
-    """Turns SIGTERM into a flag the loop checks at step boundaries."""
-
-    def __init__(self):
-        self.stop = False
-        self._prev = None
-
-    def __enter__(self):
-        try:
-            self._prev = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread
-            self._prev = None
-        return self
-
-    def _handle(self, *_):
-        self.stop = True
-
-    def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
 
 
 def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
@@ -110,20 +89,18 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
 
     tokens_per_step = pc.batch_size * seq_len
     bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain {which}", unit="step", disable=not progress, dynamic_ncols=True)
-    pending = None  # (step, device metrics) read only after the next step is dispatched
+    pending = None  # (step, device metrics, max_loss used) read only after the next step is dispatched
     t_last, steps_since = time.perf_counter(), 0
     last_loss = float("nan")
+    guard = LossGuard(f"pretrain {which}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
 
     def flush(pending_item) -> None:
         nonlocal t_last, steps_since, last_loss
-        step_done, m = pending_item
+        step_done, m, max_loss = pending_item
         m = jax.device_get(m)
+        if not guard.check(step_done, float(m["loss"]), last_good(ckpt), max_loss):
+            return  # skipped on device (optim.on_nonfinite=skip): the state is the previous step's
         last_loss = float(m["loss"])
-        if not np.isfinite(last_loss):
-            raise DmaError(
-                f"pretrain: loss is {last_loss} at step {step_done}; last good checkpoint: step {ckpt.latest_step()}"
-                f" in {ckpt.directory} (lower optim.lr or raise optim.warmup_steps)"
-            )
         steps_since += 1
         if step_done % pc.log_every == 0 or step_done == pc.steps:
             now = time.perf_counter()
@@ -137,10 +114,11 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     with _StopFlag() as stop:
         for step in range(start, pc.steps):
             batch = trainer.put_batch(stream.batch(step, pc.batch_size, cfg.run.seed))
-            state, metrics = trainer.step(state, batch)
+            max_loss = guard.max_loss()
+            state, metrics = trainer.step(state, batch, max_loss)
             if pending is not None:
                 flush(pending)
-            pending = (step + 1, metrics)
+            pending = (step + 1, metrics, max_loss)
             bar.update(1)
             done = step + 1
             if done % pc.eval_every == 0 or done == pc.steps:
@@ -190,7 +168,7 @@ def load_base_params(cfg: Config, which: str):
     lm = LMDef.build(getattr(cfg, which))
     steps = cfg.pretrain.target_steps if which == "target" and cfg.pretrain.target_steps else cfg.pretrain.steps
     tx = make_optimizer(cfg.optim, steps)
-    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)), PartitionSpec())
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("d",)), PartitionSpec())
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                             jax.eval_shape(lambda: init_state(lm, tx, 0)))
     state, _, _ = ckpt.restore(abstract, step)

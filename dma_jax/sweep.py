@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -31,14 +32,18 @@ from tqdm.auto import tqdm
 
 from dma_jax import evaluation as ev
 from dma_jax import offline_data
+from dma_jax import sharding as shd
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
 from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
+from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
 from dma_jax.io_utils import atomic_write_bytes
+from dma_jax.numerics import LossGuard, last_good
 from dma_jax.pretrain import load_base_params
-from dma_jax.train import LMDef, TrainState, batch_from_tokens, make_optimizer, train_step
+from dma_jax.train import (LMDef, TrainState, batch_from_tokens, guarded_train_step, make_optimizer,
+                           train_step)
 from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ def run_sample(cfg: Config) -> Path:
         sc.target_field, SamplerParams(**sc.sampler.model_dump()), cfg.run.seed,
     )
     out = sweep_dir(cfg)
+    if not shd.is_primary():  # every process samples the same trajectories; process 0 writes them
+        return out / "trajectories.npz"
     out.mkdir(parents=True, exist_ok=True)
     import io
 
@@ -80,8 +87,8 @@ def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray
         with np.load(path, allow_pickle=False) as z:
             w = np.asarray(z["weights_NxTxD"], np.float32)
             names = [str(x) for x in z["domain_names"]]
-    except (OSError, ValueError, KeyError) as e:
-        raise DmaError(f"{path}: not a trajectories file ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, garbled
+        raise DmaError(f"{path}: not a trajectories file ({(str(e) or type(e).__name__).splitlines()[0]})") from None
     if names != space.names:
         only_file = sorted(set(names) - set(space.names))
         only_space = sorted(set(space.names) - set(names))
@@ -96,13 +103,17 @@ def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray
     return w
 
 
+_WARNED_SKIPS: set = set()
+
+
 def build_space_eval_set(space: DomainSpace, ec, tok, windows) -> ev.EvalSet:
     """The eval set of a domain space: items whose longest choice leaves < 8 tokens of context are skipped."""
     benches = {}
     for f in space.fields:
         items = space.benchmarks(f)
         fits = [it for it in items if max(len(tok.encode(c)) for c in it["choices"]) <= ec.max_len - 8]
-        if len(fits) < len(items):
+        if len(fits) < len(items) and (f, ec.max_len) not in _WARNED_SKIPS:  # once per process, not per CPT run
+            _WARNED_SKIPS.add((f, ec.max_len))
             log.warning("field %s: %d of %d benchmark items have a choice too long for eval.max_len=%d: skipped",
                         f, len(items) - len(fits), len(items), ec.max_len)
         benches[f] = fits[: ec.benchmark_items_per_field]
@@ -119,12 +130,18 @@ def stage_keys(seed: int, traj_ids_n: jax.Array, stage: jax.Array) -> jax.Array:
 
 
 def proxy_stage(state: TrainState, weights_D: jax.Array, key: jax.Array, pools: TokenPools, *,
-                lm: LMDef, tx, steps: int, batch_size: int, seq_len: int):
-    """S optimizer steps of one proxy under one mixture (lax.scan): (state, losses [S])."""
+                lm: LMDef, tx, steps: int, batch_size: int, seq_len: int, max_loss: jax.Array | None = None):
+    """S optimizer steps of one proxy under one mixture (lax.scan): (state, losses [S]).
+
+    With `max_loss` (optim.on_nonfinite=skip) a step whose loss is NaN/Inf or above it keeps the state.
+    """
 
     def body(st, s):
         tokens_BxL1, _ = sample_batch(pools, weights_D, jax.random.fold_in(key, s), batch_size, seq_len)
-        st, m = train_step(st, batch_from_tokens(tokens_BxL1), lm=lm, tx=tx)
+        if max_loss is None:
+            st, m = train_step(st, batch_from_tokens(tokens_BxL1), lm=lm, tx=tx)
+        else:
+            st, m = guarded_train_step(st, batch_from_tokens(tokens_BxL1), max_loss, lm=lm, tx=tx)
         return st, m["loss"]
 
     return jax.lax.scan(body, state, jnp.arange(steps))
@@ -144,25 +161,28 @@ class Sweep:
         if n_dev > len(devices):
             raise DmaError(f"sweep.devices={n_dev} but only {len(devices)} devices are visible")
         n_dev = math.gcd(self.chunk, n_dev)
-        self.mesh = Mesh(np.array(devices[:n_dev]), ("traj",))
+        self.mesh = Mesh(np.array(shd.spread_devices(devices, n_dev)), ("traj",))
         self.traj_sharding = NamedSharding(self.mesh, P("traj"))
         self.replicated = NamedSharding(self.mesh, P())
         tok = space.tokenizer()
-        self.pools = jax.device_put(make_pools(
+        self.pools = shd.put_global(make_pools(
             [space.tokens(d, "train", sc.pool_tokens_per_domain) for d in range(space.num_domains)], sc.seq_len),
             self.replicated)
         ec = cfg.eval
         windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
                    for d in range(space.num_domains)]
-        self.eval_set = jax.device_put(build_space_eval_set(space, cfg.eval, tok, windows), self.replicated)
+        self.eval_set = shd.put_global(build_space_eval_set(space, cfg.eval, tok, windows), self.replicated)
 
         lm, tx = self.lm, self.tx
-        stage_fn = lambda st, w, k, pools: proxy_stage(  # noqa: E731
-            st, w, k, pools, lm=lm, tx=tx, steps=sc.steps_per_stage, batch_size=sc.batch_size, seq_len=sc.seq_len)
+        skip = cfg.optim.on_nonfinite == "skip"  # each proxy keeps its state on a bad step (numerics.py)
+        stage_fn = lambda st, w, k, m, pools: proxy_stage(  # noqa: E731
+            st, w, k, pools, lm=lm, tx=tx, steps=sc.steps_per_stage, batch_size=sc.batch_size, seq_len=sc.seq_len,
+            max_loss=m if skip else None)
         self._stage = jax.jit(
-            lambda st, w_nxD, ids_n, stage, pools: jax.vmap(stage_fn, in_axes=(0, 0, 0, None))(
-                st, w_nxD, stage_keys(cfg.run.seed, ids_n, stage), pools),
-            in_shardings=(self.traj_sharding, self.traj_sharding, self.traj_sharding, None, self.replicated),
+            lambda st, w_nxD, ids_n, stage, max_n, pools: jax.vmap(stage_fn, in_axes=(0, 0, 0, 0, None))(
+                st, w_nxD, stage_keys(cfg.run.seed, ids_n, stage), max_n, pools),
+            in_shardings=(self.traj_sharding, self.traj_sharding, self.traj_sharding, None, self.traj_sharding,
+                          self.replicated),
             out_shardings=(self.traj_sharding, self.traj_sharding),
             donate_argnums=0,
         )
@@ -179,12 +199,16 @@ class Sweep:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.traj_sharding), abstract)
 
     def init_chunk(self, base_params) -> TrainState:
-        return self._init(jax.device_put(base_params, self.replicated))
+        return self._init(shd.put_global(base_params, self.replicated))
 
-    def stage(self, state: TrainState, weights_nxD: np.ndarray, traj_ids_n: np.ndarray, stage: int):
-        w = jax.device_put(jnp.asarray(weights_nxD, jnp.float32), self.traj_sharding)
-        ids = jax.device_put(jnp.asarray(traj_ids_n, jnp.int32), self.traj_sharding)
-        return self._stage(state, w, ids, jnp.int32(stage), self.pools)
+    def stage(self, state: TrainState, weights_nxD: np.ndarray, traj_ids_n: np.ndarray, stage: int,
+              max_loss_n: np.ndarray | None = None):
+        """S steps of every proxy; `max_loss_n` [n]: per-proxy spike thresholds (used with on_nonfinite=skip)."""
+        w = shd.put_global(np.asarray(weights_nxD, np.float32), self.traj_sharding)
+        ids = shd.put_global(np.asarray(traj_ids_n, np.int32), self.traj_sharding)
+        max_n = np.full(len(traj_ids_n), np.inf, np.float32) if max_loss_n is None else max_loss_n
+        max_n = shd.put_global(np.asarray(max_n, np.float32), self.traj_sharding)
+        return self._stage(state, w, ids, np.int32(stage), max_n, self.pools)
 
     def evaluate(self, params_n) -> dict:
         return self._eval(params_n, self.eval_set)
@@ -210,6 +234,7 @@ def _meta(cfg: Config, space: DomainSpace) -> dict:
     }
 
 
+@stop_on_sigterm
 def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     sc = cfg.sweep
     out = sweep_dir(cfg)
@@ -218,13 +243,14 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     if not traj_path.is_file():
         log.warning("no %s: sampling trajectories first (dma sample)", traj_path)
         run_sample(cfg)
+    shd.barrier("dma-sweep-trajectories")  # process 0 has written them
     weights_NxTxD = load_trajectories(traj_path, space, cfg)
     base_params = load_base_params(cfg, "proxy")
     sw = Sweep(cfg, space, devices)
-    base_params = jax.device_put(base_params, sw.replicated)
+    base_params = shd.put_global(base_params, sw.replicated)
     N, T, n = sc.num_trajectories, sc.num_stages, sw.chunk
     n_chunks = math.ceil(N / n)
-    base_raw = jax.device_get(sw.eval_single(base_params, sw.eval_set))
+    base_raw = shd.to_host(sw.eval_single(base_params, sw.eval_set))
     meta = _meta(cfg, space)
     M = len(meta["feedback_names"])
     base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, cfg.eval)), np.float32)
@@ -239,7 +265,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
             raise DmaError(f"{ckpt.directory}: the sweep checkpoint was written with another config; "
                            f"delete {out} or restore the config")
         abstract = {"state": sw.abstract_state,
-                    "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32)}
+                    "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32, sharding=sw.replicated)}
         restored, m, _ = ckpt.restore(abstract)
         chunk, stage = int(m["chunk"]), int(m["stage"])
         feedback_NxT1xM = np.array(restored["feedback"])
@@ -253,21 +279,33 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
                disable=not progress, dynamic_ncols=True)
     t_start, tokens_done = time.perf_counter(), 0
     normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, cfg.eval))))
+    guards = [LossGuard("sweep", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike) for _ in range(N)]
     for c in range(chunk, n_chunks):
         ids_n = np.arange(c * n, (c + 1) * n) % N  # the last chunk wraps; its extra rows are dropped
         if state is None:
             state = sw.init_chunk(base_params)
         for t in range(stage, T):
-            state, losses = sw.stage(state, weights_NxTxD[ids_n, t], ids_n, t)
-            fb_nxM = np.asarray(jax.device_get(normalise_n(sw.evaluate(state.params))))
+            max_n = np.array([guards[i].max_loss() for i in ids_n], np.float32)
+            state, losses = sw.stage(state, weights_NxTxD[ids_n, t], ids_n, t, max_n)
+            fb_nxM = shd.to_host(normalise_n(sw.evaluate(state.params)))
             keep = ids_n < N if c < n_chunks - 1 else np.arange(n) < N - c * n
+            losses_nxS = shd.to_host(losses)  # per proxy: NaN/spike -> stop (raise) or skipped
+            for i in np.flatnonzero(keep):
+                guards[ids_n[i]].check_many(t * sc.steps_per_stage + np.arange(1, sc.steps_per_stage + 1),
+                                            losses_nxS[i], last_good(ckpt), float(max_n[i]), who=f"proxy {ids_n[i]}")
             feedback_NxT1xM[ids_n[keep], t + 1] = fb_nxM[keep]
             tokens_done += tokens_per_stage
             rate = tokens_done / (time.perf_counter() - t_start)
-            bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses[:, -1])):.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses_nxS[:, -1])):.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
-            ckpt.save(c * T + t + 1, {"state": state, "feedback": jnp.asarray(feedback_NxT1xM)},
+            ckpt.save(c * T + t + 1, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
                       meta={"chunk": c, "stage": t + 1, "config_hash": meta["config_hash"]})
+            maybe_fault("sweep.stage_done")
+            if stop_requested():  # SIGTERM: this step is checkpointed; stop here
+                bar.close()
+                ckpt.close()
+                raise Preempted(f"sweep: stopped by SIGTERM after re-weighting step {t + 1} of chunk {c + 1}/"
+                                f"{n_chunks} (checkpoint in {ckpt.directory}); re-run the same command to resume")
         state, stage = None, 0
     bar.close()
     ckpt.close()
@@ -278,7 +316,8 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     ds = offline_data.OfflineDataset(
         actions=weights_NxTxD.astype(np.float32), feedback=feedback_NxT1xM, rewards=rewards_NxT,
         returns=rewards_NxT.sum(1).astype(np.float32), meta=meta)
-    offline_data.save(ds, out / "offline")
+    if shd.is_primary():
+        offline_data.save(ds, out / "offline")
     elapsed = time.perf_counter() - t_start
     return {"out_dir": str(out / "offline"), "N": N, "T": T, "S": sc.steps_per_stage, "seconds": elapsed,
             "tokens_per_s": tokens_done / max(elapsed, 1e-9), "returns": ds.returns}

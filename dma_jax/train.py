@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dma_jax import sharding as shd
+from dma_jax import numerics, sharding as shd
 from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
 from dma_jax.errors import DmaError
 from dma_jax.models.lm import LM
@@ -135,6 +135,14 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
+def guarded_train_step(state: TrainState, batch: dict[str, jax.Array], max_loss: jax.Array, *, lm: LMDef,
+                       tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`train_step` that keeps `state` when the loss is NaN/Inf or above `max_loss` (optim.on_nonfinite=skip)."""
+    new_state, metrics = train_step(state, batch, lm=lm, tx=tx)
+    ok = numerics.step_ok(metrics["loss"], max_loss, metrics["grad_norm"])
+    return numerics.keep_if(ok, new_state, state), dict(metrics, skipped=~ok)
+
+
 def init_state(lm: LMDef, tx: optax.GradientTransformation, seed: int) -> TrainState:
     params = lm.init(seed)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -182,13 +190,24 @@ class Trainer:
             for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32),
                           ("segment_ids", jnp.int32))
         }
-        step_fn = jax.jit(
-            lambda s, b: train_step(s, b, lm=self.lm, tx=self.tx),
-            in_shardings=(self.state_sharding, self.batch_sharding),
-            out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
-            donate_argnums=0,
-        )
-        self.compiled_step = step_fn.lower(self.abstract_state, abstract_batch).compile()
+        self.skip_bad_steps = optim_cfg.on_nonfinite == "skip"  # then the step takes a max_loss scalar too
+        if self.skip_bad_steps:
+            step_fn = jax.jit(
+                lambda s, b, m: guarded_train_step(s, b, m, lm=self.lm, tx=self.tx),
+                in_shardings=(self.state_sharding, self.batch_sharding, shd.replicated(self.mesh)),
+                out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            abstract_max = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
+            self.compiled_step = step_fn.lower(self.abstract_state, abstract_batch, abstract_max).compile()
+        else:
+            step_fn = jax.jit(
+                lambda s, b: train_step(s, b, lm=self.lm, tx=self.tx),
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            self.compiled_step = step_fn.lower(self.abstract_state, abstract_batch).compile()
         self.memory = memory_estimate(self.compiled_step)
         eval_fn = jax.jit(
             lambda p, b: loss_fn(p, self.lm, b)[0],
@@ -203,9 +222,12 @@ class Trainer:
 
     def put_batch(self, records: dict[str, np.ndarray] | np.ndarray) -> dict[str, jax.Array]:
         """Packed records {"tokens", "segment_ids"} [B, L+1] (or bare token windows) -> a sharded batch."""
-        return jax.device_put(host_batch(records), self.batch_sharding)
+        return shd.put_global(host_batch(records), self.batch_sharding)  # multi-host: each process its shards
 
-    def step(self, state: TrainState, batch: dict[str, jax.Array]):
+    def step(self, state: TrainState, batch: dict[str, jax.Array], max_loss: float = float("inf")):
+        """One step; with optim.on_nonfinite=skip a loss that is NaN/Inf or above `max_loss` leaves `state` as is."""
+        if self.skip_bad_steps:
+            return self.compiled_step(state, batch, jax.device_put(np.float32(max_loss), shd.replicated(self.mesh)))
         return self.compiled_step(state, batch)
 
     def eval_loss(self, params: Params, batch: dict[str, jax.Array]) -> jax.Array:

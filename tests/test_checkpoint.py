@@ -100,3 +100,50 @@ def test_sigkill_during_save_leaves_previous_checkpoint_restorable(tmp_path):
     state, _, _ = ck.restore(abstract)
     assert float(state["w"][0]) == float(latest) and float(state["w"][-1]) == float(latest)
     assert float(state["b"][-1]) == float(latest)
+
+
+def test_directories_are_epaths_and_urls_survive(tmp_path, monkeypatch):
+    """A relative epath.Path is made absolute; a gs:// URL keeps its '//' (pathlib would make it 'gs:/')."""
+    from pathlib import Path
+
+    from etils import epath
+
+    from dma_jax.checkpoint import checkpoint_path
+
+    assert str(Path("gs://bucket/run/ck")) == "gs:/bucket/run/ck"  # why pathlib cannot be used
+    assert str(checkpoint_path("gs://bucket/run/ck")) == "gs://bucket/run/ck"
+    assert isinstance(checkpoint_path("gs://bucket/run/ck"), epath.Path)
+    monkeypatch.chdir(tmp_path)
+    ck = Checkpointer(epath.Path("rel") / "ck", keep=2)
+    assert str(ck.directory) == str(tmp_path / "rel" / "ck")
+    ck.save(7, {"x": jnp.arange(5.0)}, meta={"k": 1})
+    ck.close()
+    assert (tmp_path / "rel" / "ck" / "7").is_dir()  # on disk where pathlib expects it
+    restored, meta, _ = Checkpointer(str(tmp_path / "rel" / "ck")).restore({"x": jax.ShapeDtypeStruct((5,), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(5.0, dtype=np.float32))
+    assert meta == {"k": 1}
+
+
+def test_async_save_then_read_on_the_same_checkpointer(tmp_path):
+    """Async saving (the default on accelerators), forced on CPU: reads wait for the save in flight."""
+    ck = Checkpointer(tmp_path / "ck", async_save=True)
+    for step in (1, 2):
+        ck.save(step, {"w": jnp.full((200_000,), float(step))}, meta={"step": step})
+    assert ck.read_meta() == {"step": 2}
+    state, _, _ = ck.restore({"w": jax.ShapeDtypeStruct((200_000,), jnp.float32)})
+    assert float(state["w"][0]) == 2.0 and float(state["w"][-1]) == 2.0
+    ck.close()
+    assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_async_only_on_accelerators_and_with_a_distributed_client(monkeypatch):
+    from dma_jax import checkpoint
+
+    assert checkpoint._async_by_default() is False  # tests run on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert checkpoint._async_by_default() is True  # one process
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    assert checkpoint._async_by_default() is False  # Orbax's async barriers would need the client
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert checkpoint._async_by_default() is True

@@ -73,11 +73,11 @@ def _crash_at(monkeypatch, n_calls, exc):
     real_step = train_mod.Trainer.step
     calls = {"n": 0}
 
-    def step(self, state, batch):
+    def step(self, state, batch, *rest):
         calls["n"] += 1
         if calls["n"] == n_calls:
             exc()
-        return real_step(self, state, batch)
+        return real_step(self, state, batch, *rest)
 
     monkeypatch.setattr(train_mod.Trainer, "step", step)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pydantic
 
 from dma_jax.config import Section
@@ -16,6 +18,8 @@ class AgentModelConfig(Section):
 
     `concentration_range` bounds kappa, the policy's per-domain Dirichlet
     concentration: alpha_d = 1 + kappa * D * mean_d.
+    `use_feedback: false` is an ablation: the feedback features (losses, scores and
+    their changes) are zeroed, so the agent sees only its mixture history (see `features`).
     """
 
     d_model: PosInt = 64
@@ -23,6 +27,7 @@ class AgentModelConfig(Section):
     n_heads: PosInt = 4
     d_ff: PosInt = 128
     concentration_range: tuple[PosFloat, PosFloat] = (1.0, 1000.0)
+    use_feedback: bool = True
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> AgentModelConfig:
@@ -100,6 +105,8 @@ class AgentConfig(Section):
     updates_per_dispatch: PosInt = 50
     checkpoint_every: PosInt = 500
     keep_checkpoints: PosInt = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # as optim.on_nonfinite (dma_jax.numerics), per update
+    max_loss_spike: float | None = pydantic.Field(None, gt=1.0)  # on bc_nll (SFT) / critic_loss (CQL)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> AgentConfig:

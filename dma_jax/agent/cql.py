@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dma_jax import numerics
 from dma_jax.agent import distributions as dist
 from dma_jax.agent.config import CqlConfig
 from dma_jax.agent.features import Trajectories
@@ -200,11 +201,14 @@ def update(state: CqlState, data: Trajectories, setup: CqlSetup, batch_size: int
                     key), metrics
 
 
-def make_cql_step(setup: CqlSetup, batch_size: int, n_updates: int):
-    """A jitted `(state, data) -> (state, metrics)` running `n_updates` CQL steps under `lax.scan`."""
+def make_cql_step(setup: CqlSetup, batch_size: int, n_updates: int, skip_bad: bool = False):
+    """A jitted `(state, data[, max_loss]) -> (state, metrics)` running `n_updates` CQL steps under `lax.scan`.
 
-    def dispatch(state: CqlState, data: Trajectories) -> tuple[CqlState, dict]:
-        state, metrics = jax.lax.scan(lambda s, _: update(s, data, setup, batch_size), state, None, length=n_updates)
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+    `skip_bad` (agent.on_nonfinite=skip): an update with NaN/Inf metrics or critic_loss > max_loss is skipped.
+    """
+
+    def dispatch(state: CqlState, data: Trajectories, max_loss=float("inf")) -> tuple[CqlState, dict]:
+        return numerics.guarded_scan(lambda s: update(s, data, setup, batch_size), state, n_updates, "critic_loss",
+                                     max_loss if skip_bad else None)
 
     return jax.jit(dispatch, donate_argnums=0)

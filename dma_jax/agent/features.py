@@ -10,11 +10,17 @@ Nothing depends on the number of domains or fields, so one agent runs on any
 domain space; the price is that two domains of one field look alike until their
 losses move apart. Features are standardised per channel with statistics of the
 training data (`FeatureStats`), saved with the agent.
+
+Ablation (`agent.model.use_feedback: false`): the feedback channels (`FEEDBACK_*`:
+losses, scores and their changes) are zeroed after standardisation, by
+`FeatureStats.apply` in training and in the loop alike, so the agent sees only its
+mixture history, the target-field flags and progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +30,8 @@ from dma_jax.errors import DmaError
 FEATURE_VERSION = 1
 DOMAIN_FEATURES = ("weight_times_D", "is_target_field", "norm_loss", "norm_loss_change")
 GLOBAL_FEATURES = ("target_score", "source_score", "target_score_change", "source_score_change", "progress")
+FEEDBACK_DOMAIN_FEATURES = ("norm_loss", "norm_loss_change")  # zeroed when the feedback is masked
+FEEDBACK_GLOBAL_FEATURES = ("target_score", "source_score", "target_score_change", "source_score_change")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +87,19 @@ def _change(x_Nxt1x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureStats:
-    """Per-channel mean and std of the training features (a channel that never varies gets std 1)."""
+    """Per-channel mean and std of the training features (a channel that never varies gets std 1).
+
+    `feedback_masked`: `apply` zeroes the feedback channels (the mixture-history-only ablation).
+    """
 
     domain_mean: tuple[float, ...]
     domain_std: tuple[float, ...]
     global_mean: tuple[float, ...]
     global_std: tuple[float, ...]
+    feedback_masked: bool = False
 
     @classmethod
-    def fit(cls, dom_xF: np.ndarray, glob_xG: np.ndarray) -> FeatureStats:
+    def fit(cls, dom_xF: np.ndarray, glob_xG: np.ndarray, feedback_masked: bool = False) -> FeatureStats:
         dom = dom_xF.reshape(-1, dom_xF.shape[-1]).astype(np.float64)
         glob = glob_xG.reshape(-1, glob_xG.shape[-1]).astype(np.float64)
 
@@ -95,15 +107,20 @@ class FeatureStats:
             s = x.std(0)
             return tuple(float(v) for v in np.where(s > 1e-6, s, 1.0))
 
-        return cls(tuple(float(v) for v in dom.mean(0)), std(dom), tuple(float(v) for v in glob.mean(0)), std(glob))
+        return cls(tuple(float(v) for v in dom.mean(0)), std(dom), tuple(float(v) for v in glob.mean(0)), std(glob),
+                   bool(feedback_masked))
 
     def apply(self, dom_xF: np.ndarray, glob_xG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dom = (dom_xF - np.asarray(self.domain_mean, np.float32)) / np.asarray(self.domain_std, np.float32)
         glob = (glob_xG - np.asarray(self.global_mean, np.float32)) / np.asarray(self.global_std, np.float32)
+        if self.feedback_masked:
+            dom = np.where([f in FEEDBACK_DOMAIN_FEATURES for f in DOMAIN_FEATURES], np.float32(0), dom)
+            glob = np.where([f in FEEDBACK_GLOBAL_FEATURES for f in GLOBAL_FEATURES], np.float32(0), glob)
         return dom.astype(np.float32), glob.astype(np.float32)
 
     def to_json(self) -> dict:
-        return {k: list(v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: list(v) for k, v in dataclasses.asdict(self).items() if k != "feedback_masked"}
+        return dict(out, feedback_masked=True) if self.feedback_masked else out
 
     @classmethod
     def from_json(cls, obj: dict, where: str = "feature_stats") -> FeatureStats:
@@ -112,7 +129,13 @@ class FeatureStats:
         for key, size in sizes.items():
             if not isinstance(obj.get(key), list) or len(obj[key]) != size:
                 raise DmaError(f"{where}: feature_stats.{key} must be a list of {size} numbers")
-        return cls(**{k: tuple(float(v) for v in obj[k]) for k in sizes})
+        masked = obj.get("feedback_masked", False)
+        if not isinstance(masked, bool):
+            raise DmaError(f"{where}: feature_stats.feedback_masked must be true or false, got {masked!r}")
+        for key in sizes:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in obj[key]):
+                raise DmaError(f"{where}: feature_stats.{key} must hold finite numbers only")
+        return cls(**{k: tuple(float(v) for v in obj[k]) for k in sizes}, feedback_masked=masked)
 
 
 class Trajectories(NamedTuple):

@@ -30,7 +30,9 @@ from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEA
 from dma_jax.agent.model import AgentDef
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.errors import DmaError
+from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
 from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file
+from dma_jax.numerics import LossGuard, last_good
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ _all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for 
                                                       if jnp.issubdtype(x.dtype, jnp.floating)])))
 
 
+@stop_on_sigterm
 def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: str | Path, stage: str,
                     seed: int = 0, progress: bool = True) -> dict:
     """Train (or resume) one stage on the dataset in `dataset_dir`; returns a summary dict."""
@@ -116,7 +119,8 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     cfg = agent_cfg
     ds = offline_data.load(dataset_dir)
     layout = FeedbackLayout.from_meta(ds.meta)
-    stats = FeatureStats.fit(*history_features(ds.actions, ds.feedback, layout, ds.horizon))
+    stats = FeatureStats.fit(*history_features(ds.actions, ds.feedback, layout, ds.horizon),
+                             feedback_masked=not cfg.model.use_feedback)
     agent = AgentDef.build(cfg.model)
     out = Path(out_dir) / stage
     stage_cfg = cfg.sft if stage == "sft" else cfg.cql
@@ -130,7 +134,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
         keep_N = sft.top_trajectories(ds.returns, cfg.sft.top_percent)
         init_fn = _sft_init(cfg, agent, seed)
         step_fn = sft.make_sft_step(agent, sft.adam(cfg.sft.lr, cfg.grad_clip), cfg.sft.batch_size,
-                                    cfg.updates_per_dispatch)
+                                    cfg.updates_per_dispatch, skip_bad=cfg.on_nonfinite == "skip")
         extra = {"n_trajectories": int(keep_N.size), "min_return_kept": float(ds.returns[keep_N].min())}
     else:
         keep_N = np.arange(ds.n)
@@ -138,7 +142,8 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
         sft_dir = Path(out_dir) / "sft" / "checkpoints"
         actor = _finished_sft_actor(cfg, agent, sft_dir, meta["dataset_sha256"], seed)
         init_fn = _cql_init(setup, lambda: actor, seed)
-        step_fn = cql.make_cql_step(setup, cfg.cql.batch_size, cfg.updates_per_dispatch)
+        step_fn = cql.make_cql_step(setup, cfg.cql.batch_size, cfg.updates_per_dispatch,
+                                    skip_bad=cfg.on_nonfinite == "skip")
         extra = {"n_trajectories": ds.n, "reward_scale": setup.reward_scale, "target_entropy": setup.target_entropy}
     data = trajectories(ds.actions[keep_N], ds.feedback[keep_N], ds.rewards[keep_N], layout, stats)
     data = jax.device_put(data, _device())
@@ -155,28 +160,43 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     metrics_log.truncate_after(start)
 
     total, k = stage_cfg.steps, cfg.updates_per_dispatch
+    guard = LossGuard(f"agent {stage}", cfg.on_nonfinite, cfg.max_loss_spike, setting="agent")
+    loss_key = "bc_nll" if stage == "sft" else "critic_loss"  # the loss whose spikes count
     bar = tqdm(total=total, initial=start, desc=f"agent {stage}", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     record: dict = {}
     for done in range(start + k, total + 1, k):
         t_last = time.perf_counter()
-        state, metrics = step_fn(state, data)
+        max_loss = guard.max_loss()
+        state, metrics = step_fn(state, data, max_loss)
         record = {name: float(v) for name, v in jax.device_get(metrics).items()}
         if not all(np.isfinite(v) for v in record.values()):
-            bad = sorted(name for name, v in record.items() if not np.isfinite(v))
-            raise DmaError(f"agent {stage}: {', '.join(bad)} became NaN/Inf at step {done}; last good checkpoint: "
-                           f"step {ckpt.latest_step()} in {ckpt.directory} (lower the learning rates)")
+            bad = ", ".join(f"{name}={v}" for name, v in sorted(record.items()) if not np.isfinite(v))
+            raise DmaError(f"agent {stage}: {bad} at step {done}; stopped, last good checkpoint: "
+                           f"{last_good(ckpt)} (lower the learning rates, or set agent.on_nonfinite=skip)")
+        if record.get("skipped", 0) < k:  # a spike (stop: raise; skip: those updates were skipped on device)
+            guard.check(done, record[loss_key], last_good(ckpt), max_loss)
+        if record.get("skipped"):
+            log.warning("agent %s: %d of %d updates up to step %d skipped (NaN/Inf or loss spike)", stage,
+                        int(record["skipped"]), k, done)
         record = dict(record, step=done, stage=stage, updates_per_s=k / max(time.perf_counter() - t_last, 1e-9))
         metrics_log.append(record)
         bar.update(k)
         shown = ("bc_nll", "entropy") if stage == "sft" else ("q_data", "q_random", "cql_gap", "entropy")
         bar.set_postfix({name: f"{record[name]:.3g}" for name in shown})
-        if done % cfg.checkpoint_every == 0 or done == total:
+        maybe_fault("agent.dispatch")
+        stop = stop_requested()  # SIGTERM: checkpoint this step, then stop
+        if done % cfg.checkpoint_every == 0 or done == total or stop:
             if not bool(_all_finite(state)):
                 raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {done}; last good checkpoint: "
                                f"step {ckpt.latest_step()} in {ckpt.directory}")
             ckpt.save(done, state, meta=meta, check_finite=False)  # checked above in one compiled program
+        if stop:
+            bar.close()
+            ckpt.close()
+            raise Preempted(f"agent {stage}: stopped by SIGTERM at step {done}/{total} (checkpoint in "
+                            f"{ckpt.directory}); re-run the same command to resume")
     bar.close()
     ckpt.close()
     return dict(extra, stage=stage, out_dir=str(out), steps=total, resumed_from=start,

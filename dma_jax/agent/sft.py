@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from dma_jax import numerics
 from dma_jax.agent import distributions as dist
 from dma_jax.agent.features import Trajectories
 from dma_jax.agent.model import AgentDef, Params
@@ -70,8 +71,12 @@ def init_state(actor: Params, tx: optax.GradientTransformation, seed: int) -> Sf
     return SftState(jnp.zeros((), jnp.int32), actor, flat_init(tx, actor), jax.random.PRNGKey(seed))
 
 
-def make_sft_step(agent: AgentDef, tx: optax.GradientTransformation, batch_size: int, n_updates: int):
-    """A jitted `(state, data) -> (state, metrics)` running `n_updates` BC steps; metrics are their mean."""
+def make_sft_step(agent: AgentDef, tx: optax.GradientTransformation, batch_size: int, n_updates: int,
+                  skip_bad: bool = False):
+    """A jitted `(state, data[, max_loss]) -> (state, metrics)` running `n_updates` BC steps; metrics are their mean.
+
+    `skip_bad` (agent.on_nonfinite=skip): an update with NaN/Inf metrics or bc_nll > max_loss is skipped.
+    """
 
     def one_update(state: SftState, data: Trajectories) -> tuple[SftState, dict]:
         key, k_batch = jax.random.split(state.key)
@@ -80,8 +85,8 @@ def make_sft_step(agent: AgentDef, tx: optax.GradientTransformation, batch_size:
         actor, opt_state = flat_step(tx, grads, state.opt_state, state.actor)
         return SftState(state.step + 1, actor, opt_state, key), dict(metrics, grad_norm=optax.global_norm(grads))
 
-    def dispatch(state: SftState, data: Trajectories) -> tuple[SftState, dict]:
-        state, metrics = jax.lax.scan(lambda s, _: one_update(s, data), state, None, length=n_updates)
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+    def dispatch(state: SftState, data: Trajectories, max_loss=float("inf")) -> tuple[SftState, dict]:
+        return numerics.guarded_scan(lambda s: one_update(s, data), state, n_updates, "bc_nll",
+                                     max_loss if skip_bad else None)
 
     return jax.jit(dispatch, donate_argnums=0)

@@ -154,7 +154,10 @@ def _validate_manifest(m: dict, path: Path) -> None:
             info = d[split]
             if not isinstance(info, dict) or not all(k in info for k in ("dir", "shards", "tokens")):
                 bad(f"domain {d['name']!r}: '{split}' needs dir, shards and tokens")
-            if int(info["tokens"]) <= 0:
+            tokens = info["tokens"]
+            if not isinstance(tokens, int) or isinstance(tokens, bool):
+                bad(f"domain {d['name']!r}: {split}.tokens must be an integer, got {tokens!r}")
+            if tokens <= 0:
                 bad(f"domain {d['name']!r}: empty {split} split (no tokens)")
     if "source" not in {d["field"] for d in m["domains"]}:
         bad("no domain of field 'source'")

@@ -230,7 +230,10 @@ def import_hf(checkpoint_dir: str | Path) -> tuple[ModelConfig, Params]:
 
     def load(name: str) -> np.ndarray:
         with safe_open(location[name], framework="numpy") as f:
-            return f.get_tensor(name).astype(np.float32)
+            x = f.get_tensor(name).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DmaError(f"{location[name]}: tensor {name} holds NaN/Inf values")
+        return x
 
     params: Params = {}
     for keys, name, shape, n_in in leaves:

@@ -1,0 +1,143 @@
+"""`dma plan`: memory per device of a config's target training (`dma cpt`) and sweep (`dma sweep`) on a
+TPU slice, computed before paying for one.
+
+Everything comes from abstract shapes (`jax.eval_shape`, nothing is allocated) placed on an abstract
+mesh of the slice's size, the way `Trainer` and `Sweep` would place them: the target's train state on
+the config's ("data", "model") mesh, the sweep's chunk of proxies on the ("traj",) mesh. Parameters,
+AdamW moments and gradients per device are exact; activations are an estimate of what the backward
+pass keeps (`activation_bytes`); XLA's own numbers come from compiling (`Trainer.memory`) where a
+program is small enough to compile on this machine (tests/test_paper_configs.py compares the two).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from dma_jax import sharding as shd
+from dma_jax.config import Config, ModelConfig, OptimConfig
+from dma_jax.errors import DmaError
+from dma_jax.train import LMDef, TrainState, init_state, make_optimizer, state_shardings
+
+SLICES = {"v5e-8": (8, 16 * 2**30), "v4-8": (4, 32 * 2**30)}  # chips, HBM bytes per chip
+HEADROOM = 0.9  # share of HBM a plan may use: XLA scratch, fragmentation and the runtime take the rest
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract(model: ModelConfig, optim: OptimConfig, total_steps: int):
+    """(LMDef, optimizer, abstract TrainState) of one model: tracing a 1B model's init takes seconds."""
+    lm = LMDef.build(model)
+    tx = make_optimizer(optim, total_steps)
+    return lm, tx, jax.eval_shape(lambda: init_state(lm, tx, 0))
+
+
+def shard_bytes(abstract_tree, shardings_tree) -> int:
+    """Bytes one device holds of a pytree of abstract arrays under a same-structured pytree of shardings."""
+    leaves, shardings = jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree)
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, model_shards: int = 1) -> int:
+    """Estimate of the activations one train step keeps for its backward pass (no rematerialisation), on a
+    device that holds `batch` sequences and 1/`model_shards` of the heads, MLP and vocabulary.
+
+    Per layer and token, in the compute dtype: 4 d_model (the two norms' inputs and outputs), q/k/v and the
+    attention output, 3 d_ff (gate, up, their product); per layer and sequence the attention matrix,
+    float32 for the softmax's backward plus its copy in the compute dtype (`models.lm.Attention` builds
+    the full L x L scores); once: float32 logits and their gradient.
+    """
+    c = jnp.dtype(cfg.compute_dtype).itemsize
+    split = lambda n: n // model_shards if n % model_shards == 0 else n  # noqa: E731 (replicated otherwise)
+    H, G, K, F, V = split(cfg.n_heads), split(cfg.kv_heads), cfg.head_dim, split(cfg.d_ff), split(cfg.vocab_size)
+    per_token = (4 * cfg.d_model + (2 * H + 2 * G) * K + 3 * F) * c
+    attention = H * seq_len * seq_len * (4 + c)
+    per_layer = batch * (seq_len * per_token + attention)
+    return cfg.n_layers * per_layer + 2 * batch * seq_len * V * 4
+
+
+def _verdict(total: int, hbm: int) -> dict:
+    return {"total": total, "hbm": hbm, "fits": total <= HEADROOM * hbm}
+
+
+def target_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
+    """Bytes per device of `dma cpt`'s train step for the target on `n_devices` chips."""
+    data, model = shd.mesh_shape(cfg.mesh, n_devices)
+    if cfg.cpt.batch_size % data:
+        raise DmaError(f"cpt.batch_size={cfg.cpt.batch_size} is not divisible by the mesh's data axis ({data})")
+    mesh = AbstractMesh((data, model), ("data", "model"))
+    lm, tx, abstract = _abstract(cfg.target, cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
+    sh = state_shardings(lm, tx, mesh, cfg.mesh.rules)
+    b, L = cfg.cpt.batch_size // data, cfg.data.record_len - 1
+    out = {"mesh": {"data": data, "model": model}, "batch_per_device": b, "seq_len": L,
+           "n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)),
+           "params": shard_bytes(abstract.params, sh.params), "adam": shard_bytes(abstract.opt_state, sh.opt_state),
+           "batch": 4 * b * L * 4,  # inputs, targets, mask, segment ids
+           "activations": activation_bytes(cfg.target, b, L, model)}
+    out["grads"] = out["params"]  # float32, sharded like the parameters
+    return dict(out, **_verdict(sum(out[k] for k in ("params", "adam", "grads", "batch", "activations")), hbm))
+
+
+def sweep_domains(cfg: Config) -> int | None:
+    """Domains of the sweep's space (source + target field) when the config lists them (None for the demo)."""
+    if cfg.data.demo:
+        return None
+    return sum(d.field in ("source", cfg.sweep.target_field) for d in cfg.data.domains)
+
+
+def sweep_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
+    """Bytes per device of `dma sweep`'s vmapped stage: a chunk of proxies over a ("traj",) mesh."""
+    sc = cfg.sweep
+    chunk = min(sc.chunk_size or sc.num_trajectories, sc.num_trajectories)
+    n_traj = math.gcd(chunk, n_devices if sc.devices == -1 else min(sc.devices, n_devices))
+    lm, tx, _ = _abstract(cfg.proxy, cfg.optim, sc.num_stages * sc.steps_per_stage)
+    abstract = jax.eval_shape(lambda p: jax.vmap(lambda _: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)))(
+        jnp.arange(chunk)), lm.abstract_params)
+    traj = NamedSharding(AbstractMesh((n_traj,), ("traj",)), P("traj"))
+    per_device = chunk // n_traj
+    n_domains = sweep_domains(cfg)
+    out = {"chunk": chunk, "traj_devices": n_traj, "proxies_per_device": per_device,
+           "n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(lm.abstract_params)),
+           "state": shard_bytes(abstract, jax.tree.map(lambda _: traj, abstract)),
+           "activations": per_device * activation_bytes(cfg.proxy, sc.batch_size, sc.seq_len),
+           "pools": None if n_domains is None else n_domains * sc.pool_tokens_per_domain * 4}  # int32, replicated
+    out["grads"] = per_device * sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(lm.abstract_params))
+    total = out["state"] + out["grads"] + out["activations"] + (out["pools"] or 0)
+    per_proxy = (total - (out["pools"] or 0)) / per_device
+    out["max_proxies_per_device"] = max(int((HEADROOM * hbm - (out["pools"] or 0)) // per_proxy), 0)
+    return dict(out, **_verdict(total, hbm))
+
+
+def plan(cfg: Config, slices: dict[str, tuple[int, int]] | None = None) -> dict:
+    """{slice name: {"target": target_plan, "sweep": sweep_plan}} for each slice (default `SLICES`)."""
+    return {name: {"chips": n, "target": target_plan(cfg, n, hbm), "sweep": sweep_plan(cfg, n, hbm)}
+            for name, (n, hbm) in (slices or SLICES).items()}
+
+
+def format_plan(cfg: Config, result: dict) -> str:
+    gib = lambda n: "?" if n is None else f"{n / 2**30:.2f}"  # noqa: E731
+    first = next(iter(result.values()))
+    t, s = first["target"], first["sweep"]
+    lines = [f"target: {t['n_params'] / 1e6:,.1f}M parameters ({cfg.target.compute_dtype} compute), "
+             f"cpt.batch_size {cfg.cpt.batch_size} x {t['seq_len']} tokens; GiB per device:",
+             f"  {'slice':<7} {'mesh':>9} {'params':>7} {'adam':>7} {'grads':>7} {'batch':>6} {'activ.*':>8} "
+             f"{'total':>7} {'HBM':>6}  fits (<= {HEADROOM:.0%} of HBM)"]
+    for name, r in result.items():
+        t = r["target"]
+        lines.append(f"  {name:<7} {t['mesh']['data']:>4}x{t['mesh']['model']:<4} {gib(t['params']):>7} "
+                     f"{gib(t['adam']):>7} {gib(t['grads']):>7} {gib(t['batch']):>6} {gib(t['activations']):>8} "
+                     f"{gib(t['total']):>7} {gib(t['hbm']):>6}  {'yes' if t['fits'] else 'NO'}")
+    lines += [f"sweep: chunks of {s['chunk']} proxies of {s['n_params'] / 1e6:,.1f}M parameters, batch "
+              f"{cfg.sweep.batch_size} x {cfg.sweep.seq_len} tokens each; GiB per device:",
+              f"  {'slice':<7} {'traj':>5} {'proxies':>7} {'state':>7} {'grads':>7} {'pools':>6} {'activ.*':>8} "
+              f"{'total':>7} {'HBM':>6}  fits   (max proxies per device)"]
+    for name, r in result.items():
+        s = r["sweep"]
+        lines.append(f"  {name:<7} {s['traj_devices']:>5} {s['proxies_per_device']:>7} {gib(s['state']):>7} "
+                     f"{gib(s['grads']):>7} {gib(s['pools']):>6} {gib(s['activations']):>8} {gib(s['total']):>7} "
+                     f"{gib(s['hbm']):>6}  {'yes' if s['fits'] else 'NO ':<5}  ({s['max_proxies_per_device']})")
+    lines.append("* activations: an estimate (no rematerialisation); parameters, AdamW state and gradients are exact.")
+    return "\n".join(lines)

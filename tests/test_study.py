@@ -1,0 +1,146 @@
+"""The study (issue 10): its statistics against independent computations, the feedback-masked agent,
+`replay-K`, and a pulse run of `dma study --quick` end to end."""
+
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from dma_jax import offline_data as od
+from dma_jax.agent.config import AgentModelConfig
+from dma_jax.agent.features import FeatureStats, FeedbackLayout, History, history_features
+from dma_jax.agent.model import AgentDef
+from dma_jax.agent.runner import AgentPolicy
+from dma_jax.errors import DmaError
+from dma_jax.policies import SpaceInfo, make_policy
+from dma_jax.study_results import bootstrap_ci, rankdata, spearman
+
+
+# ---------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("n, ties", [(5, False), (12, True), (40, True)])
+def test_spearman_and_ranks_match_scipy(n, ties):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
+    y = x + rng.normal(size=n) if not ties else rng.integers(0, 3, n).astype(float)
+    np.testing.assert_allclose(rankdata(x), scipy.stats.rankdata(x, method="average"))
+    assert spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_spearman_edge_cases():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ranking
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_bootstrap_ci_of_three_values_is_their_range():
+    # 27 equally likely resamples; the all-minimum (all-maximum) one alone has probability 1/27 > 2.5%,
+    # so the exact 2.5% and 97.5% quantiles of the bootstrap distribution are min(x) and max(x).
+    x = np.array([0.3, -0.1, 0.05])
+    means = [np.mean(c) for c in itertools.product(x, repeat=3)]
+    exact = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
+    assert bootstrap_ci(x) == pytest.approx((x.min(), x.max()))
+    assert tuple(exact) == pytest.approx((x.min(), x.max()))
+
+
+def test_bootstrap_ci_matches_scipy_and_is_deterministic():
+    x = np.random.default_rng(1).normal(0.2, 1.0, size=30)
+    lo, hi = bootstrap_ci(x)
+    ref = scipy.stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=20000, method="percentile",
+                                random_state=np.random.default_rng(7)).confidence_interval
+    width = ref.high - ref.low
+    assert abs(lo - ref.low) < 0.05 * width and abs(hi - ref.high) < 0.05 * width
+    assert bootstrap_ci(x) == (lo, hi)
+    assert lo < x.mean() < hi
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+# ---------------------------------------------------------------------------------- the no-feedback ablation
+def _agent_and_histories():
+    T, D = 4, 3
+    env = od.ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
+    rng = np.random.default_rng(0)
+    ds = env.dataset(rng.dirichlet(np.ones(D) * 5, size=(16, T)).astype(np.float32))
+    layout = FeedbackLayout.from_meta(ds.meta)
+    feats = history_features(ds.actions, ds.feedback, layout, T)
+    agent = AgentDef.build(AgentModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    actor = agent.init(0)[0]
+    acts = ds.actions[0, :2]
+    fb_a = ds.feedback[0, :3]
+    fb_b = fb_a + rng.normal(0, 0.3, size=fb_a.shape).astype(np.float32)  # other losses and scores
+    return agent, actor, feats, [History(acts, fb, layout, T) for fb in (fb_a, fb_b)]
+
+
+def test_masked_feedback_makes_the_agent_blind_to_feedback():
+    agent, actor, feats, (h_a, h_b) = _agent_and_histories()
+    seeing = AgentPolicy(agent, actor, FeatureStats.fit(*feats), {})
+    blind_stats = FeatureStats.fit(*feats, feedback_masked=True)
+    blind = AgentPolicy(agent, actor, blind_stats, {})
+    assert not np.allclose(seeing.act(h_a), seeing.act(h_b), atol=1e-6)  # the feedback matters normally...
+    np.testing.assert_array_equal(blind.act(h_a), blind.act(h_b))  # ...and not at all when masked
+    assert FeatureStats.from_json(blind_stats.to_json()) == blind_stats  # the mask travels with an export
+    assert "feedback_masked" not in FeatureStats.fit(*feats).to_json()  # unmasked exports are unchanged
+    with pytest.raises(DmaError, match="feedback_masked"):
+        FeatureStats.from_json(dict(blind_stats.to_json(), feedback_masked="yes"))
+
+
+def test_replay_k_replays_that_sweep_trajectory(tmp_path):
+    T, D = 3, 3
+    env = od.ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
+    actions = np.random.default_rng(2).dirichlet(np.ones(D) * 5, size=(4, T)).astype(np.float32)
+    ds = env.dataset(actions)
+    od.save(ds, tmp_path / "offline")
+    info = SpaceInfo(tuple(ds.meta["domain_names"]), tuple(ds.meta["domain_fields"]), "math", (1.0, 1.0, 1.0))
+    from dma_jax.policies import History as PH
+
+    policy = make_policy("replay-2", info, sweep_dir=tmp_path / "offline")
+    for t in range(T):
+        np.testing.assert_array_equal(policy(PH([np.zeros(D)] * t, [], T)), actions[2, t])
+    with pytest.raises(DmaError, match="0..3 only"):
+        make_policy("replay-4", info, sweep_dir=tmp_path / "offline")
+
+
+# ---------------------------------------------------------------------------------- pulse
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path, capsys):
+    from dma_jax.cli import main
+    from dma_jax.report import collect
+
+    over = [f"run.out_dir={tmp_path}", "mesh.data=1"]
+    t0 = time.perf_counter()
+    assert main(["--no-progress", "study", "--quick", *over]) == 0
+    first = time.perf_counter() - t0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "not run yet" not in text.lower()
+    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "(a) code target field", "(c) larger target",
+                    "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "95% bootstrap CI"):
+        assert heading in text
+    for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
+                "fidelity/fidelity.png"):
+        assert (tmp_path / png).is_file() and f"]({png})" in text
+    # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
+    code = collect(tmp_path / "gen-code" / "cpt")
+    assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
+    main_d = len(collect(tmp_path / "main" / "cpt")[0].domain_names)
+    assert len(collect(tmp_path / "gen-domains" / "cpt")[0].domain_names) < main_d
+    # 4: the no-feedback agent was exported with its mask.
+    spec = json.loads((tmp_path / "no-feedback" / "agent" / "export-cql" / "agent_spec.json").read_text())
+    assert spec["feature_stats"]["feedback_masked"] is True and spec["model"]["use_feedback"] is False
+    # 5: the fidelity CPT replayed the proxies' mixtures.
+    fid = collect(tmp_path / "fidelity" / "cpt")
+    traj = np.load(tmp_path / "fidelity" / "sweep" / "trajectories.npz")["weights_NxTxD"]
+    r1 = next(r for r in fid if r.policy == "replay-1")
+    np.testing.assert_allclose(r1.weights_TxD, traj[1], atol=1e-6)
+    # Resumable: re-running a finished sub-run redoes nothing (no file of it is rewritten) and gives the same tables.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "main").rglob("*") if p.is_file()}
+    t0 = time.perf_counter()
+    assert main(["--no-progress", "study", "--quick", "--only", "main", *over]) == 0
+    assert time.perf_counter() - t0 < first / 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = (tmp_path / "RESULTS.md").read_text()
+    assert again.split("## 1.")[1] == text.split("## 1.")[1]
