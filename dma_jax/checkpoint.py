@@ -135,8 +135,12 @@ class Checkpointer:
         )
         try:
             out = self.manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-            raise DmaError(f"{self.directory}/{step}: cannot restore checkpoint ({_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint: ValueError, tensorstore errors...
+            older = [s for s in self.manager.all_steps() if s < step]
+            hint = (f"delete {self.directory}/{step} to resume from step {max(older)}" if older
+                    else f"delete {self.directory} to start over")
+            raise DmaError(f"{self.directory}/{step}: cannot restore checkpoint ({_first_line(e)[:200]}); "
+                           f"{hint}") from None
         if not _all_finite(out.state):  # saves refuse NaN, so this is a damaged or foreign checkpoint
             raise DmaError(f"{self.directory}/{step}: the checkpoint's state holds NaN/Inf values")
         return out.state, dict(out.meta or {}), dict(out.data or {})

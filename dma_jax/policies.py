@@ -203,7 +203,8 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         fields = list(dict.fromkeys(["source"] + list(info.domain_fields)))
         layout = {"fields": fields, "target_field": info.target_field, "domain_fields": list(info.domain_fields),
                   "domain_loss_index": ev.domain_loss_index(info.domain_names, fields),
-                  "field_score_index": ev.field_score_index(info.domain_names, fields)}
+                  "field_score_index": ev.field_score_index(info.domain_names, fields),
+                  "initial_weights": info.spread("source", "size").tolist()}
         return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, curriculum, regmix, "
                    f"replay-best, replay-K, agent-sft, agent-cql)")

@@ -217,6 +217,12 @@ class Sweep:
 # ------------------------------------------------------------------------------ the run
 
 
+def pretraining_mixture(space: DomainSpace) -> list[float]:
+    """The mixture the base models were trained on: source domains by train tokens, 0 elsewhere."""
+    w_D = np.where(np.array(space.fields_of_domain) == "source", space.train_tokens.astype(np.float64), 0.0)
+    return (w_D / w_D.sum()).tolist()
+
+
 def _meta(cfg: Config, space: DomainSpace) -> dict:
     config = dump_config(cfg)
     return {
@@ -225,6 +231,7 @@ def _meta(cfg: Config, space: DomainSpace) -> dict:
         "domain_fields": space.fields_of_domain,
         "fields": space.fields,
         "target_field": cfg.sweep.target_field,
+        "initial_weights": pretraining_mixture(space),
         "feedback_names": ev.feedback_names(space.names, space.fields),
         "domain_loss_index": ev.domain_loss_index(space.names, space.fields),
         "field_score_index": ev.field_score_index(space.names, space.fields),

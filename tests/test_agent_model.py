@@ -92,6 +92,18 @@ def test_history_features_by_hand():
     np.testing.assert_allclose(glob[0, 0], [1.0, 1.0, 0.0, 0.0, 0.0], atol=1e-6)
 
 
+def test_the_mixture_before_step_0_is_the_pretraining_one():
+    """With `initial_weights` in the metadata, token 0 sees D * w0 (source domains apart by their share),
+    so two domains of one field are told apart before their losses move."""
+    layout = FeedbackLayout.from_meta(dict(META, initial_weights=[0.75, 0.0, 0.25]))
+    dom, _ = history_features(np.array([[[0.5, 0.2, 0.3]]]), np.ones((1, 2, 5)), layout, horizon=4)
+    np.testing.assert_allclose(dom[0, 0, :, 0], [2.25, 0.0, 0.75], atol=1e-6)
+    np.testing.assert_allclose(dom[0, 1, :, 0], [1.5, 0.6, 0.9], atol=1e-6)
+    with pytest.raises(DmaError, match="initial_weights has 2 entries for 3 domains"):
+        history_features(np.zeros((1, 1, 3)), np.ones((1, 2, 5)),
+                         FeedbackLayout.from_meta(dict(META, initial_weights=[0.5, 0.5])), horizon=4)
+
+
 def test_feature_stats_standardise_and_roundtrip():
     rng = np.random.default_rng(0)
     dom = rng.normal(3.0, 2.0, size=(50, 5, 4, len(DOMAIN_FEATURES))).astype(np.float32)

@@ -69,6 +69,27 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         Checkpointer(tmp_path / "empty").restore({"x": jax.ShapeDtypeStruct((3,), jnp.float32)})
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_damaged_array_files_are_a_one_line_error_naming_the_step(tmp_path, damage):
+    ck = Checkpointer(tmp_path / "ck", keep=3)
+    for step in (1, 2):
+        ck.save(step, {"x": jnp.arange(50_000, dtype=jnp.float32) + step})
+    ck.close()
+    damaged = 0
+    for path in sorted((tmp_path / "ck" / "2" / "state").rglob("*")):
+        if path.is_file() and path.stat().st_size > 0 and "d" in path.parent.name:  # the array chunk files
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 3] if damage == "truncate" else bytes(255 - b for b in data))
+            damaged += 1
+    assert damaged
+    with pytest.raises(DmaError) as e:
+        Checkpointer(tmp_path / "ck").restore({"x": jax.ShapeDtypeStruct((50_000,), jnp.float32)})
+    msg = str(e.value)
+    assert "\n" not in msg and "/2:" in msg and "resume from step 1" in msg, msg
+    restored, _, _ = Checkpointer(tmp_path / "ck").restore({"x": jax.ShapeDtypeStruct((50_000,), jnp.float32)}, 1)
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(50_000, dtype=np.float32) + 1)
+
+
 _SAVER = textwrap.dedent("""
     import sys, jax.numpy as jnp
     from dma_jax.checkpoint import Checkpointer

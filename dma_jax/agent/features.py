@@ -27,7 +27,7 @@ import numpy as np
 
 from dma_jax.errors import DmaError
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: the mixture before step 0 is the pre-training mixture, not zeros
 DOMAIN_FEATURES = ("weight_times_D", "is_target_field", "norm_loss", "norm_loss_change")
 GLOBAL_FEATURES = ("target_score", "source_score", "target_score_change", "source_score_change", "progress")
 FEEDBACK_DOMAIN_FEATURES = ("norm_loss", "norm_loss_change")  # zeroed when the feedback is masked
@@ -42,6 +42,7 @@ class FeedbackLayout:
     domain_is_target: tuple[bool, ...]  # [D]
     target_score_index: tuple[int, ...]
     source_score_index: tuple[int, ...]
+    initial_weights: tuple[float, ...] = ()  # [D] the mixture before step 0 (the pre-training one); () = zeros
 
     @classmethod
     def from_meta(cls, meta: dict) -> FeedbackLayout:
@@ -53,6 +54,7 @@ class FeedbackLayout:
             domain_is_target=tuple(f == target for f in meta["domain_fields"]),
             target_score_index=tuple(int(i) for f, i in zip(fields, scores) if f == target),
             source_score_index=tuple(int(i) for f, i in zip(fields, scores) if f != target),
+            initial_weights=tuple(float(w) for w in meta.get("initial_weights", ())),
         )
 
     @property
@@ -69,7 +71,12 @@ def history_features(actions_NxtxD: np.ndarray, feedback_Nxt1xM: np.ndarray, lay
     if fb_Nxt1xM.shape[:2] != (n, t + 1) or d != layout.n_domains:
         raise DmaError(f"history: {t} mixtures over {d} domains need feedback [N, {t + 1}, M] and a layout of "
                        f"{d} domains, got feedback {fb_Nxt1xM.shape} and {layout.n_domains} domains")
-    prev_w_Nxt1xD = np.concatenate([np.zeros((n, 1, d), np.float32), a_NxtxD], axis=1)
+    if layout.initial_weights and len(layout.initial_weights) != d:
+        raise DmaError(f"history: initial_weights has {len(layout.initial_weights)} entries for {d} domains")
+    # Before step 0 the model was trained on the pre-training mixture: it tells domains of one field apart
+    # at t = 0 (their losses and flags are still equal), as the sweep's starting mixtures do.
+    w0_D = np.asarray(layout.initial_weights or np.zeros(d), np.float32)
+    prev_w_Nxt1xD = np.concatenate([np.broadcast_to(w0_D, (n, 1, d)), a_NxtxD], axis=1)
     loss_Nxt1xD = fb_Nxt1xM[..., list(layout.domain_loss_index)]
     is_target_Nxt1xD = np.broadcast_to(np.asarray(layout.domain_is_target, np.float32), loss_Nxt1xD.shape)
     dom_Nxt1xDxF = np.stack([d * prev_w_Nxt1xD, is_target_Nxt1xD, loss_Nxt1xD, _change(loss_Nxt1xD)], axis=-1)
