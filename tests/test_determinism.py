@@ -24,7 +24,7 @@ from dma_jax.sweep import run_sweep
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.batch_size=8", "mesh.data=-1"]
-POLICIES = ["fixed-0.3", "regmix"]  # regmix reads the sweep's offline dataset: the stages chain
+POLICIES = ["regmix"]  # regmix reads the sweep's offline dataset: the stages chain
 
 DRIVER = """
 import json, sys
