@@ -237,8 +237,16 @@ def _meta(cfg: Config, space: DomainSpace) -> dict:
         "field_score_index": ev.field_score_index(space.names, space.fields),
         "balanced": cfg.eval.balanced,
         "config": config,
-        "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "config_hash": config_hash(cfg),
     }
+
+
+def config_hash(cfg: Config) -> str:
+    """What makes two sweeps the same: the config without `run.out_dir` (where it lives), so a moved run
+    folder still resumes."""
+    config = dump_config(cfg)
+    config["run"].pop("out_dir", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 @stop_on_sigterm

@@ -138,3 +138,11 @@ def test_a_crashed_sweep_resumes_and_ends_equal(base, reference, tmp_path, monke
     s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
     ds = offline_data.load(s["out_dir"])
     np.testing.assert_array_equal(ds.feedback, reference.feedback)
+
+
+def test_config_hash_ignores_where_the_run_lives_but_not_what_it_computes():
+    cfg = lambda *over: load_config(DEMO, list(over), variant="tiny")  # noqa: E731
+    a = sweep_mod.config_hash(cfg("run.out_dir=/tmp/a"))
+    assert a == sweep_mod.config_hash(cfg("run.out_dir=/elsewhere/b"))
+    assert a != sweep_mod.config_hash(cfg("run.out_dir=/tmp/a", "sweep.steps_per_stage=3"))
+    assert a != sweep_mod.config_hash(cfg("run.out_dir=/tmp/a", "run.seed=1"))
