@@ -34,7 +34,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.mixer import DomainMixer
 from dma_jax.errors import DmaError
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import JsonlLog, atomic_write_json
+from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_json
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
 from dma_jax.pretrain import load_base_params
@@ -57,16 +57,6 @@ def agent_export_dirs(cfg: Config) -> dict[str, Path]:
 
 def _decode(record) -> dict:
     return {"tokens": record["tokens"], "segment_ids": record["segment_ids"]}
-
-
-class _NoLog:
-    """The records log of processes other than 0 (every process reads the same batches; one writes them)."""
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def append(self, record: dict) -> None:
-        pass
 
 
 class _CurrentWeights:
@@ -124,7 +114,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     mixer = DomainMixer([space.records(d) for d in range(space.num_domains)], space.names, cc.batch_size,
                         current, seed, num_threads=cc.num_threads, decode=_decode)
     ckpt = Checkpointer(out / "checkpoints", keep=2)
-    records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else _NoLog()  # process 0 writes files
+    records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else NullLog()  # process 0 writes files
 
     def raw_of(params):
         return shd.to_host(evaluate(params, eval_set))

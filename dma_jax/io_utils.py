@@ -58,6 +58,16 @@ def rewrite_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
+class NullLog:
+    """A `JsonlLog` that writes nothing: the logs of processes other than 0 in a multi-host run."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def append(self, record: dict) -> None:
+        pass
+
+
 class JsonlLog:
     """Append-only metrics log; `truncate_after(step)` on resume drops records past the checkpoint."""
 

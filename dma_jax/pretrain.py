@@ -17,13 +17,14 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from dma_jax import sharding as shd
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
 from dma_jax.faults import SigtermFlag as _StopFlag
-from dma_jax.io_utils import JsonlLog, atomic_write_text, read_jsonl
+from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.train import Trainer, format_bytes
@@ -54,7 +55,9 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     pc = pc.model_copy(update={"steps": steps})
     out = pretrain_dir(cfg, which)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    primary = shd.is_primary()  # multi-host: every process trains, process 0 writes the files
+    if primary:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
     space = DomainSpace.for_config(cfg)
     if space.tokenizer().vocab_size > model_cfg.vocab_size:
         raise DmaError(f"{which}.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -71,7 +74,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         n_params / 1e6, dict(trainer.mesh.shape), format_bytes(mem.get("total", 0)), format_bytes(mem.get("temp", 0)),
     )
     ckpt = Checkpointer(out / "checkpoints", keep=pc.keep_checkpoints)
-    metrics_log = JsonlLog(out / "metrics.jsonl")
+    metrics_log = JsonlLog(out / "metrics.jsonl") if primary else NullLog()
     start = ckpt.latest_step()
     if start is not None:
         check_model_meta(ckpt.read_meta(start), dump_config(cfg)[which], which, ckpt.directory)
@@ -141,7 +144,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         flush(pending)
     bar.close()
     ckpt.close()
-    final_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    final_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r] if primary else []
     return {
         "out_dir": str(out),
         "steps": int(jax.device_get(state.step)),

@@ -139,3 +139,20 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == f"dma: error: {bad}: proxy.d_model: Input should be greater than 0 (got -1)"
+
+
+def test_a_non_primary_process_trains_the_same_and_writes_no_files(uninterrupted, tmp_path, monkeypatch):
+    """Multi-host: processes other than 0 train in lockstep (Orbax saves are collective) but write no logs."""
+    from dma_jax import sharding
+
+    monkeypatch.setattr(sharding, "is_primary", lambda: False)
+    cfg = _cfg(tmp_path)
+    summary = run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
+    out = Path(cfg.run.out_dir) / "pretrain-proxy"
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+    assert summary["final_eval_loss"] is None and summary["steps"] == uninterrupted[1]["steps"]
+    step, params = _final_params(cfg)
+    ref_step, ref_params = _final_params(uninterrupted[0])
+    assert step == ref_step
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(a, b)
