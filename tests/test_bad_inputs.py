@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import json
 import os
 import shutil
 import subprocess
@@ -23,188 +21,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 import pytest
-import yaml
 
 from dma_jax.cli import main
-from dma_jax.config import dump_config, load_config
-
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-OVERRIDES = [
-    "run.out_dir=run", "data.demo_fields=[source, math]", "data.demo_max_docs_per_domain=6", "mesh.data=1",
-    "pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",
-    "sweep.num_trajectories=4", "sweep.num_stages=2", "sweep.steps_per_stage=1", "sweep.chunk_size=4",
-    "sweep.devices=1", "cpt.num_stages=1", "cpt.steps_per_stage=1",
-    "agent.updates_per_dispatch=5", "agent.checkpoint_every=5", "agent.sft.steps=5", "agent.cql.steps=5",
-    "agent.model.d_model=16", "agent.model.n_layers=1", "agent.model.n_heads=2", "agent.model.d_ff=32",
-]
-DOCS = [f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * (3 + i) for i in range(8)]
-BENCH = [{"context": f"{i} + {i} =", "choices": [f" {2 * i}", f" {2 * i + 1}"], "gold": 0, "domain": "sums"}
-         for i in range(4)]
-
-
-def _write_ar(path: Path, records: list[bytes]) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    path.unlink(missing_ok=True)  # a new file, not the hard-linked one
-    w = ArrayRecordWriter(str(path), "group_size:1")
-    for r in records:
-        w.write(r)
-    w.close()
-
-
-def _user_config(world: Path) -> dict:
-    """A user domain space (text, JSONL, ArrayRecord inputs + a benchmark file) over files under `in/`."""
-    return {
-        "run": {"out_dir": "run"},
-        "data": {"demo": False, "dir": "userdata", "record_len": 33, "records_per_shard": 64,
-                 "domains": [
-                     {"name": "prose", "field": "source", "kind": "text", "paths": ["in/prose/*.txt"]},
-                     {"name": "notes", "field": "source", "kind": "array_record", "paths": ["in/notes.ar"]},
-                     {"name": "sums", "field": "math", "kind": "jsonl", "paths": ["in/sums.jsonl"]}],
-                 "benchmarks": [{"field": "math", "path": "in/bench.jsonl"}]},
-        "proxy": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
-        "target": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
-        "eval": {"max_len": 64}, "sweep": {"seq_len": 32},
-    }
-
-
-def _build_world(root: Path) -> Path:
-    """A finished tiny run under `<root>/run` (config `<root>/cfg.yaml`; every path relative to `<root>`)."""
-    from dma_jax import offline_data as od
-    from dma_jax.agent.runner import export_agent, run_train_agent
-    from dma_jax.models import hf
-    from dma_jax.prepare import run_prepare
-    from dma_jax.sweep import run_sample
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config(DEMO, OVERRIDES, variant="tiny")
-        Path("cfg.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
-        run_prepare(cfg, progress=False)
-        _base_checkpoint(cfg, "proxy")  # untrained base models: their files are what the cases break
-        target_params = _base_checkpoint(cfg, "target")
-        run_sample(cfg)
-        # An analytic offline dataset in place of a sweep (same format): the agent's input.
-        env = od.ToyEnv(["source", "source", "math", "math"], "math", np.tile([0.4, 0.3, 0.2, 0.1], (2, 1)))
-        od.save(env.dataset(np.random.default_rng(0).dirichlet(np.ones(4), size=(8, 2)).astype(np.float32)),
-                Path("run/sweep/offline"))
-        run_train_agent(cfg.agent, Path("run/sweep/offline"), Path("run/agent"), "sft", 0, progress=False)
-        export_agent(Path("run/agent/sft"), Path("run/agent/export-sft"))
-        hf.export_hf(cfg.target, jax.tree.map(np.asarray, target_params), Path("hf"))
-        inp = Path("in")
-        (inp / "prose").mkdir(parents=True)
-        for i, d in enumerate(DOCS):
-            (inp / "prose" / f"{i}.txt").write_text(d)
-        (inp / "sums.jsonl").write_text("".join(json.dumps({"text": d.replace("fox", "sum")}) + "\n" for d in DOCS))
-        _write_ar(inp / "notes.ar", [d.encode() for d in DOCS])
-        (inp / "bench.jsonl").write_text("".join(json.dumps(b) + "\n" for b in BENCH))
-        Path("user.yaml").write_text(yaml.safe_dump(_user_config(root)))
-        assert main(["--no-progress", "prepare", "--config", "user.yaml"]) == 0  # the valid user inputs work
-        shutil.rmtree("userdata")
-    finally:
-        os.chdir(cwd)
-    return root
-
-
-def _base_checkpoint(cfg, which: str):
-    """A base-model checkpoint as `dma pretrain` writes it, of the initial parameters (no training)."""
-    from dma_jax.checkpoint import Checkpointer
-    from dma_jax.pretrain import pretrain_dir
-    from dma_jax.train import LMDef, init_state, make_optimizer
-
-    state = init_state(LMDef.build(getattr(cfg, which)), make_optimizer(cfg.optim, cfg.pretrain.steps), 0)
-    ck = Checkpointer(pretrain_dir(cfg, which) / "checkpoints")
-    ck.save(cfg.pretrain.steps, state, meta={"model": dump_config(cfg)[which], "which": which})
-    ck.close()
-    return state.params
-
-
-# ------------------------------------------------------------------------------------------ corruption helpers
-# Case directories are hard-linked copies of the world: a file is changed by replacing it (new inode), never
-# in place, so the world stays intact.
-
-
-def _put(path: Path, data: str | bytes) -> None:
-    path.unlink(missing_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def _truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    _put(path, data[: int(len(data) * keep)])
-
-
-def _garble(path: Path) -> None:
-    """Overwrite bytes in the middle (and the first bytes) with junk that is not valid UTF-8."""
-    data = bytearray(path.read_bytes())
-    n = len(data)
-    junk = bytes([0xFF, 0xFE, 0x00, 0x9C] * 16)
-    data[:16] = junk[:16]
-    mid = n // 2
-    data[mid:mid + 64] = junk[: max(0, min(64, n - mid))]
-    _put(path, bytes(data))
-
-
-def _empty(path: Path) -> None:
-    _put(path, b"")
-
-
-def _edit_json(path: Path, fn: Callable[[dict], None]) -> None:
-    obj = json.loads(path.read_text())
-    fn(obj)
-    _put(path, json.dumps(obj))
-
-
-def _edit_yaml(path: Path, fn: Callable[[dict], None]) -> None:
-    obj = yaml.safe_load(path.read_text())
-    fn(obj)
-    _put(path, yaml.safe_dump(obj))
-
-
-def _rewrite_npz(path: Path, fn: Callable[[dict], None], fix_sha: Path | None = None) -> None:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    fn(arrays)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    _put(path, buf.getvalue())
-    if fix_sha is not None:  # keep meta.json consistent so the content check (not the sha check) must fire
-        _edit_json(fix_sha, lambda m: m.update(data_sha256=hashlib.sha256(buf.getvalue()).hexdigest()))
-
-
-def _first_shard(data_dir: Path) -> Path:
-    return sorted((data_dir / "domains").glob("*/train/*.array_record"))[0]
-
-
-def _ckpt_files(ckpt_dir: Path, item: str) -> list[Path]:
-    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-    return sorted(p for p in (ckpt_dir / str(step) / item).rglob("*") if p.is_file() and p.stat().st_size > 0)
-
-
-def _corrupt_ckpt(ckpt_dir: Path, how: Callable[[Path], None]) -> None:
-    for p in _ckpt_files(ckpt_dir, "state"):
-        how(p)
-
-
-def _nan_checkpoint(ckpt_dir: Path) -> None:
-    """Rewrite the latest checkpoint's state with NaN parameters (bypassing the save-time check)."""
-    from dma_jax.checkpoint import Checkpointer
-
-    ck = Checkpointer(ckpt_dir)
-    step = ck.latest_step()
-    meta = ck.read_meta(step)
-    import orbax.checkpoint as ocp
-
-    raw = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan) if np.asarray(x).dtype.kind == "f"
-                         else np.asarray(x), raw.state)
-    ck.manager.delete(step)
-    ck.save(step, state, meta=meta, check_finite=False)
-    ck.close()
+from tests.bad_input_world import (build_world, ckpt_files, corrupt_ckpt, edit_json, edit_yaml, empty,
+                                   first_shard, garble, nan_checkpoint, put, rewrite_npz, truncate, write_ar)
 
 
 # ------------------------------------------------------------------------------------------ the cases
@@ -257,7 +79,7 @@ def _set_cfg(**changes) -> Callable[[Path], None]:
             for dotted, v in changes.items():
                 sec, key = dotted.split("__")
                 c[sec][key] = v
-        _edit_yaml(root / "cfg.yaml", fn)
+        edit_yaml(root / "cfg.yaml", fn)
     return go
 
 
@@ -265,16 +87,16 @@ def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
     def go(root: Path) -> None:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        _put(p, text if isinstance(text, bytes) else text.encode())
+        put(p, text if isinstance(text, bytes) else text.encode())
     return go
 
 
 def _traj_edit(fn) -> Callable[[Path], None]:
-    return lambda root: _rewrite_npz(root / TRAJ, fn)
+    return lambda root: rewrite_npz(root / TRAJ, fn)
 
 
 def _offline_edit(fn) -> Callable[[Path], None]:
-    return lambda root: _rewrite_npz(root / OFFLINE / "data.npz", fn, fix_sha=root / OFFLINE / "meta.json")
+    return lambda root: rewrite_npz(root / OFFLINE / "data.npz", fn, fix_sha=root / OFFLINE / "meta.json")
 
 
 def _hf_weights_edit(fn) -> Callable[[Path], None]:
@@ -284,7 +106,7 @@ def _hf_weights_edit(fn) -> Callable[[Path], None]:
         path = root / "hf" / "model.safetensors"
         tensors = safetensors.numpy.load_file(str(path))
         fn(tensors)
-        _put(path, safetensors.numpy.save(tensors))
+        put(path, safetensors.numpy.save(tensors))
     return go
 
 
@@ -303,10 +125,10 @@ CASES = [
     # --- configs (YAML) and overrides
     C("config-missing", "sample --config nope.yaml", ("nope.yaml", "config file not found")),
     C("config-is-a-directory", "sample --config run", ("run", "config file not found")),
-    C("config-empty", SAMPLE, ("cfg.yaml", "empty"), _on("cfg.yaml", _empty)),
-    C("config-truncated", SAMPLE, ("cfg.yaml", "not valid YAML"), _on("cfg.yaml", lambda p: _put(p,
+    C("config-empty", SAMPLE, ("cfg.yaml", "empty"), _on("cfg.yaml", empty)),
+    C("config-truncated", SAMPLE, ("cfg.yaml", "not valid YAML"), _on("cfg.yaml", lambda p: put(p,
         p.read_text()[:60] + "\n  [unclosed: {"))),
-    C("config-corrupted-bytes", SAMPLE, ("cfg.yaml", "not valid YAML"), _on("cfg.yaml", _garble)),
+    C("config-corrupted-bytes", SAMPLE, ("cfg.yaml", "not valid YAML"), _on("cfg.yaml", garble)),
     C("config-top-level-list", SAMPLE, ("cfg.yaml", "expected a mapping"), _write("cfg.yaml", "- a\n- b\n")),
     C("config-wrong-type", SAMPLE, ("cfg.yaml", "proxy.d_model", "abc"), _set_cfg(proxy__d_model="abc")),
     C("config-out-of-range", SAMPLE, ("cfg.yaml", "sweep.num_trajectories"), _set_cfg(sweep__num_trajectories=0)),
@@ -335,22 +157,22 @@ CASES = [
     C("cli-import-hf-dir-missing", "import target --config cfg.yaml --hf-dir nowhere", ("nowhere", "not found")),
     # --- the data manifest
     C("manifest-missing", SAMPLE, ("manifest.json", "no manifest"), _rm(MANIFEST)),
-    C("manifest-empty", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, _empty)),
-    C("manifest-truncated", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, _truncate)),
-    C("manifest-corrupted-bytes", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, _garble)),
+    C("manifest-empty", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, empty)),
+    C("manifest-truncated", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, truncate)),
+    C("manifest-corrupted-bytes", SAMPLE, ("manifest.json", "not valid JSON"), _on(MANIFEST, garble)),
     C("manifest-wrong-type", SAMPLE, ("manifest.json", "'domains' must be a non-empty list"),
-      _on(MANIFEST, lambda p: _edit_json(p, lambda m: m.update(domains="all")))),
+      _on(MANIFEST, lambda p: edit_json(p, lambda m: m.update(domains="all")))),
     C("manifest-nan-tokens", SAMPLE, ("manifest.json", "tokens"),
-      _on(MANIFEST, lambda p: _edit_json(p, lambda m: m["domains"][0]["train"].update(tokens=float("nan"))))),
+      _on(MANIFEST, lambda p: edit_json(p, lambda m: m["domains"][0]["train"].update(tokens=float("nan"))))),
     # --- prepared ArrayRecord shards (read by the sweep's token pools)
-    C("shard-missing", SWEEP, ("array_record", "not found"), lambda r: _first_shard(r / "run/data").unlink()),
-    C("shard-empty", SWEEP, ("array_record", "no readable records"), lambda r: _empty(_first_shard(r / "run/data"))),
-    C("shard-truncated", SWEEP, ("array_record",), lambda r: _truncate(_first_shard(r / "run/data"))),
-    C("shard-corrupted-bytes", SWEEP, ("array_record",), lambda r: _garble(_first_shard(r / "run/data"))),
+    C("shard-missing", SWEEP, ("array_record", "not found"), lambda r: first_shard(r / "run/data").unlink()),
+    C("shard-empty", SWEEP, ("array_record", "no readable records"), lambda r: empty(first_shard(r / "run/data"))),
+    C("shard-truncated", SWEEP, ("array_record",), lambda r: truncate(first_shard(r / "run/data"))),
+    C("shard-corrupted-bytes", SWEEP, ("array_record",), lambda r: garble(first_shard(r / "run/data"))),
     # --- trajectories.npz
-    C("trajectories-empty", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, _empty)),
-    C("trajectories-truncated", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, _truncate)),
-    C("trajectories-corrupted-bytes", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, _garble)),
+    C("trajectories-empty", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, empty)),
+    C("trajectories-truncated", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, truncate)),
+    C("trajectories-corrupted-bytes", SWEEP, ("trajectories.npz", "not a trajectories file"), _on(TRAJ, garble)),
     C("trajectories-wrong-shape", SWEEP, ("trajectories.npz", "shape"),
       _traj_edit(lambda a: a.update(weights_NxTxD=a["weights_NxTxD"][:2]))),
     C("trajectories-wrong-domains", SWEEP, ("trajectories.npz", "other domains"),
@@ -361,9 +183,9 @@ CASES = [
       _traj_edit(lambda a: a.update(weights_NxTxD=np.array(["a", "b"])))),
     # --- the offline dataset
     C("offline-missing", SFT, ("meta.json", "missing"), _rm(OFFLINE)),
-    C("offline-meta-corrupted", SFT, ("meta.json", "not valid JSON"), _on(OFFLINE + "/meta.json", _garble)),
-    C("offline-data-truncated", SFT, ("data.npz", "sha256"), _on(OFFLINE + "/data.npz", _truncate)),
-    C("offline-data-empty", SFT, ("data.npz", "sha256"), _on(OFFLINE + "/data.npz", _empty)),
+    C("offline-meta-corrupted", SFT, ("meta.json", "not valid JSON"), _on(OFFLINE + "/meta.json", garble)),
+    C("offline-data-truncated", SFT, ("data.npz", "sha256"), _on(OFFLINE + "/data.npz", truncate)),
+    C("offline-data-empty", SFT, ("data.npz", "sha256"), _on(OFFLINE + "/data.npz", empty)),
     C("offline-nan-rewards", SFT, ("offline", "rewards", "NaN"),
       _offline_edit(lambda a: a["rewards"].__setitem__((0, 0), np.nan))),
     C("offline-wrong-shape", SFT, ("offline", "rewards", "shape"),
@@ -371,46 +193,46 @@ CASES = [
     C("offline-wrong-dtype", SFT, ("offline", "actions", "float32"),
       _offline_edit(lambda a: a.update(actions=a["actions"].astype(np.float64)))),
     C("offline-wrong-domain-count", SFT, ("offline", "domain_names"),
-      lambda r: _edit_json(r / OFFLINE / "meta.json", lambda m: m.update(domain_names=m["domain_names"][1:]))),
+      lambda r: edit_json(r / OFFLINE / "meta.json", lambda m: m.update(domain_names=m["domain_names"][1:]))),
     # --- checkpoints (the base proxy, read by the sweep)
     C("checkpoint-missing", SWEEP, ("checkpoints", "no base proxy checkpoint"), _rm(PROXY_CKPT)),
     C("checkpoint-truncated", SWEEP, ("checkpoints", "cannot restore"),
-      lambda r: _corrupt_ckpt(r / PROXY_CKPT, _truncate)),
+      lambda r: corrupt_ckpt(r / PROXY_CKPT, truncate)),
     C("checkpoint-corrupted-bytes", SWEEP, ("checkpoints", "cannot restore"),
-      lambda r: _corrupt_ckpt(r / PROXY_CKPT, _garble)),
+      lambda r: corrupt_ckpt(r / PROXY_CKPT, garble)),
     C("checkpoint-meta-corrupted", SWEEP, ("checkpoints", "meta"),
-      lambda r: [_garble(p) for p in _ckpt_files(r / PROXY_CKPT, "meta")]),
+      lambda r: [garble(p) for p in ckpt_files(r / PROXY_CKPT, "meta")]),
     C("checkpoint-other-model", SWEEP + " proxy.d_ff=80", ("differs in proxy.d_ff",)),
-    C("checkpoint-nan", SWEEP, ("checkpoints", "NaN"), lambda r: _nan_checkpoint(r / PROXY_CKPT)),
+    C("checkpoint-nan", SWEEP, ("checkpoints", "NaN"), lambda r: nan_checkpoint(r / PROXY_CKPT)),
     # --- exported agents (read by `dma cpt --policy agent-*`)
     C("agent-spec-missing", CPT_AGENT, ("agent_spec.json", "missing"), _rm(EXPORT + "/agent_spec.json")),
     C("agent-spec-corrupted", CPT_AGENT, ("agent_spec.json", "not valid JSON"),
-      _on(EXPORT + "/agent_spec.json", _garble)),
+      _on(EXPORT + "/agent_spec.json", garble)),
     C("agent-spec-wrong-format", CPT_AGENT, ("agent_spec.json", "format"),
-      _on(EXPORT + "/agent_spec.json", lambda p: _edit_json(p, lambda s: s.update(format="dma-agent-v0")))),
+      _on(EXPORT + "/agent_spec.json", lambda p: edit_json(p, lambda s: s.update(format="dma-agent-v0")))),
     C("agent-spec-wrong-type", CPT_AGENT, ("agent_spec.json", "model"),
-      _on(EXPORT + "/agent_spec.json", lambda p: _edit_json(p, lambda s: s["model"].update(d_model="wide")))),
+      _on(EXPORT + "/agent_spec.json", lambda p: edit_json(p, lambda s: s["model"].update(d_model="wide")))),
     C("agent-spec-wrong-shape", CPT_AGENT, ("agent_spec.json", "feature_stats"),
-      _on(EXPORT + "/agent_spec.json", lambda p: _edit_json(
+      _on(EXPORT + "/agent_spec.json", lambda p: edit_json(
           p, lambda s: s["feature_stats"].update(domain_mean=s["feature_stats"]["domain_mean"][:-1])))),
     C("agent-spec-nan-stats", CPT_AGENT, ("agent_spec.json", "feature_stats", "finite"),
-      _on(EXPORT + "/agent_spec.json", lambda p: _edit_json(
+      _on(EXPORT + "/agent_spec.json", lambda p: edit_json(
           p, lambda s: s["feature_stats"]["domain_std"].__setitem__(0, float("nan"))))),
     C("agent-checkpoint-missing", CPT_AGENT, ("export-sft/checkpoint", "no checkpoint"), _rm(EXPORT + "/checkpoint")),
     C("agent-checkpoint-truncated", CPT_AGENT, ("export-sft/checkpoint", "cannot restore"),
-      lambda r: _corrupt_ckpt(r / EXPORT / "checkpoint", _truncate)),
+      lambda r: corrupt_ckpt(r / EXPORT / "checkpoint", truncate)),
     # --- Hugging Face checkpoints (dma import)
     C("hf-config-missing", IMPORT, ("config.json", "not found"), _rm("hf/config.json")),
-    C("hf-config-empty", IMPORT, ("config.json", "not valid JSON"), _on("hf/config.json", _empty)),
+    C("hf-config-empty", IMPORT, ("config.json", "not valid JSON"), _on("hf/config.json", empty)),
     C("hf-config-wrong-type", IMPORT, ("config.json", "hidden_size"),
-      _on("hf/config.json", lambda p: _edit_json(p, lambda c: c.update(hidden_size="big")))),
+      _on("hf/config.json", lambda p: edit_json(p, lambda c: c.update(hidden_size="big")))),
     C("hf-config-weights-disagree", IMPORT, ("model.safetensors", "shape", "expected"),
-      _on("hf/config.json", lambda p: _edit_json(p, lambda c: c.update(intermediate_size=2 * c["intermediate_size"])))),
+      _on("hf/config.json", lambda p: edit_json(p, lambda c: c.update(intermediate_size=2 * c["intermediate_size"])))),
     C("hf-other-model-than-config", IMPORT + " target.d_ff=96", ("hf", "target.d_ff=128")),
     C("hf-weights-missing", IMPORT, ("hf", "no model.safetensors"), _rm("hf/model.safetensors")),
-    C("hf-weights-truncated", IMPORT, ("model.safetensors", "safetensors"), _on("hf/model.safetensors", _truncate)),
+    C("hf-weights-truncated", IMPORT, ("model.safetensors", "safetensors"), _on("hf/model.safetensors", truncate)),
     C("hf-weights-corrupted-bytes", IMPORT, ("model.safetensors", "safetensors"),
-      _on("hf/model.safetensors", _garble)),
+      _on("hf/model.safetensors", garble)),
     C("hf-weights-wrong-shape", IMPORT, ("model.safetensors", "shape"), _hf_weights_edit(_wrong_shape_first)),
     C("hf-weights-nan", IMPORT, ("model.safetensors", "NaN"), _hf_weights_edit(_nan_first)),
     C("hf-pickle-only", IMPORT, ("hf", "pytorch_model*.bin", "pickle"),
@@ -418,22 +240,22 @@ CASES = [
     # --- user inputs for dma prepare: text, JSONL, ArrayRecord, benchmark JSONL
     C("text-missing", UPREP, ("in/prose/*.txt", "matches no"), lambda r: shutil.rmtree(r / "in/prose")),
     C("text-empty", UPREP, ("prose", "fewer than 2 non-empty documents"),
-      lambda r: [_empty(p) for p in (r / "in/prose").glob("*.txt")]),
-    C("text-corrupted-bytes", UPREP, ("in/prose/3.txt", "UTF-8"), _on("in/prose/3.txt", _garble)),
+      lambda r: [empty(p) for p in (r / "in/prose").glob("*.txt")]),
+    C("text-corrupted-bytes", UPREP, ("in/prose/3.txt", "UTF-8"), _on("in/prose/3.txt", garble)),
     C("jsonl-missing", UPREP, ("in/sums.jsonl", "not found"), _rm("in/sums.jsonl")),
-    C("jsonl-truncated", UPREP, ("sums.jsonl", "malformed JSON"), _on("in/sums.jsonl", lambda p: _put(p,
+    C("jsonl-truncated", UPREP, ("sums.jsonl", "malformed JSON"), _on("in/sums.jsonl", lambda p: put(p,
         p.read_text()[:-20]))),
-    C("jsonl-corrupted-bytes", UPREP, ("sums.jsonl",), _on("in/sums.jsonl", _garble)),
+    C("jsonl-corrupted-bytes", UPREP, ("sums.jsonl",), _on("in/sums.jsonl", garble)),
     C("jsonl-wrong-type", UPREP, ("sums.jsonl", "'text'", "int"), _write("in/sums.jsonl", '{"text": 5}\n')),
     C("jsonl-not-an-object", UPREP, ("sums.jsonl", "expected a JSON object"), _write("in/sums.jsonl", "[1, 2]\n")),
-    C("array-record-input-empty", UPREP, ("notes.ar", "no readable records"), _on("in/notes.ar", _empty)),
-    C("array-record-input-truncated", UPREP, ("notes.ar",), _on("in/notes.ar", _truncate)),
+    C("array-record-input-empty", UPREP, ("notes.ar", "no readable records"), _on("in/notes.ar", empty)),
+    C("array-record-input-truncated", UPREP, ("notes.ar",), _on("in/notes.ar", truncate)),
     C("array-record-input-not-utf8", UPREP, ("notes.ar", "UTF-8"),
-      _on("in/notes.ar", lambda p: _write_ar(p, [b"\xff\xfe" * 40, b"ok"]))),
+      _on("in/notes.ar", lambda p: write_ar(p, [b"\xff\xfe" * 40, b"ok"]))),
     C("benchmark-missing", UPREP, ("bench.jsonl", "cannot read"), _rm("in/bench.jsonl")),
-    C("benchmark-truncated", UPREP, ("bench.jsonl", "invalid JSON"), _on("in/bench.jsonl", lambda p: _put(p,
+    C("benchmark-truncated", UPREP, ("bench.jsonl", "invalid JSON"), _on("in/bench.jsonl", lambda p: put(p,
         p.read_text()[:-10]))),
-    C("benchmark-corrupted-bytes", UPREP, ("bench.jsonl",), _on("in/bench.jsonl", _garble)),
+    C("benchmark-corrupted-bytes", UPREP, ("bench.jsonl",), _on("in/bench.jsonl", garble)),
     C("benchmark-wrong-type", UPREP, ("bench.jsonl:1", "'choices'"),
       _write("in/bench.jsonl", '{"context": "a", "choices": "b", "gold": 0, "domain": "d"}\n')),
     C("benchmark-gold-out-of-range", UPREP, ("bench.jsonl:1", "'gold'", "out of range"),
@@ -455,7 +277,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    return _build_world(tmp_path_factory.mktemp("world"))
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 def test_case_ids_are_unique():
@@ -465,7 +287,7 @@ def test_case_ids_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, built: Path, tmp_path: Path, monkeypatch, capsys):
     root = tmp_path / "w"
-    shutil.copytree(built, root, copy_function=os.link)  # cheap; mutations replace files (see _put)
+    shutil.copytree(built, root, copy_function=os.link)  # cheap; mutations replace files (see bad_input_world.put)
     if case.mutate is not None:
         case.mutate(root)
     before = _snapshot(root)
