@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dma_jax.errors import DmaError
 from dma_jax.faults import PREEMPTED_EXIT_CODE, Preempted
+from dma_jax.io_utils import upath
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 STUDY_CONFIG = DEMO_CONFIG.with_name("study.yaml")
@@ -102,7 +103,7 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
     from dma_jax.agent.runner import export_agent, run_train_agent
 
     cfg = _load(args)
-    out = Path(cfg.run.out_dir)
+    out = upath(cfg.run.out_dir)
     for stage in (["sft", "cql"] if args.stage == "all" else [args.stage]):
         s = run_train_agent(cfg.agent, out / "sweep" / "offline", out / "agent", stage, cfg.run.seed,
                             progress=not args.no_progress)
@@ -137,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dma_jax.report import write_report
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "report"
+    out = upath(args.out) if args.out else upath(cfg.run.out_dir) / "report"
     path = write_report(cpt_dir(cfg), out, title=f"{cfg.run.name}: continual pre-training report")
     print(f"report: {path} (plots: {out / 'mixtures.png'}, {out / 'scores.png'})")
     return 0
@@ -202,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import types
 
     cfg = _load(args)
-    out = Path(cfg.run.out_dir)
+    out = upath(cfg.run.out_dir)
     timings: list[tuple[str, float]] = []
 
     def stage(name: str, fn) -> None:

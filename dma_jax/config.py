@@ -157,7 +157,7 @@ class DataConfig(Section):
     (a model trains on `record_len - 1` positions).
     """
 
-    dir: str | None = None  # default: <run.out_dir>/data
+    dir: str | None = None  # default: <run.out_dir>/data (runs/<run.name>/data if run.out_dir is gs://); local only
     tokenizer: TokenizerConfig = TokenizerConfig()
     record_len: PosInt = 129
     heldout_fraction: float = pydantic.Field(0.05, gt=0.0, lt=0.5)
@@ -290,9 +290,36 @@ class Config(Section):
             raise ValueError(f"sweep.seq_len={self.sweep.seq_len} exceeds proxy.max_seq_len={self.proxy.max_seq_len}")
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _check_dirs(self) -> Config:
+        if "://" in self.run.out_dir:
+            _check_remote_support(f"run.out_dir={self.run.out_dir}")
+        if self.data.dir and "://" in self.data.dir:
+            raise ValueError(f"data.dir={self.data.dir}: the prepared shards must be on a local disk (ArrayRecord "
+                             "reads and writes local files only); `dma prepare` on every host writes the same bytes")
+        return self
+
     @property
     def data_dir(self) -> str:
-        return self.data.dir or f"{self.run.out_dir}/data"
+        """`data.dir`; default `<run.out_dir>/data`, or `runs/<run.name>/data` when `run.out_dir` is `gs://...`
+        (the shards stay on each host's disk)."""
+        if self.data.dir:
+            return self.data.dir
+        if "://" in self.run.out_dir:
+            return f"runs/{self.run.name}/data"
+        return f"{self.run.out_dir}/data"
+
+
+def _check_remote_support(what: str) -> None:
+    """A `gs://` (s3://, ...) path needs its fsspec filesystem (gcsfs for gs://): say so at load time."""
+    import fsspec
+
+    scheme = what.split("=", 1)[1].split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"{what}: {scheme}:// paths need an extra package ({str(e).splitlines()[0]}); "
+                         'pip install -e ".[gcs]"') from None
 
 
 # ---------------------------------------------------------------------------- loading

@@ -34,7 +34,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.mixer import DomainMixer
 from dma_jax.errors import DmaError
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_json
+from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_json, upath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
 from dma_jax.pretrain import load_base_params
@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 HISTORY_FORMAT = "dma-cpt-history-v1"
 
 
-def cpt_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / "cpt"
+def cpt_dir(cfg: Config) -> AnyPath:
+    return upath(cfg.run.out_dir) / "cpt"
 
 
 def agent_export_dirs(cfg: Config) -> dict[str, Path]:
-    base = Path(cfg.run.out_dir) / "agent"
+    base = upath(cfg.run.out_dir) / "agent"
     return {"agent-sft": base / "export-sft", "agent-cql": base / "export-cql"}
 
 
@@ -89,7 +89,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     space = space or DomainSpace.for_config(cfg).subset(["source", cc.target_field])
     info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cc.target_field,
                      tuple(float(x) for x in space.train_tokens))
-    policy = make_policy(policy_name, info, sweep_dir=Path(cfg.run.out_dir) / "sweep" / "offline",
+    policy = make_policy(policy_name, info, sweep_dir=upath(cfg.run.out_dir) / "sweep" / "offline",
                          agent_dirs=agent_export_dirs(cfg), spread=cc.spread, curriculum_end=cc.curriculum_end,
                          seed=seed)
     safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
@@ -214,6 +214,6 @@ def _write_history(cfg, space, policy_name, seed, history, raws, timings, reject
 
 def load_history(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(upath(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DmaError(f"{path}: cannot read CPT history ({e})") from None

@@ -18,6 +18,7 @@ import numpy as np
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
 from dma_jax.errors import DmaError
+from dma_jax.io_utils import rmtree, upath
 from dma_jax.models import hf
 from dma_jax.pretrain import check_model_meta, pretrain_dir
 from dma_jax.train import LMDef, init_state, make_optimizer
@@ -41,8 +42,9 @@ def _cpt_params(cfg: Config, policy: str, seed: int):
 
 
 def export_target(cfg: Config, policy: str, seed: int, out: str | None) -> Path:
-    out_dir = Path(out) if out else Path(cfg.run.out_dir) / "export" / f"target-{policy}-seed{seed}"
+    out_dir = upath(out) if out else upath(cfg.run.out_dir) / "export" / f"target-{policy}-seed{seed}"
     params = _cpt_params(cfg, policy, seed)
+    rmtree(out_dir / "orbax")  # a re-run re-exports (the CPT run's final params; derived, cheap to redo)
     ck = Checkpointer(out_dir / "orbax", keep=1)
     ck.save(0, params, meta={"model": dump_config(cfg)["target"], "policy": policy, "seed": seed})
     ck.close()
@@ -76,7 +78,7 @@ def import_target(cfg: Config, hf_dir: str) -> Path:
 def export_agent_stage(cfg: Config, stage: str, out: str | None) -> Path:
     from dma_jax.agent.runner import export_agent
 
-    src = Path(cfg.run.out_dir) / "agent" / stage
-    out_dir = Path(out) if out else Path(cfg.run.out_dir) / "agent" / f"export-{stage}"
+    src = upath(cfg.run.out_dir) / "agent" / stage
+    out_dir = upath(out) if out else upath(cfg.run.out_dir) / "agent" / f"export-{stage}"
     export_agent(src, out_dir)
     return out_dir

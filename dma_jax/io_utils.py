@@ -1,20 +1,56 @@
-"""Small file helpers: atomic writes (temp name, then rename) and JSONL logs."""
+"""Small file helpers: atomic writes (temp name, then rename) and JSONL logs, local or on `gs://`.
+
+Paths with a scheme (`gs://bucket/...`, what `run.out_dir` may be on a pod slice) are
+`etils.epath` paths; local ones stay `pathlib.Path`. An object store has no rename and no
+append, but an object write is all-or-nothing (the object appears whole when the upload
+closes), so a remote "atomic" write is a plain write, and a remote JSONL log rewrites
+the whole object on every append (logs here are small: one line per step).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
+from etils import epath
+
+AnyPath = Union[Path, epath.Path]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def upath(path: str | os.PathLike) -> AnyPath:
+    """`path` as a `pathlib.Path`, or an `epath.Path` when it has a scheme (`gs://...`):
+    `pathlib.Path("gs://b/k")` would silently be the local path `gs:/b/k`."""
+    if isinstance(path, epath.Path) and not isinstance(path, Path):
+        return path
+    text = os.fspath(path)
+    return epath.Path(text) if is_remote(text) else Path(text)
+
+
+def rmtree(path: AnyPath) -> None:
+    """Delete a folder (or a remote prefix) if it exists."""
+    if is_remote(path):
+        if path.exists():
+            path.rmtree()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = upath(path)
+    if is_remote(path):
+        path.write_bytes(data)  # one object upload: readers see the old object or the new one
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -38,8 +74,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = upath(path)
     if not path.exists():
         return []
     out = []
@@ -69,26 +105,35 @@ class NullLog:
 
 
 class JsonlLog:
-    """Append-only metrics log; `truncate_after(step)` on resume drops records past the checkpoint."""
+    """Append-only metrics log; `truncate_after(step)` on resume drops records past the checkpoint.
+    Remote (`gs://`): the records are kept in memory and the whole object rewritten per append."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = upath(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records = read_jsonl(self.path) if is_remote(self.path) else None
 
     def truncate_after(self, step: int) -> None:
-        rewrite_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("step", 0) <= step])
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        rewrite_jsonl(self.path, kept)
+        if self._records is not None:
+            self._records = kept
 
     def append(self, record: dict) -> None:
+        if self._records is not None:
+            self._records.append(record)
+            rewrite_jsonl(self.path, self._records)
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
 
 
-def read_json_file(path: str | Path, missing: str) -> Any:
+def read_json_file(path: str | os.PathLike, missing: str) -> Any:
     """Parse a JSON file; DmaError '<path>: <missing>' if absent, '<path>: not valid JSON (...)' if broken."""
     from dma_jax.errors import DmaError
 
-    path = Path(path)
+    path = upath(path)
     if not path.is_file():
         raise DmaError(f"{path}: {missing}")
     try:

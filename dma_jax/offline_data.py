@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file
+from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file, upath
 
 FORMAT = "dma-offline-v1"
 BALANCED = ("mean", "min", "harmonic")
@@ -131,7 +131,7 @@ def _npz_bytes(ds: OfflineDataset) -> bytes:
 
 def save(ds: OfflineDataset, directory: str | Path) -> None:
     """Validate, then write data.npz and (last) meta.json with data.npz's sha256."""
-    directory = Path(directory)
+    directory = upath(directory)
     validate(ds, str(directory))
     data = _npz_bytes(ds)
     atomic_write_bytes(directory / "data.npz", data)
@@ -140,7 +140,7 @@ def save(ds: OfflineDataset, directory: str | Path) -> None:
 
 def load(directory: str | Path) -> OfflineDataset:
     """Read and validate a dataset directory; any problem is a one-line DmaError naming the file."""
-    directory = Path(directory)
+    directory = upath(directory)
     meta_path, data_path = directory / "meta.json", directory / "data.npz"
     meta = read_json_file(meta_path, "missing (no dataset here, or it was not completely written)")
     if not data_path.is_file():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,7 +23,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
 from dma_jax.faults import SigtermFlag as _StopFlag
-from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_text, read_jsonl
+from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_text, read_jsonl, upath
 from dma_jax.models.lm import param_count_formula
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.train import Trainer, format_bytes
@@ -41,8 +40,8 @@ def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
                        f"{which}.{f', {which}.'.join(diff)})")
 
 
-def pretrain_dir(cfg: Config, which: str) -> Path:
-    return Path(cfg.run.out_dir) / f"pretrain-{which}"
+def pretrain_dir(cfg: Config, which: str) -> AnyPath:
+    return upath(cfg.run.out_dir) / f"pretrain-{which}"
 
 
 def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool = True) -> dict:

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_bytes, atomic_write_text
+from dma_jax.io_utils import atomic_write_bytes, atomic_write_text, upath
 
 FORMAT = "dma-cpt-history-v1"
 BALANCED = ("mean", "min", "harmonic")
@@ -119,7 +119,7 @@ def _check_header(obj: dict, where: str) -> None:
 
 def load_history(path: str | Path) -> RunHistory:
     """Reads and validates one history.json; every problem is a one-line DmaError naming the file."""
-    path = Path(path)
+    path = upath(path)
     where = str(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -176,7 +176,7 @@ def load_history(path: str | Path) -> RunHistory:
 
 def collect(cpt_dir: str | Path) -> list[RunHistory]:
     """Every `<cpt_dir>/<policy>/seed<k>/history.json`, sorted by (policy, seed); complete or not."""
-    cpt_dir = Path(cpt_dir)
+    cpt_dir = upath(cpt_dir)
     if not cpt_dir.is_dir():
         raise DmaError(f"{cpt_dir}: CPT directory does not exist")
     runs, seen = [], {}
@@ -341,7 +341,7 @@ def write_report(cpt_dir: str | Path, out_dir: str | Path, title: str = "Continu
     groups = dict(sorted(_by_policy(runs).items()))
     if not groups:
         raise DmaError(f"{cpt_dir}: no complete CPT run (no <policy>/seed<k>/history.json with complete: true)")
-    out_dir = Path(out_dir)
+    out_dir = upath(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_mixtures(groups, out_dir / "mixtures.png")
     plot_scores(groups, out_dir / "scores.png")

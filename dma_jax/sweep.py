@@ -17,6 +17,7 @@ Output: `<run.out_dir>/sweep/offline/` (see `dma_jax.offline_data`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import atomic_write_bytes
+from dma_jax.io_utils import AnyPath, atomic_write_bytes, upath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.pretrain import load_base_params
 from dma_jax.train import (LMDef, TrainState, batch_from_tokens, guarded_train_step, make_optimizer,
@@ -49,8 +50,8 @@ from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajec
 log = logging.getLogger(__name__)
 
 
-def sweep_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / "sweep"
+def sweep_dir(cfg: Config) -> AnyPath:
+    return upath(cfg.run.out_dir) / "sweep"
 
 
 def sweep_space(cfg: Config) -> DomainSpace:
@@ -84,7 +85,7 @@ def run_sample(cfg: Config) -> Path:
 
 def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(upath(path).read_bytes()), allow_pickle=False) as z:
             w = np.asarray(z["weights_NxTxD"], np.float32)
             names = [str(x) for x in z["domain_names"]]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, garbled

@@ -10,7 +10,7 @@ Every domain outside `target_field` counts as source. Deterministic per seed.
 """
 
 import dataclasses
-import os
+import io
 from typing import Sequence
 
 import matplotlib
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dma_jax.errors import DmaError
+from dma_jax.io_utils import atomic_write_bytes
 
 _FIELD_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
 
@@ -182,7 +183,6 @@ def plot_trajectories(
         ax.set_axis_off()
     fig.legend(handles=handles, loc="outside right upper", title="field")
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp"
-    fig.savefig(tmp_path, format="png", dpi=100)
-    os.replace(tmp_path, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())

@@ -135,7 +135,7 @@ def test_install_copies_the_checkout_without_venv_git_or_runs(tmp_path):
     assert cmd.startswith("mkdir -p dma_jax && tar -xzf dma_jax-src.tar.gz -C dma_jax && rm dma_jax-src.tar.gz"
                           " && cd dma_jax && ")
     assert " && { [ -x .venv/bin/python ] || python3 -m venv .venv; } && " in cmd
-    assert " && .venv/bin/pip install --quiet -e . jax\\[tpu\\] gcsfs optax==0.2.4 && " in cmd
+    assert " && .venv/bin/pip install --quiet -e . jax\\[tpu\\] gcsfs google-cloud-storage optax==0.2.4 && " in cmd
     # The printed tar command, run as printed, packs the code and leaves the rest out.
     subprocess.run(tar, check=True)
     with tarfile.open(archive) as t:

@@ -5,7 +5,7 @@
 #
 # Install dma_jax on every worker of the TPU VM: put the code in ~/DIR (default
 # ~/dma_jax), create DIR/.venv, `pip install -e .` with jax[tpu] (the TPU build of
-# jax) and gcsfs (gs:// paths for checkpoints, TFDS data dirs, ArrayRecord shards).
+# jax), gcsfs and google-cloud-storage (gs:// paths: run.out_dir, checkpoints, TFDS data dirs, inputs).
 # Safe to re-run after editing the code: the venv is kept and only updated.
 #
 # The code comes from either
@@ -27,7 +27,7 @@ SOURCE=""
 REPO_URL=""
 REF="HEAD"
 PYTHON="python3"
-PIP=("jax[tpu]" "gcsfs")
+PIP=("jax[tpu]" "gcsfs" "google-cloud-storage")
 normalize_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 while (( $# )); do

@@ -11,7 +11,6 @@ the agent loads without the training config.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from dma_jax.agent.model import AgentDef
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.errors import DmaError
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file
+from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, rmtree, upath
 from dma_jax.numerics import LossGuard, last_good
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     stats = FeatureStats.fit(*history_features(ds.actions, ds.feedback, layout, ds.horizon),
                              feedback_masked=not cfg.model.use_feedback)
     agent = AgentDef.build(cfg.model)
-    out = Path(out_dir) / stage
+    out = upath(out_dir) / stage
     stage_cfg = cfg.sft if stage == "sft" else cfg.cql
     meta = {
         "spec": _spec(cfg, ds, stats, stage), "model": cfg.model.model_dump(mode="json"),
@@ -139,7 +138,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     else:
         keep_N = np.arange(ds.n)
         setup = _cql_setup(cfg, agent, ds.returns, ds.n_domains)
-        sft_dir = Path(out_dir) / "sft" / "checkpoints"
+        sft_dir = upath(out_dir) / "sft" / "checkpoints"
         actor = _finished_sft_actor(cfg, agent, sft_dir, meta["dataset_sha256"], seed)
         init_fn = _cql_init(setup, lambda: actor, seed)
         step_fn = cql.make_cql_step(setup, cfg.cql.batch_size, cfg.updates_per_dispatch,
@@ -212,7 +211,7 @@ def _find_checkpoints(path: Path) -> Path:
 
 def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dict:
     """Write the latest actor (CQL if trained, else SFT) as a standalone checkpoint + JSON spec; returns the spec."""
-    ckpt = Checkpointer(_find_checkpoints(Path(ckpt_dir_or_out_dir)))
+    ckpt = Checkpointer(_find_checkpoints(upath(ckpt_dir_or_out_dir)))
     meta = ckpt.read_meta()
     spec = dict(meta["spec"], step=ckpt.latest_step())
     cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
@@ -223,9 +222,9 @@ def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dic
         init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
     state, _, _ = ckpt.restore(_abstract(init_fn))
     ckpt.close()
-    export_dir = Path(export_dir)
+    export_dir = upath(export_dir)
     (export_dir / SPEC_FILE).unlink(missing_ok=True)  # an export without its spec reads as unfinished
-    shutil.rmtree(export_dir / "checkpoint", ignore_errors=True)
+    rmtree(export_dir / "checkpoint")
     out = Checkpointer(export_dir / "checkpoint", keep=1)
     out.save(0, {"actor": state.actor}, meta={"format": SPEC_FORMAT}, check_finite=False)  # checked when trained
     out.close()
@@ -254,7 +253,7 @@ class AgentPolicy:
 
 def load_exported_agent(export_dir: str | Path) -> AgentPolicy:
     """Load an export; refuses (one-line DmaError) a spec whose format or feature layout this code does not know."""
-    export_dir = Path(export_dir)
+    export_dir = upath(export_dir)
     spec_path = export_dir / SPEC_FILE
     spec = read_json_file(spec_path, "missing (not an exported agent, or the export did not finish)")
     expected = {"format": SPEC_FORMAT, "feature_version": FEATURE_VERSION,

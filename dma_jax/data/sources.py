@@ -8,6 +8,9 @@ Four kinds of input, each an iterator so that a corpus is never held in memory:
   - existing ArrayRecord shards whose records are UTF-8 text or JSON objects.
 Every source yields every document, empty ones included; what to skip is the
 caller's choice. Bad input raises DmaError naming the file (and line or record).
+Text, JSONL and ArrayRecord paths and globs may be `gs://...` (read through etils.epath;
+an ArrayRecord file is copied to a local temporary file first: the reader opens local
+files only).
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import contextlib
 import glob
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+
+from etils import epath
 
 from dma_jax.errors import DmaError
 
@@ -30,10 +37,11 @@ def expand_patterns(patterns: Sequence[str], what: str = "file") -> list[str]:
     paths: list[str] = []
     for pattern in map(os.fspath, patterns):
         if glob.has_magic(pattern):
-            matches = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+            matches = _remote_glob(pattern) if _remote(pattern) else [
+                p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
             if not matches:
                 raise DmaError(f"{pattern}: pattern matches no {what}")
-        elif os.path.isfile(pattern):
+        elif epath.Path(pattern).is_file() if _remote(pattern) else os.path.isfile(pattern):
             matches = [pattern]
         else:
             raise DmaError(f"{pattern}: {what} not found")
@@ -41,10 +49,39 @@ def expand_patterns(patterns: Sequence[str], what: str = "file") -> list[str]:
     return paths
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _remote_glob(pattern: str) -> list[str]:
+    """Files matching a `gs://` glob, sorted: the parts before the first wildcard are the folder."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    folder = epath.Path("/".join(parts[:first]))
+    return sorted(os.fspath(p) for p in folder.glob("/".join(parts[first:])) if p.is_file())
+
+
+def _open(path: str):
+    return epath.Path(path).open("rb") if _remote(path) else open(path, "rb")
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[str]:
+    """`path` itself if local, else a temporary local copy of the remote file (deleted after)."""
+    if not _remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dma-array-record-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        yield local
+
+
 def iter_text_files(patterns: Sequence[str]) -> Iterator[str]:
     """One document per UTF-8 file named by `patterns` (paths or globs)."""
     for path in expand_patterns(patterns, "text file"):
-        with open(path, "rb") as f:
+        with _open(path) as f:
             data = f.read()
         yield _utf8(data, path)
 
@@ -53,7 +90,7 @@ def iter_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[st
     """One document per non-blank line of a JSONL file: the string under `text_field`."""
     path = os.fspath(path)
     try:
-        f = open(path, "rb")
+        f = _open(path)
     except OSError as e:
         raise DmaError(f"{path}: cannot read JSONL file ({e.strerror})") from None
     with f:
@@ -113,25 +150,30 @@ def iter_array_record_texts(patterns: Sequence[str], text_field: str | None = No
     from array_record.python.array_record_module import ArrayRecordReader
 
     for path in expand_patterns(patterns, "ArrayRecord file"):
-        reader = ArrayRecordReader(path)
-        if not reader.ok() or reader.num_records() == 0:
-            with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error
-                reader.close()
-            raise DmaError(f"{path}: no readable records (empty, truncated or not ArrayRecord)")
-        num_records = reader.num_records()
-        try:
-            for start in range(0, num_records, _CHUNK):
-                try:
-                    records = reader.read(start, min(start + _CHUNK, num_records))
-                except RuntimeError as e:
-                    raise DmaError(f"{path}: corrupted ArrayRecord file "
-                                   f"({_first_line(e)})") from None
-                for index, record in enumerate(records, start=start):
-                    where = f"{path}: record {index}"
-                    text = _utf8(record, where)
-                    yield text if text_field is None else _json_text(text, text_field, where)
-        finally:
+        with _local_copy(path) as local:
+            yield from _array_record_docs(ArrayRecordReader, path, local, text_field)
+
+
+def _array_record_docs(reader_cls, path: str, local: str, text_field: str | None) -> Iterator[str]:
+    reader = reader_cls(local)
+    if not reader.ok() or reader.num_records() == 0:
+        with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error
             reader.close()
+        raise DmaError(f"{path}: no readable records (empty, truncated or not ArrayRecord)")
+    num_records = reader.num_records()
+    try:
+        for start in range(0, num_records, _CHUNK):
+            try:
+                records = reader.read(start, min(start + _CHUNK, num_records))
+            except RuntimeError as e:
+                raise DmaError(f"{path}: corrupted ArrayRecord file "
+                               f"({_first_line(e)})") from None
+            for index, record in enumerate(records, start=start):
+                where = f"{path}: record {index}"
+                text = _utf8(record, where)
+                yield text if text_field is None else _json_text(text, text_field, where)
+    finally:
+        reader.close()
 
 
 def _utf8(data: bytes, where: str) -> str:

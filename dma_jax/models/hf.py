@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from dma_jax.config import ModelConfig
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file
+from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file, upath
 from dma_jax.train import LMDef, Params
 
 CONFIG_NAME = "config.json"
@@ -278,7 +278,7 @@ def export_hf(cfg: ModelConfig, params: Params, out_dir: str | Path) -> None:
     Each file is written to a temporary name and renamed; the weights go first, so a
     config.json next to them always describes complete weights.
     """
-    out = Path(out_dir)
+    out = upath(out_dir)
     stale = [p.name for p in (*out.glob("model-*-of-*.safetensors"), *out.glob(INDEX_NAME),
                               *out.glob("pytorch_model*.bin"))]
     if stale:

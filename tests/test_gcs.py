@@ -1,0 +1,183 @@
+"""`run.out_dir` and domain inputs on `gs://`, against a fake GCS (tests/fake_gcs.py: a local folder
+that refuses appends, reached through etils.epath and Orbax exactly as a real bucket would be).
+
+The pipeline test runs sample -> sweep -> cpt -> report once with a local `run.out_dir` and once with
+`gs://bkt/run`, each in a fresh process, and compares every output file byte for byte (CPT histories
+but for wall-clock timings): the gs:// code path is checked against the local one, not against itself.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import fake_gcs
+from dma_jax.config import load_config
+from dma_jax.data import sources
+from dma_jax.errors import DmaError
+from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, read_jsonl, upath
+from dma_jax.prepare import run_prepare
+from dma_jax.pretrain import run_pretrain
+
+TESTS = Path(__file__).resolve().parent
+DEMO = TESTS.parent / "configs" / "demo.yaml"
+OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.batch_size=8", "mesh.data=-1"]
+
+DRIVER = """
+import contextlib, json, sys
+sys.path.insert(0, sys.argv[4])
+import fake_gcs
+from dma_jax.cli import main
+config, over, gcs_root = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+cfg = ["--config", config, "--variant", "tiny", *over]
+commands = [["sample"], ["sweep"], ["cpt", "--policy", "regmix", "--seed", "0"], ["report"]]
+if gcs_root:  # and the stages only the gs:// run exercises, each twice (the second run finds it done)
+    commands += [["train-agent", "--stage", "sft"], ["cpt", "--policy", "agent-sft", "--seed", "0"],
+                 ["export", "target", "--policy", "agent-sft", "--seed", "0"]] * 2
+with fake_gcs.install(gcs_root) if gcs_root else contextlib.nullcontext():
+    for cmd in commands:
+        rc = main(["--no-progress", *cmd, *cfg])
+        if rc:
+            sys.exit(rc)
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gcs")
+    cfg = load_config(DEMO, OVER + [f"data.dir={root}/data", f"run.out_dir={root}/base"], variant="tiny")
+    run_prepare(cfg, progress=False)
+    for which in ("proxy", "target"):
+        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
+    return root
+
+
+def _run(base: Path, out: str, gcs_root: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               DMA_JAX_CACHE=os.environ.get("DMA_TEST_JAX_CACHE", "/tmp/dma_jax_test_jax_cache"))
+    over = OVER + [f"data.dir={base}/data", f"run.out_dir={out}", "agent.sft.steps=5"]
+    r = subprocess.run([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), gcs_root, str(TESTS)],
+                       env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for sub in ("sweep", "cpt", "report")
+            for p in sorted((out / sub).rglob("*")) if p.is_file() and "checkpoints" not in p.parts}
+
+
+@pytest.mark.slow
+def test_pipeline_on_gcs_equals_local(base, tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    bucket = tmp_path / "gcs" / "bkt" / "run"
+    bucket.mkdir(parents=True)
+    for which in ("proxy", "target"):
+        (local / f"pretrain-{which}").symlink_to(base / "base" / f"pretrain-{which}")
+        shutil.copytree(base / "base" / f"pretrain-{which}", bucket / f"pretrain-{which}")  # objects, no links
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    _run(base, str(local), "", cwd)
+    r = _run(base, "gs://bkt/run", str(tmp_path / "gcs"), cwd)
+    assert "gs://bkt/run/report/report.md" in r.stdout
+    assert fake_gcs.stray_local_paths(cwd) == []  # nothing took gs://... for a local path
+
+    on_gcs, on_disk = _files(bucket), _files(local)
+    agent_cpt = {"cpt/agent-sft/seed0/history.json", "cpt/agent-sft/seed0/records.jsonl"}
+    assert "sweep/offline/data.npz" in on_disk and set(on_gcs) == set(on_disk) | agent_cpt
+    for name, data in on_disk.items():
+        other = on_gcs[name]
+        if name.endswith((".json", ".md")):  # meta.json and report.md name the run folder
+            other = other.replace(b"gs://bkt/run", str(local).encode())
+        if name.endswith("history.json"):  # wall-clock timings are the one thing allowed to differ
+            a, b = json.loads(data), json.loads(other)
+            assert a.pop("timings") and b.pop("timings")
+            assert a == b, name
+        else:
+            assert data == other, f"{name}: the gs:// run wrote other bytes than the local run"
+
+    # The stages only the gs:// run had: their outputs are there, and the second pass found them done.
+    spec = json.loads((bucket / "agent" / "export-sft" / "agent_spec.json").read_text())
+    assert spec and (bucket / "agent" / "export-sft" / "checkpoint").is_dir()
+    steps = [r["step"] for r in read_jsonl(bucket / "agent" / "sft" / "metrics.jsonl")]
+    assert steps and len(steps) == len(set(steps))  # the second pass logged nothing twice
+    hist = json.loads((bucket / "cpt" / "agent-sft" / "seed0" / "history.json").read_text())
+    assert np.isfinite(hist["balanced"]).all()
+    assert (bucket / "export" / "target-agent-sft-seed0" / "hf").is_dir()
+    assert r.stdout.count("train-agent sft:") == 2 and r.stdout.count("export: target model") == 2
+
+
+@pytest.fixture
+def gcs(tmp_path):
+    with fake_gcs.install(tmp_path / "gcs") as root:
+        yield root
+
+
+def test_jsonl_log_on_gcs_writes_what_a_local_log_writes(gcs, tmp_path):
+    logs = [JsonlLog(tmp_path / "local" / "m.jsonl"), JsonlLog("gs://bkt/run/m.jsonl")]
+    for log in logs:
+        for step in (1, 2, 3):
+            log.append({"step": step, "loss": 1.0 / step})
+        log.truncate_after(2)  # a resume from the step-2 checkpoint
+        log.append({"step": 3, "loss": 0.25})
+    local, remote = (tmp_path / "local" / "m.jsonl").read_bytes(), (gcs / "bkt" / "run" / "m.jsonl").read_bytes()
+    assert remote == local and [r["step"] for r in read_jsonl("gs://bkt/run/m.jsonl")] == [1, 2, 3]
+    again = JsonlLog("gs://bkt/run/m.jsonl")  # a new process picks the object up and keeps appending
+    again.append({"step": 4})
+    assert [r["step"] for r in read_jsonl("gs://bkt/run/m.jsonl")] == [1, 2, 3, 4]
+    with pytest.raises(PermissionError):  # the fake really refuses appends: the log did not use them
+        upath("gs://bkt/run/m.jsonl").open("a")
+
+
+def test_json_and_paths_on_gcs(gcs):
+    atomic_write_json("gs://bkt/a/b.json", {"x": 1})
+    assert json.loads((gcs / "bkt" / "a" / "b.json").read_text()) == {"x": 1}
+    assert read_json_file("gs://bkt/a/b.json", "missing") == {"x": 1}
+    with pytest.raises(DmaError, match=r"^gs://bkt/a/nope.json: missing$"):
+        read_json_file("gs://bkt/a/nope.json", "missing")
+    assert str(upath("gs://bkt/a") / "b.json") == "gs://bkt/a/b.json"
+
+
+def test_domain_inputs_on_gcs_read_like_local_files(gcs, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    local = tmp_path / "corpus"
+    (local / "txt").mkdir(parents=True)
+    for i in range(3):
+        (local / "txt" / f"doc{i}.txt").write_text(f"document {i} \u00e9")
+    (local / "d.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    w = ArrayRecordWriter(str(local / "d.array_record"), "group_size:1")
+    for doc in ("alpha", "beta", "gamma"):
+        w.write(doc.encode())
+    w.close()
+    shutil.copytree(local, gcs / "bkt" / "corpus")
+    for read in (lambda root: list(sources.iter_text_files([f"{root}/txt/*.txt"])),
+                 lambda root: list(sources.iter_jsonl(f"{root}/d.jsonl")),
+                 lambda root: list(sources.iter_array_record_texts([f"{root}/*.array_record"]))):
+        assert read("gs://bkt/corpus") == read(str(local)) and read(str(local))
+    assert sources.expand_patterns(["gs://bkt/corpus/txt/doc1.txt", "gs://bkt/corpus/txt/*.txt"]) == [
+        f"gs://bkt/corpus/txt/doc{i}.txt" for i in (1, 0, 2)]
+    with pytest.raises(DmaError, match=r"^gs://bkt/corpus/\*\.parquet: pattern matches no file$"):
+        sources.expand_patterns(["gs://bkt/corpus/*.parquet"])
+    with pytest.raises(DmaError, match=r"^gs://bkt/nope.txt: file not found$"):
+        sources.expand_patterns(["gs://bkt/nope.txt"])
+
+
+def test_gs_paths_without_gcsfs_are_a_clear_error():
+    with pytest.raises(DmaError, match=r'run\.out_dir=gs://bkt/run: gs:// paths need an extra package .*"\.\[gcs\]"'):
+        load_config(DEMO, ["run.out_dir=gs://bkt/run"], variant="tiny")  # (gcsfs is not a test dependency)
+
+
+def test_data_dir_stays_local(gcs):
+    cfg = load_config(DEMO, ["run.out_dir=gs://bkt/run", "run.name=r1"], variant="tiny")
+    assert cfg.data_dir == "runs/r1/data"
+    with pytest.raises(DmaError, match=r"data\.dir=gs://bkt/data: the prepared shards must be on a local disk"):
+        load_config(DEMO, ["data.dir=gs://bkt/data"], variant="tiny")
