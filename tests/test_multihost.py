@@ -5,10 +5,13 @@ The data dir and the base proxy/target are prepared once, in this process, which
 single-process reference on 4 of its 8 fake devices; each run links the base models in.
 Process i gets DMA_COORDINATOR/DMA_NUM_PROCESSES/DMA_PROCESS_ID (the CLI's `jax.distributed.initialize`)
 and 2 fake CPU devices, so the sweep's `traj` mesh and CPT's `data` mesh span both processes.
+The two processes write to `run.out_dir=gs://bkt/multi`, a fake bucket (tests/fake_gcs.py) both reach
+as hosts of a pod slice reach a real one: checkpoints, logs and outputs all go through it.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+import fake_gcs
 from dma_jax import offline_data
 from dma_jax.config import load_config
 from dma_jax.cpt import run_cpt
@@ -32,13 +36,17 @@ POLICY = "fixed-0.3"
 OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "sweep.chunk_size=4", "cpt.batch_size=4",
         "mesh.data=-1"]
 
+TESTS = Path(__file__).resolve().parent
 DRIVER = """
 import json, sys
+sys.path.insert(0, sys.argv[4])
+import fake_gcs
 from dma_jax.cli import main
 config, over = sys.argv[1], json.loads(sys.argv[2])
 common = ["--no-progress"]
-rc = main(common + ["sweep", "--config", config, "--variant", "tiny", *over])
-rc = rc or main(common + ["cpt", "--config", config, "--variant", "tiny", "--policy", "%s", "--seed", "0", *over])
+with fake_gcs.install(sys.argv[3]):
+    rc = main(common + ["sweep", "--config", config, "--variant", "tiny", *over])
+    rc = rc or main(common + ["cpt", "--config", config, "--variant", "tiny", "--policy", "%s", "--seed", "0", *over])
 sys.exit(rc)
 """ % POLICY
 
@@ -69,8 +77,12 @@ def _run_dir(root: Path, name: str) -> tuple[Path, list[str]]:
 
 
 def _launch(root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
-    """Run the driver in `n_proc` processes; returns the run's out_dir."""
-    out, over = _run_dir(root, name)
+    """Run the driver in `n_proc` processes on `gs://bkt/<name>` (a fake bucket); returns its local folder."""
+    gcs = root / "gcs"
+    out = gcs / "bkt" / name
+    for which in ("proxy", "target"):  # objects, not links
+        shutil.copytree(root / "base" / f"pretrain-{which}", out / f"pretrain-{which}")
+    over = OVER + [f"data.dir={root}/data", f"run.out_dir=gs://bkt/{name}"]
     port = _free_port()
     procs = []
     for i in range(n_proc):
@@ -81,7 +93,8 @@ def _launch(root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
             env.pop(k, None)
         if n_proc > 1:
             env.update(DMA_COORDINATOR=f"localhost:{port}", DMA_NUM_PROCESSES=str(n_proc), DMA_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), str(gcs), str(TESTS)],
+                                      env=env, cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -104,6 +117,7 @@ def test_two_processes_match_one_process(base):
     run_sweep(cfg, devices=jax.devices()[:4], progress=False)
     run_cpt(cfg, POLICY, 0, devices=jax.devices()[:4], progress=False)
     multi = _launch(base, "multi", 2, 2)
+    assert fake_gcs.stray_local_paths(base) == []  # nothing took gs://... for a local path
 
     a = offline_data.load(single / "sweep" / "offline")
     b = offline_data.load(multi / "sweep" / "offline")
