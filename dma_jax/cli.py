@@ -178,7 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise DmaError(f"bench: --memory-budget-gb {budget}: must be a positive number of GiB")
     cfg = _load(args)
-    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / ("bench-quick.json" if args.quick else "bench.json")
+    out = upath(args.out) if args.out else upath(cfg.run.out_dir) / ("bench-quick.json" if args.quick else "bench.json")
     results = run_bench(args.quick, args.memory_budget_gb, out, cfg, ns=args.n, progress=not args.no_progress)
     print(format_table(results))
     print(f"bench: results in {out}")

@@ -130,6 +130,9 @@ class Study:
         self.config, self.variant, self.plan, self.progress, self.command = config, variant, plan, progress, command
         self.overrides = [*overrides, *plan.overrides]
         self.base = load_config(config, self.overrides, variant)
+        if "://" in self.base.run.out_dir:  # sub-runs share main/'s outputs through symlinks
+            raise DmaError(f"run.out_dir={self.base.run.out_dir}: the study runs in a local folder "
+                           "(copy it to a bucket afterwards)")
         self.root = Path(self.base.run.out_dir)
         self.results = Path(results) if results else self.root / "RESULTS.md"
         self.runs = sub_runs(self.base, plan)

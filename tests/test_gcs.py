@@ -181,3 +181,10 @@ def test_data_dir_stays_local(gcs):
     assert cfg.data_dir == "runs/r1/data"
     with pytest.raises(DmaError, match=r"data\.dir=gs://bkt/data: the prepared shards must be on a local disk"):
         load_config(DEMO, ["data.dir=gs://bkt/data"], variant="tiny")
+
+
+def test_study_says_it_runs_locally(gcs):
+    from dma_jax.study import run_study
+
+    with pytest.raises(DmaError, match=r"^run\.out_dir=gs://bkt/s: the study runs in a local folder"):
+        run_study(None, ["run.out_dir=gs://bkt/s"], None, quick=True, progress=False)
