@@ -177,6 +177,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                 "base_raw": {k: v.tolist() for k, v in base_raw.items()},
                 "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
                 "policy": policy_name, "seed": seed, "rejected": safe.rejected}
+        records_log.flush()
         ckpt.save(t + 1, state, meta=meta, data=mixer.get_state())
         maybe_fault("cpt.stage_done")
         if stop_requested():  # SIGTERM: this re-weighting step is checkpointed; stop here

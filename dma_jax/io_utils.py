@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -103,30 +104,46 @@ class NullLog:
     def append(self, record: dict) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
 
 class JsonlLog:
     """Append-only metrics log; `truncate_after(step)` on resume drops records past the checkpoint.
-    Remote (`gs://`): the records are kept in memory and the whole object rewritten per append."""
+    Remote (`gs://`): the records are kept in memory and the whole object is rewritten at most
+    every `flush_every_s` seconds and on `flush()`, which the stages call before every checkpoint
+    save (a resume truncates to the checkpoint's step, so nothing logged before it is lost)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, flush_every_s: float = 60.0):
         self.path = upath(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records = read_jsonl(self.path) if is_remote(self.path) else None
+        self._flush_every_s, self._written, self._dirty = flush_every_s, time.monotonic(), False
 
     def truncate_after(self, step: int) -> None:
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         rewrite_jsonl(self.path, kept)
         if self._records is not None:
-            self._records = kept
+            self._records, self._dirty = kept, False
+            self._written = time.monotonic()
 
     def append(self, record: dict) -> None:
         if self._records is not None:
             self._records.append(record)
-            rewrite_jsonl(self.path, self._records)
+            self._dirty = True
+            if time.monotonic() - self._written >= self._flush_every_s:
+                self.flush()
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
+
+
+    def flush(self) -> None:
+        """Remote: write the whole log now if it changed (local appends are written at once)."""
+        if self._records is not None and self._dirty:
+            rewrite_jsonl(self.path, self._records)
+            self._written, self._dirty = time.monotonic(), False
 
 
 def read_json_file(path: str | os.PathLike, missing: str) -> Any:

@@ -134,6 +134,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
                 if pending is not None:
                     flush(pending)
                     pending = None
+                metrics_log.flush()
                 ckpt.save(done, state, meta=meta)
             if stop.stop:
                 stopped_early = True
@@ -141,6 +142,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
                 break
     if pending is not None:
         flush(pending)
+    metrics_log.flush()
     bar.close()
     ckpt.close()
     final_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r] if primary else []

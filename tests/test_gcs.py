@@ -122,15 +122,20 @@ def gcs(tmp_path):
 
 
 def test_jsonl_log_on_gcs_writes_what_a_local_log_writes(gcs, tmp_path):
-    logs = [JsonlLog(tmp_path / "local" / "m.jsonl"), JsonlLog("gs://bkt/run/m.jsonl")]
+    remote = gcs / "bkt" / "run" / "m.jsonl"
+    logs = [JsonlLog(tmp_path / "local" / "m.jsonl"), JsonlLog("gs://bkt/run/m.jsonl", flush_every_s=float("inf"))]
     for log in logs:
         for step in (1, 2, 3):
             log.append({"step": step, "loss": 1.0 / step})
+    assert not remote.exists()  # buffered: a GCS object is rewritten whole, not per line
+    for log in logs:
+        log.flush()  # what the stages do before a checkpoint save
         log.truncate_after(2)  # a resume from the step-2 checkpoint
         log.append({"step": 3, "loss": 0.25})
-    local, remote = (tmp_path / "local" / "m.jsonl").read_bytes(), (gcs / "bkt" / "run" / "m.jsonl").read_bytes()
-    assert remote == local and [r["step"] for r in read_jsonl("gs://bkt/run/m.jsonl")] == [1, 2, 3]
-    again = JsonlLog("gs://bkt/run/m.jsonl")  # a new process picks the object up and keeps appending
+        log.flush()
+    local = (tmp_path / "local" / "m.jsonl").read_bytes()
+    assert remote.read_bytes() == local and [r["step"] for r in read_jsonl("gs://bkt/run/m.jsonl")] == [1, 2, 3]
+    again = JsonlLog("gs://bkt/run/m.jsonl", flush_every_s=0)  # a new process picks the object up; writes at once
     again.append({"step": 4})
     assert [r["step"] for r in read_jsonl("gs://bkt/run/m.jsonl")] == [1, 2, 3, 4]
     with pytest.raises(PermissionError):  # the fake really refuses appends: the log did not use them

@@ -190,12 +190,14 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
             if not bool(_all_finite(state)):
                 raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {done}; last good checkpoint: "
                                f"step {ckpt.latest_step()} in {ckpt.directory}")
+            metrics_log.flush()
             ckpt.save(done, state, meta=meta, check_finite=False)  # checked above in one compiled program
         if stop:
             bar.close()
             ckpt.close()
             raise Preempted(f"agent {stage}: stopped by SIGTERM at step {done}/{total} (checkpoint in "
                             f"{ckpt.directory}); re-run the same command to resume")
+    metrics_log.flush()
     bar.close()
     ckpt.close()
     return dict(extra, stage=stage, out_dir=str(out), steps=total, resumed_from=start,
