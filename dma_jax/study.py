@@ -12,6 +12,9 @@ share (prepared data, base models, sweep, trained agent) is a relative symlink i
   gen-code/       (3a) the math-trained agent, unchanged, on the code field (source + code domains)
   gen-domains/    (3b) ... on a space without every second source domain (another D)
   gen-large/      (3c) ... on a larger target model (pre-trained there)
+  wide-sweep/     (2b) a second sweep whose trajectories drift faster toward the target field
+                  (`sweep.sampler.drift_rate_range` of the plan), agents trained on it, and the
+                  policies that read a sweep, compared with main's other baselines (the same runs)
   cql-alpha-<a>/  (4) CQL retrained from main's SFT actor with penalty weight a
   no-feedback/    (4) SFT + CQL with the feedback features masked (mixture history only)
   fidelity/       (5) proxies trained along static mixtures and sampled trajectories, and the target
@@ -50,6 +53,10 @@ class Plan:
     n_static: int = 8  # fidelity: static mixtures, target share evenly spaced in [0, 1]
     n_sampled: int = 4  # fidelity: sweep trajectories at evenly spaced return quantiles
     fidelity_seeds: tuple[int, ...] = (0,)
+    # 2b: the main sweep's drift (0, 0.1) per step was set for long horizons; in T=5 steps its trajectories
+    # end at a median 21% target share, below the fixed-0.3 baseline. The wide sweep's reach 52% (q90 74%).
+    wide_drift: tuple[float, float] | None = (0.0, 0.3)
+    wide_policies: tuple[str, ...] = ("regmix", "replay-best", "agent-sft", "agent-cql")
     side_seeds: tuple[int, ...] | None = None  # seeds of the generalisation and ablation runs (None: cpt.seeds)
     no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
     overrides: tuple[str, ...] = ()
@@ -60,6 +67,7 @@ FULL = Plan()
 # traces its train step and evaluation anew, seconds each; a new CQL alpha or model size compiles anew).
 QUICK = Plan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
              cql_alphas=(0.0,), n_static=3, n_sampled=1, side_seeds=(0,), no_feedback_policies=("agent-cql",),
+             wide_policies=("agent-cql",),
              overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]",))
 
 
@@ -92,6 +100,12 @@ def sub_runs(cfg: Config, plan: Plan) -> list[SubRun]:
         SubRun("gen-large", "gen", "(c) larger target model", plan.large_target, plan.gen_policies, side,
                ("sweep", "agent")),
     ]
+    if plan.wide_drift is not None:
+        lo, hi = plan.wide_drift
+        runs.insert(1, SubRun("wide-sweep", "coverage", f"Wider sweep: drift_rate_range [{lo:g}, {hi:g}] per step",
+                              (f"sweep.sampler.drift_rate_range=[{lo}, {hi}]",
+                               f"cpt.policies=[{', '.join(plan.wide_policies)}]"),
+                              plan.wide_policies, seeds, ("pretrain-proxy", "pretrain-target"), ("sft", "cql")))
     for a in plan.cql_alphas:
         if a != alpha:
             runs.append(SubRun(f"cql-alpha-{a:g}", "ablation", f"CQL, alpha={a:g}", (f"agent.cql.alpha={a}",),
@@ -164,7 +178,7 @@ class Study:
         from dma_jax.agent.runner import SPEC_FILE, export_agent, run_train_agent
 
         out = Path(cfg.run.out_dir) / "agent"
-        dataset = self.root / "main" / "sweep" / "offline"
+        dataset = Path(cfg.run.out_dir) / "sweep" / "offline"  # main's (a link) but in main and wide-sweep
         for stage in stages:
             steps = (cfg.agent.sft if stage == "sft" else cfg.agent.cql).steps
             if _latest_step(out / stage / "checkpoints") != steps:
@@ -212,6 +226,8 @@ class Study:
             self._pretrain(cfg, "target")
         elif sub.name == "fidelity":
             self._fidelity_trajectories(cfg)
+            self._sweep(cfg)
+        elif sub.name == "wide-sweep":
             self._sweep(cfg)
         self._agent(cfg, sub.agent_stages)
         self._cpt(cfg, sub, self._source_subset(cfg) if sub.name == "gen-domains" else None)

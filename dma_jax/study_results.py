@@ -189,6 +189,35 @@ def _comparison(study, sub, level: str) -> tuple[list[str], dict | None]:
     return lines + [_plots(study.root, sub.name, study.results), ""], p
 
 
+def _wide(study) -> tuple[list[str], list[str]]:
+    """2b: the wider sweep's policies next to main's sweep-independent baselines (the same CPT runs)."""
+    sub = next((s for s in study.runs if s.part == "coverage"), None)
+    if sub is None:
+        return [], []
+    main = next(s for s in study.runs if s.name == "main")
+    runs, n, want = sub_status(study.root, sub)
+    main_runs, m, m_want = sub_status(study.root, main)
+    lines = ["### 2b. " + sub.title, "",
+             "The same comparison with a second sweep (same proxies, seeds and N) whose trajectories drift faster "
+             f"toward the {study.base.cpt.target_field} field; the policies that read a sweep (RegMix, replay-best, "
+             "the agents) use it, the other baselines are main's runs.", ""]
+    if n < want or m < m_want:
+        return lines + _not_run(n, want), []
+    both = runs + [r for r in main_runs if r.policy not in sub.policies]
+    best = best_baseline(both)
+    p = paired(runs, AGENT, both, best) if best and AGENT in sub.policies else None
+    p_main = paired(runs, AGENT, main_runs, AGENT) if AGENT in sub.policies else None
+    lines += policy_table(both) + [""]
+    reading = []
+    if p:
+        lines.append(f"Paired by seed, final balanced score: {_paired_line(p)}")
+        reading.append(f"- Wider sweep (2b): {_paired_line(p)}")
+    if p_main:
+        lines.append(f"Against main's agent (narrow sweep): {_paired_line(p_main)}")
+        reading.append(f"- Wider sweep (2b) vs narrow sweep, same agent recipe: {_paired_line(p_main)}")
+    return lines + ["", _plots(study.root, sub.name, study.results), "", *_coverage(study, sub.name), ""], reading
+
+
 def _ablations(study) -> tuple[list[str], list[str]]:
     from dma_jax.report import summary_table
 
@@ -288,16 +317,16 @@ def _scatter(x_K, y_K, kinds_K, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _coverage(study) -> list[str]:
+def _coverage(study, name: str = "main") -> list[str]:
     """Where the agent's target share sits relative to the sweep's trajectories, step by step."""
     from dma_jax import offline_data
 
-    main = next(s for s in study.runs if s.name == "main")
-    runs, n, want = sub_status(study.root, main)
+    sub = next(s for s in study.runs if s.name == name)
+    runs, n, want = sub_status(study.root, sub)
     mine = [r for r in runs if r.policy == AGENT]
     if n < want or not mine:
         return []
-    ds = offline_data.load(study.root / "main" / "sweep" / "offline")
+    ds = offline_data.load(study.root / name / "sweep" / "offline")
     tf = study.base.cpt.target_field
     sweep_NxT = ds.actions[..., [f == tf for f in ds.meta["domain_fields"]]].sum(-1)
     lo_T, hi_T = np.quantile(sweep_NxT, 0.05, axis=0), np.quantile(sweep_NxT, 0.95, axis=0)
@@ -308,7 +337,7 @@ def _coverage(study) -> list[str]:
         inside += int(((share_T >= lo_T[at_T]) & (share_T <= hi_T[at_T])).sum())
         total += share_T.size
         shares.append(share_T)
-    return [f"- Coverage: {AGENT}'s {tf} share per step (mean over seeds: "
+    return [f"- Coverage ({name}): {AGENT}'s {tf} share per step (mean over seeds: "
             + ", ".join(f"{v:.2f}" for v in np.mean(shares, 0)) + f") lies inside the sweep's 5–95% band at that "
             f"step in {inside} of {total} steps (sweep band: "
             + ", ".join(f"{a:.2f}–{b:.2f}" for a, b in zip(lo_T, hi_T)) + ")."]
@@ -321,6 +350,9 @@ def write_results(study) -> Path:
     body, p_main = _comparison(study, main, "###")
     lines += body[2:]
     reading = [f"- Main ({study.base.cpt.target_field}): " + (_paired_line(p_main) if p_main else "not run yet.")]
+    body, more = _wide(study)
+    lines += body
+    reading += more
     lines += ["## 3. Generalisation without retraining", "",
               "The main run's agent, unchanged, against the baselines that need no sweep of the new setting.", ""]
     for sub in (s for s in study.runs if s.part == "gen"):

@@ -117,12 +117,21 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     first = time.perf_counter() - t0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not run yet" not in text.lower()
-    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "(a) code target field", "(c) larger target",
+    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "### 2b. Wider sweep", "(a) code target field",
+                    "(c) larger target",
                     "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "95% bootstrap CI"):
         assert heading in text
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
                 "fidelity/fidelity.png"):
         assert (tmp_path / png).is_file() and f"]({png})" in text
+    # 2b: the wider sweep drifts further toward the target field, and its agent learned from it, not from main's.
+    shares = {}
+    for name in ("main", "wide-sweep"):
+        ds = od.load(tmp_path / name / "sweep" / "offline")
+        shares[name] = ds.actions[:, -1, [f == "math" for f in ds.meta["domain_fields"]]].sum(-1).mean()
+        spec = json.loads((tmp_path / name / "agent" / "export-cql" / "agent_spec.json").read_text())
+        assert spec["trained_on"]["dataset_sha256"] == ds.meta["data_sha256"]
+    assert shares["wide-sweep"] > shares["main"] + 0.05, shares
     # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
     code = collect(tmp_path / "gen-code" / "cpt")
     assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
