@@ -12,6 +12,8 @@ share (prepared data, base models, sweep, trained agent) is a relative symlink i
   gen-code/       (3a) the math-trained agent, unchanged, on the code field (source + code domains)
   gen-domains/    (3b) ... on a space without every second source domain (another D)
   gen-large/      (3c) ... on a larger target model (pre-trained there)
+  (2c)            main's and wide-sweep's final models re-scored on every benchmark item
+                  (rescore-<items>x<windows>.json next to each CPT history)
   wide-sweep/     (2b) a second sweep whose trajectories drift faster toward the target field
                   (`sweep.sampler.drift_rate_range` of the plan), agents trained on it, and the
                   policies that read a sweep, compared with main's other baselines (the same runs)
@@ -57,6 +59,10 @@ class Plan:
     # end at a median 21% target share, below the fixed-0.3 baseline. The wide sweep's reach 52% (q90 74%).
     wide_drift: tuple[float, float] | None = (0.0, 0.3)
     wide_policies: tuple[str, ...] = ("regmix", "replay-best", "agent-sft", "agent-cql")
+    # 2c: main's and wide-sweep's final models re-scored on all benchmark items (CPT's feedback uses 16 per field:
+    # one item = 0.016 of the balanced score) and more held-out windows (dma_jax/rescore.py)
+    rescore_items: int | None = 200
+    rescore_windows: int = 16
     side_seeds: tuple[int, ...] | None = None  # seeds of the generalisation and ablation runs (None: cpt.seeds)
     no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
     overrides: tuple[str, ...] = ()
@@ -67,7 +73,7 @@ FULL = Plan()
 # traces its train step and evaluation anew, seconds each; a new CQL alpha or model size compiles anew).
 QUICK = Plan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
              cql_alphas=(0.0,), n_static=3, n_sampled=1, side_seeds=(0,), no_feedback_policies=("agent-cql",),
-             wide_policies=("agent-cql",),
+             wide_policies=("agent-cql",), rescore_items=8, rescore_windows=4,
              overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]",))
 
 
@@ -231,6 +237,12 @@ class Study:
             self._sweep(cfg)
         self._agent(cfg, sub.agent_stages)
         self._cpt(cfg, sub, self._source_subset(cfg) if sub.name == "gen-domains" else None)
+        if sub.name in ("main", "wide-sweep") and self.plan.rescore_items:
+            from dma_jax.cpt import cpt_dir
+            from dma_jax.rescore import rescore_runs
+
+            rescore_runs(cfg, [cpt_dir(cfg) / p / f"seed{s}" for p in sub.policies for s in sub.seeds],
+                         self.plan.rescore_items, self.plan.rescore_windows)
 
     def _source_subset(self, cfg: Config):
         """Source domains 0, k, 2k, ... and every domain of the target field: a space with another D."""

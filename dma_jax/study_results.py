@@ -218,6 +218,56 @@ def _wide(study) -> tuple[list[str], list[str]]:
     return lines + ["", _plots(study.root, sub.name, study.results), "", *_coverage(study, sub.name), ""], reading
 
 
+def _rescored(study) -> tuple[list[str], list[str]]:
+    """2c: the final models of main (and wide-sweep) on every benchmark item (rescore-*.json)."""
+    from dma_jax.io_utils import read_json_file
+
+    items, windows = study.plan.rescore_items, study.plan.rescore_windows
+    if not items:
+        return [], []
+    subs = [s for s in study.runs if s.name in ("main", "wide-sweep")]
+    lines = [f"### 2c. Re-scored on up to {items} benchmark items per field", "",
+             f"CPT's scores use {study.base.eval.benchmark_items_per_field} items per field (one item = "
+             f"{study.base.eval.acc_weight / study.base.eval.benchmark_items_per_field:.3f} of a field score); here "
+             f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
+             f"{windows} held-out windows per domain (`dma_jax/rescore.py`). The agents chose their mixtures from "
+             "feedback on the first of these items; the rest they never saw.", ""]
+    docs = {}
+    for sub in subs:
+        tag = "" if sub.name == "main" else " (wide)"
+        for p in sub.policies:
+            for s in sub.seeds:
+                path = study.root / sub.name / "cpt" / p / f"seed{s}" / f"rescore-{items}x{windows}.json"
+                if not path.is_file():
+                    return lines + ["Not run yet.", ""], []
+                docs[(p + tag, s)] = read_json_file(path, "missing")
+    fields = [*next(iter(docs.values()))["fields"], "balanced"]
+    value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
+    policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
+                                                                      if q == p]))
+    n_items = next(iter(docs.values()))["items"]
+    lines += [f"Items per field: {', '.join(f'{f} {n}' for f, n in n_items.items())}.", "",
+              "| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
+    for p in policies:
+        rows = [d for (q, _), d in docs.items() if q == p]
+        cells = [np.array([value(d, f) for d in rows]) for f in fields]
+        lines.append(f"| {p} | {len(rows)} | " + " | ".join(
+            _cell(c.mean(), c.std(ddof=1) if c.size > 1 else 0.0, c.size) for c in cells) + " |")
+    best = next((p for p in policies if not p.startswith("agent-")), None)
+    reading = []
+    for agent in (p for p in policies if p.startswith(AGENT)):
+        seeds = sorted(s for (q, s) in docs if q == agent and (best, s) in docs)
+        if not best or not seeds:
+            continue
+        d_N = np.array([docs[(agent, s)]["balanced"] - docs[(best, s)]["balanced"] for s in seeds])
+        lo, hi = bootstrap_ci(d_N)
+        p = {"a": agent, "b": best, "seeds": seeds, "mean": float(d_N.mean()), "lo": lo, "hi": hi,
+             "wins": int((d_N > 0).sum())}
+        lines += ["", f"Paired by seed: {_paired_line(p)}"]
+        reading.append(f"- Re-scored on all items (2c): {_paired_line(p)}")
+    return lines + [""], reading
+
+
 def _ablations(study) -> tuple[list[str], list[str]]:
     from dma_jax.report import summary_table
 
@@ -351,6 +401,9 @@ def write_results(study) -> Path:
     lines += body[2:]
     reading = [f"- Main ({study.base.cpt.target_field}): " + (_paired_line(p_main) if p_main else "not run yet.")]
     body, more = _wide(study)
+    lines += body
+    reading += more
+    body, more = _rescored(study)
     lines += body
     reading += more
     lines += ["## 3. Generalisation without retraining", "",

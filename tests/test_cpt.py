@@ -159,3 +159,24 @@ def test_import_hf_as_base_target(run, tmp_path):
     bad = load_config(DEMO, over + [f"run.out_dir={tmp_path / 'run2'}", "target.d_ff=96"], variant="tiny")
     with pytest.raises(DmaError, match=r"set target.d_ff=128"):
         export.import_target(bad, str(tmp_path / "hf"))
+
+
+def test_rescore_at_cpt_settings_gives_the_history_scores(run):
+    """Second code path: re-scoring a finished run's final checkpoint on CPT's own eval settings reproduces the
+    final field scores CPT computed in its loop; a larger set is recorded and read back without re-evaluating."""
+    from dma_jax.rescore import rescore_runs
+
+    cfg, _ = run
+    doc = cpt_mod.run_cpt(cfg, "fixed-0.3", 0, devices=jax.devices()[:1], progress=False)
+    out = cpt_mod.cpt_dir(cfg) / "fixed-0.3" / "seed0"
+    ec = cfg.eval
+    (same,) = rescore_runs(cfg, [out], ec.benchmark_items_per_field, ec.heldout_windows_per_domain)
+    np.testing.assert_allclose([same["field_scores"][f] for f in same["fields"]], doc["field_scores"][-1],
+                               rtol=0, atol=1e-6)
+    assert same["balanced"] == pytest.approx(doc["balanced"][-1], abs=1e-6)
+    (more,) = rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain)
+    path = out / f"rescore-100x{2 * ec.heldout_windows_per_domain}.json"
+    assert path.is_file() and more["items"] == {"source": 5, "math": 8}  # tiny: 8 per field, 3 source ones too long
+    stamp = path.stat().st_mtime_ns
+    assert rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain) == [more]
+    assert path.stat().st_mtime_ns == stamp

@@ -117,7 +117,8 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     first = time.perf_counter() - t0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not run yet" not in text.lower()
-    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "### 2b. Wider sweep", "(a) code target field",
+    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "### 2b. Wider sweep", "### 2c. Re-scored",
+                    "(a) code target field",
                     "(c) larger target",
                     "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "95% bootstrap CI"):
         assert heading in text
@@ -132,6 +133,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         spec = json.loads((tmp_path / name / "agent" / "export-cql" / "agent_spec.json").read_text())
         assert spec["trained_on"]["dataset_sha256"] == ds.meta["data_sha256"]
     assert shares["wide-sweep"] > shares["main"] + 0.05, shares
+    # 2c: every main and wide-sweep run was re-scored (each file equal to its run's own re-evaluation: test_cpt.py).
+    assert len(list(tmp_path.glob("main/cpt/*/seed*/rescore-8x4.json"))) == 3 * 2  # 3 policies x 2 seeds
+    assert len(list(tmp_path.glob("wide-sweep/cpt/*/seed*/rescore-8x4.json"))) == 2
     # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
     code = collect(tmp_path / "gen-code" / "cpt")
     assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
