@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo study test clean
+.PHONY: install install-test demo study test test-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,11 @@ study: install
 
 test: install-test
 	$(BIN)/ruff check --select F,E9 dma_jax tests
-	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not nightly" --durations=15 $(PYTEST_ARGS)
+
+test-all: install-test  # also the `nightly` tests (~4 min more on 2 cores)
+	$(BIN)/ruff check --select F,E9 dma_jax tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs demo_out

@@ -77,7 +77,7 @@ def _cli_run(root: Path, out: Path, n_devices: int) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_devices", [1, 8])
+@pytest.mark.parametrize("n_devices", [1, pytest.param(8, marks=pytest.mark.nightly)])
 def test_two_runs_give_identical_files(base, n_devices):
     out = _run_dir(base, f"twice-{n_devices}")  # the same out_dir both times: the configs are identical
     first, second = _cli_run(base, out, n_devices), _cli_run(base, out, n_devices)
@@ -95,6 +95,7 @@ def test_two_runs_give_identical_files(base, n_devices):
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_sweep_on_one_device_equals_eight_devices(base, tmp_path):
     """8 proxies in one chunk: all on one device vs one per device (sweep.devices) -> the same arrays.
 

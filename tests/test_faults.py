@@ -152,6 +152,7 @@ def _agent_outputs(run: Path) -> dict:
     return out
 
 
+@pytest.mark.nightly
 def test_train_agent_survives_three_sigkills_and_a_sigterm(base, sweep_ref, tmp_path):
     from dma_jax.agent.runner import export_agent, run_train_agent
 
