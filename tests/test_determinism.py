@@ -12,14 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from base_world import prepared_base
 
 from dma_jax import offline_data
 from dma_jax.config import load_config
-from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import run_pretrain
 from dma_jax.sweep import run_sweep
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -41,12 +39,7 @@ for cmd in (["sample"], ["sweep"], ["cpt", *pol, "--seed", "0"], ["report"]):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("determinism")
-    cfg = load_config(DEMO, OVER + [f"data.dir={root}/data", f"run.out_dir={root}/base"], variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
-    return root
+    return prepared_base(tmp_path_factory.mktemp("determinism"), OVER)
 
 
 def _run_dir(root: Path, name: str) -> Path:

@@ -13,17 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 import fake_gcs
+from base_world import prepared_base
 from dma_jax.config import load_config
 from dma_jax.data import sources
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, read_jsonl, upath
-from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import run_pretrain
 
 TESTS = Path(__file__).resolve().parent
 DEMO = TESTS.parent / "configs" / "demo.yaml"
@@ -33,6 +31,7 @@ DRIVER = """
 import contextlib, json, sys
 sys.path.insert(0, sys.argv[4])
 import fake_gcs
+from base_world import prepared_base
 from dma_jax.cli import main
 config, over, gcs_root = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 cfg = ["--config", config, "--variant", "tiny", *over]
@@ -50,12 +49,7 @@ with fake_gcs.install(gcs_root) if gcs_root else contextlib.nullcontext():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gcs")
-    cfg = load_config(DEMO, OVER + [f"data.dir={root}/data", f"run.out_dir={root}/base"], variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
-    return root
+    return prepared_base(tmp_path_factory.mktemp("gcs"), OVER)
 
 
 def _run(base: Path, out: str, gcs_root: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -28,6 +28,7 @@ from etils import epath
 from dma_jax.errors import DmaError
 
 _CHUNK = 512  # records read per call from a random-access source
+_TFDS_SPLIT_ERRORS = (ValueError, NotImplementedError)  # what TFDS raises for an unknown split or file format
 
 
 def expand_patterns(patterns: Sequence[str], what: str = "file") -> list[str]:
@@ -125,7 +126,7 @@ def iter_tfds(name: str, split: str, data_dir: str | os.PathLike | None,
                        "with file_format='array_record')")
     try:
         source = builder.as_data_source(split=split)
-    except (ValueError, NotImplementedError) as e:  # TFDS raises these for an unknown split or file format
+    except _TFDS_SPLIT_ERRORS as e:
         raise DmaError(f"{where}, split {split!r}: {_first_line(e)}") from None
     for start in range(0, len(source), _CHUNK):
         examples = source.__getitems__(range(start, min(start + _CHUNK, len(source))))
