@@ -31,10 +31,12 @@ study: install
 
 test: install-test
 	$(BIN)/ruff check --select F,E9 dma_jax tests
+	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not nightly" --durations=15 $(PYTEST_ARGS)
 
 test-all: install-test  # also the `nightly` tests (~4 min more on 2 cores)
 	$(BIN)/ruff check --select F,E9 dma_jax tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 clean:
