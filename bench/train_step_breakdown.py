@@ -18,7 +18,8 @@ import numpy as np
 from dma_jax import measure
 from dma_jax.config import MeshConfig, load_config
 from dma_jax.models.lm import flops_per_token
-from dma_jax.train import LMDef, Trainer, batch_from_tokens, loss_fn
+from dma_jax.models.lm import LMDef
+from dma_jax.train import Trainer, batch_from_tokens, loss_fn
 
 
 def best_of(fn, *args, reps: int = 7) -> float:

@@ -126,20 +126,20 @@ def cmd_cpt(args: argparse.Namespace) -> int:
     seeds = args.seed if args.seed is not None else list(cfg.cpt.seeds)
     for name in policies:
         for seed in seeds:
-            doc = run_cpt(cfg, name, seed, progress=not args.no_progress)
-            final = doc["field_scores"][-1]
-            fields = ", ".join(f"{f} {v:.4f}" for f, v in zip(doc["fields"], final))
-            print(f"cpt {name} seed {seed}: {fields}; balanced {doc['balanced'][-1]:.4f}")
+            h = run_cpt(cfg, name, seed, progress=not args.no_progress)
+            fields = ", ".join(f"{f} {v:.4f}" for f, v in zip(h.fields, h.field_scores_T1xF[-1]))
+            print(f"cpt {name} seed {seed}: {fields}; balanced {h.balanced_T1[-1]:.4f}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dma_jax.cpt import cpt_dir
     from dma_jax.report import write_report
+    from dma_jax.runs import RunDir
 
     cfg = _load(args)
-    out = upath(args.out) if args.out else upath(cfg.run.out_dir) / "report"
-    path = write_report(cpt_dir(cfg), out, title=f"{cfg.run.name}: continual pre-training report")
+    run = RunDir(cfg)
+    out = upath(args.out) if args.out else run.report
+    path = write_report(run.cpt, out, title=f"{cfg.run.name}: continual pre-training report")
     print(f"report: {path} (plots: {out / 'mixtures.png'}, {out / 'scores.png'})")
     return 0
 

@@ -15,8 +15,6 @@ record id) of every training example, by step) and `checkpoints/`.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,33 +25,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dma_jax import evaluation as ev
+from dma_jax import history as hist_format
 from dma_jax import sharding as shd
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.mixer import DomainMixer
 from dma_jax.errors import DmaError
+from dma_jax.history import RunHistory
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_json, upath
+from dma_jax.io_utils import JsonlLog, NullLog
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
-from dma_jax.pretrain import load_base_params
-from dma_jax.sweep import build_space_eval_set
-from dma_jax.train import Trainer, TrainState
+from dma_jax.runs import RunDir
+from dma_jax.train import Trainer, TrainState, load_base_params, shared_trainer
 
 log = logging.getLogger(__name__)
-
-HISTORY_FORMAT = "dma-cpt-history-v1"
-
-
-def cpt_dir(cfg: Config) -> AnyPath:
-    return upath(cfg.run.out_dir) / "cpt"
-
-
-def agent_export_dirs(cfg: Config) -> dict[str, Path]:
-    base = upath(cfg.run.out_dir) / "agent"
-    return {"agent-sft": base / "export-sft", "agent-cql": base / "export-cql"}
-
 
 def _decode(record) -> dict:
     return {"tokens": record["tokens"], "segment_ids": record["segment_ids"]}
@@ -69,46 +56,28 @@ class _CurrentWeights:
         return self.weights
 
 
-@functools.lru_cache(maxsize=8)
-def _shared_trainer(*shape) -> Trainer:
-    """One Trainer (AOT-compiled step, no training state) per configuration and shape, so a process running many
-    CPT runs (`dma cpt`, `dma study`) traces and compiles it once instead of once per run."""
-    return Trainer(*shape)
-
-
-@functools.lru_cache(maxsize=8)
-def _shared_evaluate(trainer: Trainer, batch_size: int):
-    lm = trainer.lm
-    return jax.jit(lambda p, es: ev.evaluate(lm, p, es, batch_size))
-
-
 @stop_on_sigterm
 def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bool = True,
-            space: DomainSpace | None = None) -> dict:
+            space: DomainSpace | None = None) -> RunHistory:
     cc = cfg.cpt
     space = space or DomainSpace.for_config(cfg).subset(["source", cc.target_field])
     info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cc.target_field,
                      tuple(float(x) for x in space.train_tokens))
-    policy = make_policy(policy_name, info, sweep_dir=upath(cfg.run.out_dir) / "sweep" / "offline",
-                         agent_dirs=agent_export_dirs(cfg), spread=cc.spread, curriculum_end=cc.curriculum_end,
+    run = RunDir(cfg)
+    policy = make_policy(policy_name, info, sweep_dir=run.offline, agent_dirs=run.agent_exports(), spread=cc.spread, curriculum_end=cc.curriculum_end,
                          seed=seed)
     safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
-    out = cpt_dir(cfg) / policy_name / f"seed{seed}"
+    out = run.cpt_run(policy_name, seed)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "history.json").is_file():
-        done = load_history(out / "history.json")
-        if done.get("complete") and done.get("config") == dump_config(cfg)["cpt"]:
-            return done  # finished with this config: nothing to redo
+    if hist_format.is_finished(out, dump_config(cfg)["cpt"]):
+        return hist_format.load(out / hist_format.FILE)  # finished with this config: nothing to redo
     T, S = cc.num_stages, cc.steps_per_stage
 
     shape = (cfg.target, cfg.optim, cfg.mesh, T * S, cc.batch_size, space.record_len - 1)
-    trainer = _shared_trainer(*shape) if devices is None else Trainer(*shape, devices)
+    trainer = shared_trainer(*shape) if devices is None else Trainer(*shape, devices)
     ec = cfg.eval
-    tok = space.tokenizer()
-    windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
-               for d in range(space.num_domains)]
-    eval_set = shd.put_global(build_space_eval_set(space, ec, tok, windows), shd.replicated(trainer.mesh))
-    evaluate = _shared_evaluate(trainer, ec.batch_size)
+    eval_set = shd.put_global(ev.EvalSet.for_space(space, ec), shd.replicated(trainer.mesh))
+    evaluate = ev.shared_evaluate(trainer, ec.batch_size)
 
     current = _CurrentWeights()
     mixer = DomainMixer([space.records(d) for d in range(space.num_domains)], space.names, cc.batch_size,
@@ -136,7 +105,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         timings = meta["timings"]
         log.info("resuming %s seed %d at re-weighting step %d", policy_name, seed, start)
     else:
-        params = shd.put_global(load_base_params(cfg, "target"), trainer.state_sharding.params)
+        params = shd.put_global(load_base_params(cfg, "target", run.pretrain_checkpoints("target")), trainer.state_sharding.params)
         state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p)),
                         out_shardings=trainer.state_sharding)(params)
         base_raw = raw_of(state.params)
@@ -192,29 +161,15 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     return _write_history(cfg, space, policy_name, seed, history, raws, timings, safe.rejected, out)
 
 
-def _write_history(cfg, space, policy_name, seed, history, raws, timings, rejected, out: Path) -> dict:
+def _write_history(cfg, space, policy_name, seed, history, raws, timings, rejected, out: Path) -> RunHistory:
     idx = ev.field_score_index(space.names, space.fields)
-    fb = np.stack(history.feedback)
-    scores = fb[:, idx]
-    balanced = np.asarray(ev.balanced_score(jnp.asarray(scores), cfg.eval.balanced))
-    doc = {
-        "format": HISTORY_FORMAT, "policy": policy_name, "seed": seed,
-        "domain_names": space.names, "domain_fields": space.fields_of_domain, "fields": space.fields,
-        "target_field": cfg.cpt.target_field, "steps_per_stage": cfg.cpt.steps_per_stage,
-        "weights": [w.tolist() for w in history.weights], "feedback_names": ev.feedback_names(space.names,
-                                                                                              space.fields),
-        "field_scores": scores.tolist(), "balanced": balanced.tolist(), "balanced_how": cfg.eval.balanced,
-        "accuracy": [r["accuracy"].tolist() for r in raws], "domain_loss": [r["domain_loss"].tolist() for r in raws],
-        "timings": timings, "rejected_policy_outputs": rejected, "complete": True,
-        "config": dump_config(cfg)["cpt"],
-    }
+    doc = hist_format.make(
+        policy=policy_name, seed=seed, domain_names=space.names, domain_fields=space.fields_of_domain,
+        fields=space.fields, target_field=cfg.cpt.target_field, steps_per_stage=cfg.cpt.steps_per_stage,
+        weights_TxD=history.weights, feedback_names=ev.feedback_names(space.names, space.fields),
+        field_scores_T1xF=np.stack(history.feedback)[:, idx], balanced_how=cfg.eval.balanced,
+        accuracy_T1xF=[r["accuracy"] for r in raws], domain_loss_T1xD=[r["domain_loss"] for r in raws],
+        timings=timings, rejected=rejected, cpt_config=dump_config(cfg)["cpt"])
     if shd.is_primary():
-        atomic_write_json(out / "history.json", doc)
-    return doc
-
-
-def load_history(path: Path) -> dict:
-    try:
-        return json.loads(upath(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DmaError(f"{path}: cannot read CPT history ({e})") from None
+        hist_format.write(out, doc)
+    return hist_format.from_doc(doc, str(out / hist_format.FILE), out / hist_format.FILE)

@@ -20,6 +20,8 @@ re-weighting step t is B(o_t) - B(o_{t-1}), so the return telescopes to B(o_T) -
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -27,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dma_jax.config import EvalConfig
+from dma_jax.config import BALANCED_HOW, EvalConfig
+from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import Tokenizer
 from dma_jax.errors import DmaError
-from dma_jax.train import LMDef, Params, batch_from_tokens, token_losses
+from dma_jax.models.lm import LMDef, Params
+from dma_jax.train import batch_from_tokens, token_losses
 
-BALANCED = ("mean", "min", "harmonic")
+BALANCED = BALANCED_HOW
 _HARMONIC_EPS = 1e-6
 
 
@@ -54,6 +58,25 @@ class EvalSet(NamedTuple):
     gold_of_item_I: np.ndarray  # int32
     field_of_item_I: np.ndarray  # int32, index into field_names
     items_per_field_F: np.ndarray  # int32
+
+    @classmethod
+    def for_space(cls, space: DomainSpace, ec: EvalConfig) -> EvalSet:
+        """The eval set of a domain space, the one way the sweep, CPT and the re-scoring build it:
+        `ec.heldout_windows_per_domain` evenly spaced held-out windows per domain, and per field the first
+        `ec.benchmark_items_per_field` benchmark items whose longest choice leaves >= 8 tokens of context
+        (the others are skipped, with a warning once per process)."""
+        tok = space.tokenizer()
+        windows = [cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
+                   for d in range(space.num_domains)]
+        benches = {}
+        for f in space.fields:
+            items = space.benchmarks(f)
+            fits = [it for it in items if max(len(tok.encode(c)) for c in it["choices"]) <= ec.max_len - 8]
+            if len(fits) < len(items):  # the default warnings filter shows each distinct message once
+                warnings.warn(f"field {f}: {len(items) - len(fits)} of {len(items)} benchmark items have a choice "
+                              f"too long for eval.max_len={ec.max_len}: skipped", stacklevel=2)
+            benches[f] = fits[: ec.benchmark_items_per_field]
+        return build_eval_set(windows, benches, tok, space.fields, ec.max_len)
 
 
 # ---------------------------------------------------------------------------- building (host)
@@ -286,3 +309,11 @@ def rewards(balanced_T1: jax.Array) -> jax.Array:
     """Rewards [..., T] = B(o_t) - B(o_{t-1}) from balanced scores [..., T+1] (index 0: the base model)."""
     balanced_T1 = jnp.asarray(balanced_T1, jnp.float32)
     return balanced_T1[..., 1:] - balanced_T1[..., :-1]
+
+
+@functools.lru_cache(maxsize=8)
+def shared_evaluate(trainer, batch_size: int):
+    """`evaluate` jitted once per `train.Trainer` (and batch size), shared by every CPT run and re-scoring of a
+    process: (params, eval set) -> raw metrics."""
+    lm = trainer.lm
+    return jax.jit(lambda p, es: evaluate(lm, p, es, batch_size))

@@ -20,14 +20,13 @@ from dma_jax.config import Config, dump_config
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import rmtree, upath
 from dma_jax.models import hf
-from dma_jax.pretrain import check_model_meta, pretrain_dir
-from dma_jax.train import LMDef, init_state, make_optimizer
+from dma_jax.models.lm import LMDef
+from dma_jax.runs import RunDir
+from dma_jax.train import check_model_meta, init_state, make_optimizer
 
 
 def _cpt_params(cfg: Config, policy: str, seed: int):
-    from dma_jax.cpt import cpt_dir
-
-    ckpt_dir = cpt_dir(cfg) / policy / f"seed{seed}" / "checkpoints"
+    ckpt_dir = RunDir(cfg).cpt_run(policy, seed) / "checkpoints"
     ck = Checkpointer(ckpt_dir)
     if ck.latest_step() is None:
         raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
@@ -42,7 +41,7 @@ def _cpt_params(cfg: Config, policy: str, seed: int):
 
 
 def export_target(cfg: Config, policy: str, seed: int, out: str | None) -> Path:
-    out_dir = upath(out) if out else upath(cfg.run.out_dir) / "export" / f"target-{policy}-seed{seed}"
+    out_dir = upath(out) if out else RunDir(cfg).export_target(policy, seed)
     params = _cpt_params(cfg, policy, seed)
     rmtree(out_dir / "orbax")  # a re-run re-exports (the CPT run's final params; derived, cheap to redo)
     ck = Checkpointer(out_dir / "orbax", keep=1)
@@ -63,11 +62,11 @@ def import_target(cfg: Config, hf_dir: str) -> Path:
     if diff:
         fix = ", ".join(f"target.{k}={got[k]}" for k in diff)
         raise DmaError(f"{hf_dir}: the checkpoint's shape differs from the config's target model; set {fix}")
-    ckpt = Checkpointer(pretrain_dir(cfg, "target") / "checkpoints", keep=1)
+    ckpt = Checkpointer(RunDir(cfg).pretrain_checkpoints("target"), keep=1)
     if ckpt.latest_step() is not None:
         check_model_meta(ckpt.read_meta(), want, "target", ckpt.directory)
     lm = LMDef.build(cfg.target)
-    steps = cfg.pretrain.target_steps or cfg.pretrain.steps
+    steps = cfg.pretrain.steps_for("target")
     tx = make_optimizer(cfg.optim, steps)
     state = init_state(lm, tx, 0)._replace(params=jax.tree.map(jnp.asarray, params))
     ckpt.save(steps, state, meta={"model": want, "imported_from": str(Path(hf_dir).absolute())})
@@ -78,7 +77,8 @@ def import_target(cfg: Config, hf_dir: str) -> Path:
 def export_agent_stage(cfg: Config, stage: str, out: str | None) -> Path:
     from dma_jax.agent.runner import export_agent
 
-    src = upath(cfg.run.out_dir) / "agent" / stage
-    out_dir = upath(out) if out else upath(cfg.run.out_dir) / "agent" / f"export-{stage}"
+    run = RunDir(cfg)
+    src = run.agent_stage(stage)
+    out_dir = upath(out) if out else run.agent_export(stage)
     export_agent(src, out_dir)
     return out_dir

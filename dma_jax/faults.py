@@ -9,11 +9,13 @@ command resumes.
 `maybe_fault(event)` lets the fault-injection tests (tests/test_faults.py) stop a
 stage at a chosen point instead of guessing a wall-clock delay: with
 `DMA_FAULT_AT="<event>:<n>"` (or `"<event>:<n>:TERM"`) the process sends itself
-SIGKILL (or SIGTERM) at the n-th occurrence of `event`. With the variable unset
-it is one string comparison. Events:
+SIGKILL (or SIGTERM) at the n-th occurrence of `event`. The variable is read at
+each call (so it may be set after import; a new value starts a new count); with
+it unset a call is one environment lookup. Events:
   prepare.document   a document was tokenized (mid-way through writing a domain's shards)
   prepare.domain_done  a domain's `done.json` was written
   prepare.manifest   every domain and benchmark is written, the manifest is not
+  pretrain.step      one pre-training optimizer step was dispatched
   sweep.stage_done   a re-weighting step of a chunk was checkpointed
   agent.dispatch     one dispatch of `updates_per_dispatch` agent updates finished
   cpt.step           one CPT optimizer step was dispatched
@@ -91,34 +93,47 @@ def stop_requested() -> bool:
     return bool(multihost_utils.process_allgather(jax.numpy.asarray(stop)).any())
 
 
-_SPEC = os.environ.get("DMA_FAULT_AT") or None
-_target: tuple[str, int, int] | None = None  # (event, n, signal), parsed on first use
-_seen = 0
+class _FaultSpec:
+    """A parsed DMA_FAULT_AT value: signal `sig` at the `n`-th `event`; `seen` counts the events so far."""
 
-
-def _parse() -> tuple[str, int, int]:
-    global _target
-    if _target is None:
-        parts = _SPEC.split(":")
+    def __init__(self, raw: str):
+        parts = raw.split(":")
         try:
             if len(parts) not in (2, 3) or int(parts[1]) < 1 or (len(parts) == 3 and parts[2] not in ("KILL", "TERM")):
                 raise ValueError
         except ValueError:
-            raise DmaError(f"DMA_FAULT_AT={_SPEC!r}: expected '<event>:<n>' or '<event>:<n>:TERM' (n >= 1)") from None
-        _target = parts[0], int(parts[1]), signal.SIGTERM if parts[-1] == "TERM" else signal.SIGKILL
-    return _target
+            raise DmaError(f"DMA_FAULT_AT={raw!r}: expected '<event>:<n>' or '<event>:<n>:TERM' (n >= 1)") from None
+        self.raw = raw
+        self.event, self.n = parts[0], int(parts[1])
+        self.sig = signal.SIGTERM if parts[-1] == "TERM" else signal.SIGKILL
+        self.seen = 0
+
+
+_spec: _FaultSpec | None = None  # the spec of the current DMA_FAULT_AT value, made on first use
+
+
+def _current() -> _FaultSpec | None:
+    """The spec DMA_FAULT_AT asks for now (read at each use, parsed once per value), or None when unset."""
+    global _spec
+    raw = os.environ.get("DMA_FAULT_AT") or None
+    if raw is None:
+        _spec = None
+    elif _spec is None or _spec.raw != raw:
+        _spec = _FaultSpec(raw)
+    return _spec
 
 
 def armed(event: str) -> bool:
     """True when DMA_FAULT_AT names `event` (lets a caller set up a hook only when a test asks for it)."""
-    return _SPEC is not None and _parse()[0] == event
+    spec = _current()
+    return spec is not None and spec.event == event
 
 
 def maybe_fault(event: str) -> None:
     """Signal this process at the n-th `event` if DMA_FAULT_AT asks for it (module doc); else nothing."""
-    global _seen
-    if _SPEC is None or _parse()[0] != event:
+    spec = _current()
+    if spec is None or spec.event != event:
         return
-    _seen += 1
-    if _seen == _target[1]:
-        os.kill(os.getpid(), _target[2])
+    spec.seen += 1
+    if spec.seen == spec.n:
+        os.kill(os.getpid(), spec.sig)

@@ -25,7 +25,8 @@ from dma_jax.data.mixer import DomainMixer, measure_throughput
 from dma_jax.data.packing import read_records, write_shards
 from dma_jax.models.lm import flops_per_token, param_count_formula
 from dma_jax.sweep import proxy_stage, stage_keys
-from dma_jax.train import LMDef, Trainer, TrainState, make_optimizer, memory_estimate
+from dma_jax.models.lm import LMDef
+from dma_jax.train import Trainer, TrainState, make_optimizer, memory_estimate
 
 POOL_DOMAINS = 8
 POOL_TOKENS = 50_000  # per domain

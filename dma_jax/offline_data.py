@@ -11,9 +11,6 @@ held-out loss and each field's normalised score sit in the feedback vector.
 On disk: `<dir>/data.npz` (np.savez, read with allow_pickle=False) then
 `<dir>/meta.json`, both written atomically, meta last; meta carries the sha256 of
 data.npz, so a half-written or swapped data.npz is detected on load.
-
-`ToyEnv` is an analytic stand-in for the sweep (known best schedule, exact
-returns) for tests and for demos that run without proxies.
 """
 
 from __future__ import annotations
@@ -22,15 +19,14 @@ import dataclasses
 import hashlib
 import io
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from dma_jax.config import BALANCED_HOW
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file, upath
 
 FORMAT = "dma-offline-v1"
-BALANCED = ("mean", "min", "harmonic")
 SIMPLEX_TOL = 1e-4
 _ARRAYS = ("actions", "feedback", "rewards", "returns")
 _LIST_KEYS = ("domain_names", "domain_fields", "fields", "feedback_names", "domain_loss_index", "field_score_index")
@@ -79,8 +75,8 @@ def _check_meta(meta: dict, where: str) -> None:
     unknown = sorted(set(meta["domain_fields"]) - set(fields))
     if unknown:
         raise DmaError(f"{where}: meta.domain_fields names field(s) {unknown} that are not in meta.fields={fields}")
-    if meta["balanced"] not in BALANCED:
-        raise DmaError(f"{where}: meta.balanced={meta['balanced']!r} must be one of {list(BALANCED)}")
+    if meta["balanced"] not in BALANCED_HOW:
+        raise DmaError(f"{where}: meta.balanced={meta['balanced']!r} must be one of {list(BALANCED_HOW)}")
     if not isinstance(meta["config"], dict) or not isinstance(meta["config_hash"], str):
         raise DmaError(f"{where}: meta.config must be an object and meta.config_hash a string")
     n_feedback = len(meta["feedback_names"])
@@ -164,72 +160,3 @@ def load(directory: str | Path) -> OfflineDataset:
     return ds
 
 
-def balanced(scores_xF: np.ndarray, how: str) -> np.ndarray:
-    """Balanced score over the last (field) axis: mean, min or harmonic mean."""
-    if how == "mean":
-        return scores_xF.mean(-1)
-    if how == "min":
-        return scores_xF.min(-1)
-    if how == "harmonic":
-        return scores_xF.shape[-1] / (1.0 / scores_xF).sum(-1)
-    raise DmaError(f"balanced={how!r} must be one of {list(BALANCED)}")
-
-
-class ToyEnv:
-    """An analytic domain space with a known best schedule `best_TxD`.
-
-    A domain's normalised held-out loss falls with the weight it has received:
-    loss_d = exp(-loss_rate * sum_{s<t} a_{s,d}). A field's normalised score is
-    1 - penalty * sum_{s<t} sum_{d in field} (a_{s,d} - best_{s,d})^2, so every
-    field is best served by `best_TxD` and the balanced score (mean, min or
-    harmonic) has its maximum, B = 1, there. Rewards are B's increments.
-    """
-
-    def __init__(self, domain_fields: Sequence[str], target_field: str, best_TxD: np.ndarray,
-                 penalty: float = 1.0, loss_rate: float = 0.3, balanced_how: str = "mean"):
-        self.domain_fields = list(domain_fields)
-        self.fields = list(dict.fromkeys(self.domain_fields))
-        self.target_field = target_field
-        self.best_TxD = np.asarray(best_TxD, np.float64)
-        self.penalty, self.loss_rate, self.balanced_how = penalty, loss_rate, balanced_how
-        self.in_field_FxD = np.array([[f == g for f in self.domain_fields] for g in self.fields], np.float64)
-
-    @property
-    def horizon(self) -> int:
-        return int(self.best_TxD.shape[0])
-
-    def meta(self) -> dict:
-        d = len(self.domain_fields)
-        names = [f"{f}_{i}" for i, f in enumerate(self.domain_fields)]
-        return {
-            "format": FORMAT, "domain_names": names, "domain_fields": self.domain_fields, "fields": self.fields,
-            "target_field": self.target_field,
-            "feedback_names": [f"loss/{n}" for n in names] + [f"score/{f}" for f in self.fields],
-            "domain_loss_index": list(range(d)), "field_score_index": list(range(d, d + len(self.fields))),
-            "balanced": self.balanced_how, "config": {"toy": True}, "config_hash": "toy",
-        }
-
-    def feedback(self, actions_NxtxD: np.ndarray) -> np.ndarray:
-        """Observations [N, t+1, M] after each of the first t steps (row 0: before any step)."""
-        a_NxtxD = np.asarray(actions_NxtxD, np.float64)
-        n, t, d = a_NxtxD.shape
-        zeros_Nx1xD = np.zeros((n, 1, d))
-        exposure_Nxt1xD = np.concatenate([zeros_Nx1xD, np.cumsum(a_NxtxD, axis=1)], axis=1)
-        sq_err_NxtxD = (a_NxtxD - self.best_TxD[None, :t]) ** 2
-        penalty_Nxt1xD = np.concatenate([zeros_Nx1xD, np.cumsum(sq_err_NxtxD, axis=1)], axis=1)
-        scores_Nxt1xF = np.exp(-self.penalty * np.einsum("ntd,fd->ntf", penalty_Nxt1xD, self.in_field_FxD))
-        return np.concatenate([np.exp(-self.loss_rate * exposure_Nxt1xD), scores_Nxt1xF], axis=-1).astype(np.float32)
-
-    def returns(self, actions_NxTxD: np.ndarray) -> np.ndarray:
-        fb_NxT1xM = self.feedback(actions_NxTxD).astype(np.float64)
-        b_NxT1 = balanced(fb_NxT1xM[..., len(self.domain_fields):], self.balanced_how)
-        return b_NxT1[:, -1] - b_NxT1[:, 0]
-
-    def dataset(self, actions_NxTxD: np.ndarray) -> OfflineDataset:
-        fb_NxT1xM = self.feedback(actions_NxTxD)
-        b_NxT1 = balanced(fb_NxT1xM[..., len(self.domain_fields):].astype(np.float64), self.balanced_how)
-        rewards_NxT = np.diff(b_NxT1, axis=1)
-        return OfflineDataset(
-            actions=np.asarray(actions_NxTxD, np.float32), feedback=fb_NxT1xM,
-            rewards=rewards_NxT.astype(np.float32), returns=rewards_NxT.sum(1).astype(np.float32), meta=self.meta(),
-        )

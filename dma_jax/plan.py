@@ -21,7 +21,8 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from dma_jax import sharding as shd
 from dma_jax.config import Config, ModelConfig, OptimConfig
 from dma_jax.errors import DmaError
-from dma_jax.train import LMDef, TrainState, init_state, make_optimizer, state_shardings
+from dma_jax.models.lm import LMDef
+from dma_jax.train import TrainState, init_state, make_optimizer, state_shardings
 
 SLICES = {"v5e-8": (8, 16 * 2**30), "v4-8": (4, 32 * 2**30)}  # chips, HBM bytes per chip
 HEADROOM = 0.9  # share of HBM a plan may use: XLA scratch, fragmentation and the runtime take the rest

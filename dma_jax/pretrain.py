@@ -22,26 +22,14 @@ from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
-from dma_jax.faults import SigtermFlag as _StopFlag
-from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_text, read_jsonl, upath
+from dma_jax.faults import SigtermFlag as _StopFlag, maybe_fault
+from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
 from dma_jax.numerics import LossGuard, last_good
-from dma_jax.train import Trainer, format_bytes
+from dma_jax.runs import RunDir
+from dma_jax.train import Trainer, check_model_meta, format_bytes
 
 log = logging.getLogger(__name__)
-
-
-def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
-    """Refuse a checkpoint whose recorded model config differs from `model_cfg` (one line, fields named)."""
-    saved = meta.get("model")
-    if saved is not None and saved != model_cfg:
-        diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
-        raise DmaError(f"{where}: checkpoint was written for another model (differs in "
-                       f"{which}.{f', {which}.'.join(diff)})")
-
-
-def pretrain_dir(cfg: Config, which: str) -> AnyPath:
-    return upath(cfg.run.out_dir) / f"pretrain-{which}"
 
 
 def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool = True) -> dict:
@@ -50,9 +38,9 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         raise DmaError(f"pretrain: unknown model '{which}' (proxy or target)")
     pc = cfg.pretrain
     model_cfg = getattr(cfg, which)
-    steps = pc.target_steps if which == "target" and pc.target_steps else pc.steps
+    steps = pc.steps_for(which)
     pc = pc.model_copy(update={"steps": steps})
-    out = pretrain_dir(cfg, which)
+    out = RunDir(cfg).pretrain(which)
     out.mkdir(parents=True, exist_ok=True)
     primary = shd.is_primary()  # multi-host: every process trains, process 0 writes the files
     if primary:
@@ -122,6 +110,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
                 flush(pending)
             pending = (step + 1, metrics, max_loss)
             bar.update(1)
+            maybe_fault("pretrain.step")
             done = step + 1
             if done % pc.eval_every == 0 or done == pc.steps:
                 flush(pending)
@@ -154,27 +143,3 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         "final_eval_loss": final_eval[-1]["eval_loss"] if final_eval else None,
         "memory_per_device": mem,
     }
-
-
-
-def load_base_params(cfg: Config, which: str):
-    """The parameters of the last checkpoint of `dma pretrain --model which` (on the default device)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from dma_jax.train import LMDef, init_state, make_optimizer
-
-    ckpt_dir = pretrain_dir(cfg, which) / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is None:
-        raise DmaError(f"{ckpt_dir}: no base {which} checkpoint (run `dma pretrain --model {which}` first)")
-    check_model_meta(ckpt.read_meta(step), dump_config(cfg)[which], which, ckpt.directory)
-    lm = LMDef.build(getattr(cfg, which))
-    steps = cfg.pretrain.target_steps if which == "target" and cfg.pretrain.target_steps else cfg.pretrain.steps
-    tx = make_optimizer(cfg.optim, steps)
-    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("d",)), PartitionSpec())
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
-    state, _, _ = ckpt.restore(abstract, step)
-    ckpt.close()
-    return state.params

@@ -27,9 +27,9 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
                  space: DomainSpace | None = None) -> list[dict]:
     """{"policy", "seed", "field_scores" {field: score}, "balanced", "items" {field: n}} per run dir
     (`<cpt dir>/<policy>/seed<k>`), each of a finished CPT run of `cfg`."""
-    from dma_jax.cpt import _shared_evaluate, _shared_trainer, load_history
-    from dma_jax.pretrain import load_base_params
-    from dma_jax.sweep import build_space_eval_set
+    from dma_jax import history
+    from dma_jax.runs import RunDir
+    from dma_jax.train import load_base_params, shared_trainer
 
     ec = cfg.eval.model_copy(update={"benchmark_items_per_field": items, "heldout_windows_per_domain": windows})
     name = f"rescore-{items}x{windows}.json"
@@ -44,18 +44,16 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
         space = space or DomainSpace.for_config(cfg).subset(["source", cc.target_field])
         shape = (cfg.target, cfg.optim, cfg.mesh, cc.num_stages * cc.steps_per_stage, cc.batch_size,
                  space.record_len - 1)
-        trainer = _shared_trainer(*shape)
-        tok = space.tokenizer()
-        cut = [ev.cut_windows(space.tokens(i, "heldout"), windows, ec.max_len) for i in range(space.num_domains)]
-        host_set = build_space_eval_set(space, ec, tok, cut)
+        trainer = shared_trainer(*shape)
+        host_set = ev.EvalSet.for_space(space, ec)
         n_items = {f: int(n) for f, n in zip(space.fields, np.asarray(host_set.items_per_field_F))}
         eval_set = shd.put_global(host_set, shd.replicated(trainer.mesh))
-        evaluate = _shared_evaluate(trainer, ec.batch_size)
-        base = shd.put_global(load_base_params(cfg, "target"), trainer.state_sharding.params)
+        evaluate = ev.shared_evaluate(trainer, ec.batch_size)
+        base = shd.put_global(load_base_params(cfg, "target", RunDir(cfg).pretrain_checkpoints("target")), trainer.state_sharding.params)
         base_raw = shd.to_host(evaluate(base, eval_set))
         for d in todo:
-            hist = load_history(d / "history.json")
-            if not hist.get("complete") or hist.get("domain_names") != space.names:
+            hist = history.load(d / history.FILE)
+            if not hist.complete or list(hist.domain_names) != space.names:
                 raise DmaError(f"{d}: not a finished CPT run of this domain space")
             ckpt = Checkpointer(d / "checkpoints")
             state, _, _ = ckpt.restore(trainer.abstract_state)
@@ -63,7 +61,7 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
             raw = shd.to_host(evaluate(state.params, eval_set))
             norm = ev.normalise(raw, base_raw, ec)
             scores = np.asarray(norm["field_score"], np.float64)
-            doc = {"policy": hist["policy"], "seed": hist["seed"], "fields": list(space.fields),
+            doc = {"policy": hist.policy, "seed": hist.seed, "fields": list(space.fields),
                    "field_scores": dict(zip(space.fields, scores.tolist())),
                    "balanced": float(ev.balanced_score(np.asarray(norm["field_score"]), ec.balanced)),
                    "items_per_field": items, "heldout_windows_per_domain": windows, "items": n_items}

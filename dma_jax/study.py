@@ -167,7 +167,7 @@ class Study:
     def _pretrain(self, cfg: Config, which: str) -> None:
         from dma_jax.pretrain import pretrain_dir, run_pretrain
 
-        steps = cfg.pretrain.target_steps if which == "target" and cfg.pretrain.target_steps else cfg.pretrain.steps
+        steps = cfg.pretrain.steps_for(which)
         if _latest_step(pretrain_dir(cfg, which) / "checkpoints") != steps:
             run_pretrain(cfg, which, progress=self.progress)
 
@@ -194,17 +194,15 @@ class Study:
                 export_agent(out / stage, out / f"export-{stage}")
 
     def _cpt(self, cfg: Config, sub: SubRun, space=None) -> None:
+        from dma_jax import history
         from dma_jax.config import dump_config
-        from dma_jax.cpt import cpt_dir, load_history, run_cpt
+        from dma_jax.cpt import cpt_dir, run_cpt
         from dma_jax.report import write_report
 
         for policy in sub.policies:
             for seed in sub.seeds:
-                hist = cpt_dir(cfg) / policy / f"seed{seed}" / "history.json"
-                if hist.is_file():  # run_cpt's own "finished" check, without loading the policy first
-                    doc = load_history(hist)
-                    if doc.get("complete") and doc.get("config") == dump_config(cfg)["cpt"]:
-                        continue
+                if history.is_finished(cpt_dir(cfg) / policy / f"seed{seed}", dump_config(cfg)["cpt"]):
+                    continue  # run_cpt's own "finished" check, without loading the policy first
                 run_cpt(cfg, policy, seed, progress=self.progress, space=space)
         report = Path(cfg.run.out_dir) / "report"
         newest = max(p.stat().st_mtime for p in cpt_dir(cfg).glob("*/seed*/history.json"))

@@ -40,18 +40,15 @@ from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import AnyPath, atomic_write_bytes, upath
+from dma_jax.io_utils import atomic_write_bytes, upath
 from dma_jax.numerics import LossGuard, last_good
-from dma_jax.pretrain import load_base_params
-from dma_jax.train import (LMDef, TrainState, batch_from_tokens, guarded_train_step, make_optimizer,
+from dma_jax.models.lm import LMDef
+from dma_jax.runs import RunDir
+from dma_jax.train import (TrainState, batch_from_tokens, guarded_train_step, load_base_params, make_optimizer,
                            train_step)
 from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
 
 log = logging.getLogger(__name__)
-
-
-def sweep_dir(cfg: Config) -> AnyPath:
-    return upath(cfg.run.out_dir) / "sweep"
 
 
 def sweep_space(cfg: Config) -> DomainSpace:
@@ -69,18 +66,18 @@ def run_sample(cfg: Config) -> Path:
         sc.num_trajectories, sc.num_stages, space.fields_of_domain, space.train_tokens.astype(float),
         sc.target_field, SamplerParams(**sc.sampler.model_dump()), cfg.run.seed,
     )
-    out = sweep_dir(cfg)
+    run = RunDir(cfg)
     if not shd.is_primary():  # every process samples the same trajectories; process 0 writes them
-        return out / "trajectories.npz"
-    out.mkdir(parents=True, exist_ok=True)
+        return run.trajectories
+    run.sweep.mkdir(parents=True, exist_ok=True)
     import io
 
     buf = io.BytesIO()
     np.savez(buf, weights_NxTxD=weights_NxTxD, domain_names=np.array(space.names),
              domain_fields=np.array(space.fields_of_domain))
-    atomic_write_bytes(out / "trajectories.npz", buf.getvalue())
-    plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain, out / "trajectories.png")
-    return out / "trajectories.npz"
+    atomic_write_bytes(run.trajectories, buf.getvalue())
+    plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain, run.trajectories.with_suffix(".png"))
+    return run.trajectories
 
 
 def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray:
@@ -102,23 +99,6 @@ def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray
     if not np.all(np.isfinite(w)) or (w < 0).any() or np.abs(w.sum(-1) - 1).max() > 1e-4:
         raise DmaError(f"{path}: mixtures must be finite, >= 0 and sum to 1")
     return w
-
-
-_WARNED_SKIPS: set = set()
-
-
-def build_space_eval_set(space: DomainSpace, ec, tok, windows) -> ev.EvalSet:
-    """The eval set of a domain space: items whose longest choice leaves < 8 tokens of context are skipped."""
-    benches = {}
-    for f in space.fields:
-        items = space.benchmarks(f)
-        fits = [it for it in items if max(len(tok.encode(c)) for c in it["choices"]) <= ec.max_len - 8]
-        if len(fits) < len(items) and (f, ec.max_len) not in _WARNED_SKIPS:  # once per process, not per CPT run
-            _WARNED_SKIPS.add((f, ec.max_len))
-            log.warning("field %s: %d of %d benchmark items have a choice too long for eval.max_len=%d: skipped",
-                        f, len(items) - len(fits), len(items), ec.max_len)
-        benches[f] = fits[: ec.benchmark_items_per_field]
-    return ev.build_eval_set(windows, benches, tok, space.fields, ec.max_len)
 
 
 # ------------------------------------------------------------------------------ the vmapped step
@@ -165,14 +145,11 @@ class Sweep:
         self.mesh = Mesh(np.array(shd.spread_devices(devices, n_dev)), ("traj",))
         self.traj_sharding = NamedSharding(self.mesh, P("traj"))
         self.replicated = NamedSharding(self.mesh, P())
-        tok = space.tokenizer()
         self.pools = shd.put_global(make_pools(
             [space.tokens(d, "train", sc.pool_tokens_per_domain) for d in range(space.num_domains)], sc.seq_len),
             self.replicated)
         ec = cfg.eval
-        windows = [ev.cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
-                   for d in range(space.num_domains)]
-        self.eval_set = shd.put_global(build_space_eval_set(space, cfg.eval, tok, windows), self.replicated)
+        self.eval_set = shd.put_global(ev.EvalSet.for_space(space, ec), self.replicated)
 
         lm, tx = self.lm, self.tx
         skip = cfg.optim.on_nonfinite == "skip"  # each proxy keeps its state on a bad step (numerics.py)
@@ -253,15 +230,15 @@ def config_hash(cfg: Config) -> str:
 @stop_on_sigterm
 def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     sc = cfg.sweep
-    out = sweep_dir(cfg)
+    run = RunDir(cfg)
     space = sweep_space(cfg)
-    traj_path = out / "trajectories.npz"
+    traj_path = run.trajectories
     if not traj_path.is_file():
         log.warning("no %s: sampling trajectories first (dma sample)", traj_path)
         run_sample(cfg)
     shd.barrier("dma-sweep-trajectories")  # process 0 has written them
     weights_NxTxD = load_trajectories(traj_path, space, cfg)
-    base_params = load_base_params(cfg, "proxy")
+    base_params = load_base_params(cfg, "proxy", run.pretrain_checkpoints("proxy"))
     sw = Sweep(cfg, space, devices)
     base_params = shd.put_global(base_params, sw.replicated)
     N, T, n = sc.num_trajectories, sc.num_stages, sw.chunk
@@ -271,7 +248,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     M = len(meta["feedback_names"])
     base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, cfg.eval)), np.float32)
 
-    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    ckpt = Checkpointer(run.sweep_checkpoints, keep=2)
     feedback_NxT1xM = np.zeros((N, T + 1, M), np.float32)
     feedback_NxT1xM[:, 0] = base_fb
     chunk, stage, state = 0, 0, None
@@ -279,7 +256,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
         m = ckpt.read_meta()
         if m.get("config_hash") != meta["config_hash"]:
             raise DmaError(f"{ckpt.directory}: the sweep checkpoint was written with another config; "
-                           f"delete {out} or restore the config")
+                           f"delete {run.sweep} or restore the config")
         abstract = {"state": sw.abstract_state,
                     "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32, sharding=sw.replicated)}
         restored, m, _ = ckpt.restore(abstract)
@@ -333,7 +310,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
         actions=weights_NxTxD.astype(np.float32), feedback=feedback_NxT1xM, rewards=rewards_NxT,
         returns=rewards_NxT.sum(1).astype(np.float32), meta=meta)
     if shd.is_primary():
-        offline_data.save(ds, out / "offline")
+        offline_data.save(ds, run.offline)
     elapsed = time.perf_counter() - t_start
-    return {"out_dir": str(out / "offline"), "N": N, "T": T, "S": sc.steps_per_stage, "seconds": elapsed,
+    return {"out_dir": str(run.offline), "N": N, "T": T, "S": sc.steps_per_stage, "seconds": elapsed,
             "tokens_per_s": tokens_done / max(elapsed, 1e-9), "returns": ds.returns}

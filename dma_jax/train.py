@@ -8,7 +8,7 @@ shardings and a donated state. The sweep (many proxies) vmaps the same
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 from typing import Any, NamedTuple
 
@@ -16,50 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dma_jax import numerics, sharding as shd
-from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, dump_config
 from dma_jax.errors import DmaError
-from dma_jax.models.lm import LM
+from dma_jax.models.lm import LMDef, Params
 
 log = logging.getLogger(__name__)
 
-Params = dict  # pure nested dict of arrays (nnx.to_pure_dict of the LM's Params)
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar
     params: Params
     opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class LMDef:
-    """Everything static about an LM: its graph, parameter shapes and logical axes."""
-
-    cfg: ModelConfig
-    graphdef: Any
-    abstract_params: Params
-    logical_axes: Params
-
-    @classmethod
-    def build(cls, cfg: ModelConfig) -> LMDef:
-        abstract = nnx.eval_shape(lambda: LM(cfg, nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract, nnx.Param)
-        axes = jax.tree.map(
-            lambda v: v.get_metadata().get("logical_axes"), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
-        return cls(cfg, graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes))
-
-    def init(self, seed: int) -> Params:
-        graphdef, state = nnx.split(LM(self.cfg, nnx.Rngs(seed)), nnx.Param)
-        del graphdef
-        return nnx.to_pure_dict(state)
-
-    def apply(self, params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        return nnx.merge(self.graphdef, params)(tokens_BxL, segment_ids_BxL)
 
 
 def batch_from_tokens(tokens_BxL1: jax.Array) -> dict[str, jax.Array]:
@@ -247,3 +219,37 @@ def memory_estimate(compiled) -> dict[str, int]:
     out = {f.removesuffix("_size_in_bytes"): int(getattr(ma, f, 0) or 0) for f in fields}
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def shared_trainer(*shape) -> Trainer:
+    """One Trainer (AOT-compiled step, no training state) per configuration and shape, so a process running many
+    CPT runs (`dma cpt`, `dma study`, the re-scoring) traces and compiles it once instead of once per run."""
+    return Trainer(*shape)
+
+
+def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
+    """Refuse a checkpoint whose recorded model config differs from `model_cfg` (one line, fields named)."""
+    saved = meta.get("model")
+    if saved is not None and saved != model_cfg:
+        diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
+        raise DmaError(f"{where}: checkpoint was written for another model (differs in "
+                       f"{which}.{f', {which}.'.join(diff)})")
+
+
+def load_base_params(cfg: Config, which: str, ckpt_dir) -> Params:
+    """The parameters of the last checkpoint of `dma pretrain --model which` in `ckpt_dir` (on the default
+    device); the model config recorded with it must be the config's."""
+    ckpt = Checkpointer(ckpt_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise DmaError(f"{ckpt_dir}: no base {which} checkpoint (run `dma pretrain --model {which}` first)")
+    check_model_meta(ckpt.read_meta(step), dump_config(cfg)[which], which, ckpt.directory)
+    lm = LMDef.build(getattr(cfg, which))
+    tx = make_optimizer(cfg.optim, cfg.pretrain.steps_for(which))
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("d",)), PartitionSpec())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
+    state, _, _ = ckpt.restore(abstract, step)
+    ckpt.close()
+    return state.params

@@ -64,6 +64,7 @@ def build_world(root: Path) -> Path:
     from dma_jax.models import hf
     from dma_jax.prepare import run_prepare
     from dma_jax.sweep import run_sample
+    from tests.toy_env import ToyEnv
 
     cwd = os.getcwd()
     os.chdir(root)
@@ -75,7 +76,7 @@ def build_world(root: Path) -> Path:
         target_params = _base_checkpoint(cfg, "target")
         run_sample(cfg)
         # An analytic offline dataset in place of a sweep (same format): the agent's input.
-        env = od.ToyEnv(["source", "source", "math", "math"], "math", np.tile([0.4, 0.3, 0.2, 0.1], (2, 1)))
+        env = ToyEnv(["source", "source", "math", "math"], "math", np.tile([0.4, 0.3, 0.2, 0.1], (2, 1)))
         od.save(env.dataset(np.random.default_rng(0).dirichlet(np.ones(4), size=(8, 2)).astype(np.float32)),
                 Path("run/sweep/offline"))
         run_train_agent(cfg.agent, Path("run/sweep/offline"), Path("run/agent"), "sft", 0, progress=False)
@@ -100,7 +101,8 @@ def _base_checkpoint(cfg, which: str):
     """A base-model checkpoint as `dma pretrain` writes it, of the initial parameters (no training)."""
     from dma_jax.checkpoint import Checkpointer
     from dma_jax.pretrain import pretrain_dir
-    from dma_jax.train import LMDef, init_state, make_optimizer
+    from dma_jax.models.lm import LMDef
+    from dma_jax.train import init_state, make_optimizer
 
     state = init_state(LMDef.build(getattr(cfg, which)), make_optimizer(cfg.optim, cfg.pretrain.steps), 0)
     ck = Checkpointer(pretrain_dir(cfg, which) / "checkpoints")

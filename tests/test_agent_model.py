@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 
 from dma_jax.agent import distributions as dist
-from dma_jax.agent.config import AgentConfig, AgentModelConfig
+from dma_jax.config import AgentConfig, AgentModelConfig
 from dma_jax.agent.features import (DOMAIN_FEATURES, GLOBAL_FEATURES, FeatureStats, FeedbackLayout,
                                     history_features)
 from dma_jax.agent.model import AgentDef

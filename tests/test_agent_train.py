@@ -15,6 +15,7 @@ from dma_jax.agent.features import history_features
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import read_jsonl
+from tests.toy_env import ToyEnv
 
 TINY = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32},
         "sft": {"steps": 20, "batch_size": 8},
@@ -30,11 +31,11 @@ def _cfg(**over) -> AgentConfig:
     return AgentConfig.model_validate(raw)
 
 
-def _env(n_source: int, n_target: int, horizon: int = 3) -> od.ToyEnv:
+def _env(n_source: int, n_target: int, horizon: int = 3) -> ToyEnv:
     share_T1 = np.linspace(0.2, 0.7, horizon)[:, None]
     best_TxD = np.concatenate([np.repeat((1 - share_T1) / n_source, n_source, 1),
                                np.repeat(share_T1 / n_target, n_target, 1)], axis=1)
-    return od.ToyEnv(["source"] * n_source + ["math"] * n_target, "math", best_TxD)
+    return ToyEnv(["source"] * n_source + ["math"] * n_target, "math", best_TxD)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_sft_then_cql_log_and_checkpoint(trained, dataset_dir):
     assert cql_log[-1]["alpha_entropy"] > cql_log[0]["alpha_entropy"] > 0.01
 
 
-def _rollout(policy, env: od.ToyEnv) -> np.ndarray:
+def _rollout(policy, env: ToyEnv) -> np.ndarray:
     """Let the policy choose every mixture of one episode of `env`; returns the mixtures [T, D]."""
     layout = FeedbackLayout.from_meta(env.meta())
     d = len(env.domain_fields)
@@ -167,7 +168,7 @@ def _noisy_random_trajectories(n: int, rng: np.random.Generator) -> np.ndarray:
 @pytest.mark.slow
 def test_cql_beats_behaviour_and_sft_on_a_toy_with_a_known_best_schedule(tmp_path):
     """(d) The best schedule zig-zags; behaviour is smooth and noisy, so only per-step credit assignment finds it."""
-    env = od.ToyEnv(["source", "source", "math"], "math", BEST_TxD)
+    env = ToyEnv(["source", "source", "math"], "math", BEST_TxD)
     ds = env.dataset(_noisy_random_trajectories(512, np.random.default_rng(0)))
     od.save(ds, tmp_path / "data")
     cfg = AgentConfig.model_validate({

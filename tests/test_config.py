@@ -13,11 +13,37 @@ def test_there_are_configs():
     assert CONFIGS
 
 
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, value) for every scalar or scalar list in a YAML tree; list items are keyed by index."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for key, value in items:
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _get(cfg: Config, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[int(part)] if part.isdigit() else getattr(cfg, part)
+    return cfg
+
+
+def _assert_values_are(cfg: Config, obj: dict, where: str) -> None:
+    for key, value in _leaves(obj):
+        got = _get(cfg, key)
+        got = list(got) if isinstance(got, tuple) else got
+        assert got == value, f"{where}: {key} = {got!r}, the YAML says {value!r}"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_and_its_tiny_variant_load(path):
-    assert isinstance(load_config(path), Config)
+    raw = yaml.safe_load(path.read_text())
+    variants = raw.pop("variants", {})
+    _assert_values_are(load_config(path), raw, path.name)
     assert "tiny" in config_variants(path), f"{path.name} has no tiny variant"
     tiny = load_config(path, variant="tiny")
+    _assert_values_are(tiny, variants["tiny"], f"{path.name} (tiny)")
     assert tiny.pretrain.steps <= 20
 
 

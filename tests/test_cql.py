@@ -10,12 +10,12 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from dma_jax import offline_data as od
 from dma_jax.agent import cql, distributions as dist
-from dma_jax.agent.config import AgentModelConfig, CqlConfig
+from dma_jax.config import AgentModelConfig, CqlConfig
 from dma_jax.agent.features import (DOMAIN_FEATURES, GLOBAL_FEATURES, FeatureStats, FeedbackLayout, Trajectories,
                                     history_features, trajectories)
 from dma_jax.agent.model import AgentDef
+from tests.toy_env import ToyEnv
 
 MODEL = AgentModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, concentration_range=(2.0, 50.0))
 B, T, D = 3, 3, 4
@@ -139,7 +139,7 @@ T_TOY, A_DATA, A_OOD = 3, np.array([0.1, 0.1, 0.8]), np.array([0.45, 0.45, 0.1],
 
 
 def _narrow_toy():
-    env = od.ToyEnv(["source", "source", "math"], "math", np.tile(A_DATA, (T_TOY, 1)))
+    env = ToyEnv(["source", "source", "math"], "math", np.tile(A_DATA, (T_TOY, 1)))
     actions = np.random.default_rng(0).dirichlet(400 * A_DATA, size=(256, T_TOY)).astype(np.float32)
     ds = env.dataset(actions)
     layout = FeedbackLayout.from_meta(ds.meta)

@@ -12,7 +12,7 @@ from dma_jax.evaluation import (
     EvalConfig, balanced_score, build_eval_set, cut_windows, domain_loss_index, evaluate, feedback_names,
     feedback_vector, field_score_index, normalise, rewards,
 )
-from dma_jax.train import LMDef
+from dma_jax.models.lm import LMDef
 from tests.np_lm import forward as np_forward
 
 MODEL = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64, init_std=0.3)

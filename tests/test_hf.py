@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from dma_jax.errors import DmaError
 from dma_jax.models.hf import config_from_hf, export_hf, import_hf
-from dma_jax.train import LMDef
+from dma_jax.models.lm import LMDef
 
 D, H, G, N_LAYERS, F, V = 32, 4, 2, 2, 48, 61
 K = D // H

@@ -5,7 +5,7 @@ import pytest
 
 from dma_jax.config import ModelConfig
 from dma_jax.models.lm import count_params, param_count_formula
-from dma_jax.train import LMDef
+from dma_jax.models.lm import LMDef
 from tests.np_lm import forward as np_forward
 
 CFGS = {

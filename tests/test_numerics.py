@@ -23,6 +23,7 @@ from dma_jax.cli import main
 from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import read_jsonl
+from tests.toy_env import ToyEnv
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 OVER = ["data.demo_fields=[source, math]", "mesh.data=1", "sweep.devices=1", "sweep.num_trajectories=4",
@@ -257,7 +258,7 @@ AGENT = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}, "sft
 @pytest.fixture(scope="module")
 def toy_dataset(tmp_path_factory):
     best_TxD = np.tile(np.array([0.4, 0.3, 0.2, 0.1]), (3, 1))
-    env = od.ToyEnv(["source", "source", "math", "math"], "math", best_TxD)
+    env = ToyEnv(["source", "source", "math", "math"], "math", best_TxD)
     path = tmp_path_factory.mktemp("toy")
     od.save(env.dataset(np.random.default_rng(0).dirichlet(np.ones(4), size=(16, 3)).astype(np.float32)), path)
     return path

@@ -7,13 +7,14 @@ import pytest
 
 from dma_jax import offline_data as od
 from dma_jax.errors import DmaError
+from tests.toy_env import ToyEnv
 
 BEST_TxD = np.array([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
 
 
-def _env(balanced_how: str = "mean") -> od.ToyEnv:
-    return od.ToyEnv(["source", "source", "math"], "math", BEST_TxD, penalty=2.0, loss_rate=0.5,
-                     balanced_how=balanced_how)
+def _env(balanced_how: str = "mean") -> ToyEnv:
+    return ToyEnv(["source", "source", "math"], "math", BEST_TxD, penalty=2.0, loss_rate=0.5,
+                  balanced_how=balanced_how)
 
 
 def _dataset(n: int = 5, seed: int = 0) -> od.OfflineDataset:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dma_jax.errors import DmaError
-from dma_jax.report import collect, paired_comparison, summary_table, write_report
+from dma_jax.history import collect
+from dma_jax.report import paired_comparison, summary_table, write_report
 
 FIELDS = ["source", "math"]
 DOMAINS = [("plays", "source"), ("docs", "source"), ("poems", "source"), ("arith", "math"), ("algebra", "math")]

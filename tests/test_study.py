@@ -10,13 +10,14 @@ import pytest
 import scipy.stats
 
 from dma_jax import offline_data as od
-from dma_jax.agent.config import AgentModelConfig
+from dma_jax.config import AgentModelConfig
 from dma_jax.agent.features import FeatureStats, FeedbackLayout, History, history_features
 from dma_jax.agent.model import AgentDef
 from dma_jax.agent.runner import AgentPolicy
 from dma_jax.errors import DmaError
 from dma_jax.policies import SpaceInfo, make_policy
 from dma_jax.study_results import bootstrap_ci, rankdata, spearman
+from tests.toy_env import ToyEnv
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -63,7 +64,7 @@ def test_bootstrap_ci_matches_scipy_and_is_deterministic():
 # ---------------------------------------------------------------------------------- the no-feedback ablation
 def _agent_and_histories():
     T, D = 4, 3
-    env = od.ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
+    env = ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
     rng = np.random.default_rng(0)
     ds = env.dataset(rng.dirichlet(np.ones(D) * 5, size=(16, T)).astype(np.float32))
     layout = FeedbackLayout.from_meta(ds.meta)
@@ -91,7 +92,7 @@ def test_masked_feedback_makes_the_agent_blind_to_feedback():
 
 def test_replay_k_replays_that_sweep_trajectory(tmp_path):
     T, D = 3, 3
-    env = od.ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
+    env = ToyEnv(["source", "source", "math"], "math", np.full((T, D), 1 / D))
     actions = np.random.default_rng(2).dirichlet(np.ones(D) * 5, size=(4, T)).astype(np.float32)
     ds = env.dataset(actions)
     od.save(ds, tmp_path / "offline")
@@ -109,7 +110,7 @@ def test_replay_k_replays_that_sweep_trajectory(tmp_path):
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, capsys):
     from dma_jax.cli import main
-    from dma_jax.report import collect
+    from dma_jax.history import collect
 
     over = [f"run.out_dir={tmp_path}", "mesh.data=1"]
     t0 = time.perf_counter()

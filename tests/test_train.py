@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
-from dma_jax.train import LMDef, Trainer, batch_from_tokens, loss_fn, lr_schedule
+from dma_jax.models.lm import LMDef
+from dma_jax.train import Trainer, batch_from_tokens, loss_fn, lr_schedule
 
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2)

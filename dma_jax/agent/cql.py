@@ -30,7 +30,7 @@ import optax
 
 from dma_jax import numerics
 from dma_jax.agent import distributions as dist
-from dma_jax.agent.config import CqlConfig
+from dma_jax.config import CqlConfig
 from dma_jax.agent.features import Trajectories
 from dma_jax.agent.model import AgentDef, Params
 from dma_jax.agent.sft import adam, flat_init, flat_step, sample_batch

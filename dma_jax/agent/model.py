@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dma_jax.agent.config import AgentModelConfig
+from dma_jax.config import AgentModelConfig
 from dma_jax.agent.features import DOMAIN_FEATURES, GLOBAL_FEATURES
 
 Params = dict

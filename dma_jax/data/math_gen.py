@@ -5,7 +5,8 @@ problem is drawn from `random.Random` seeded by (seed, stream, kind), so a corpu
 function of its arguments; training and benchmarks use different streams. Each arithmetic
 step is written as a plain equation ("19 * 3 = 57", after a colon when it has a label) so a
 reader, or a test, can check every step. Each problem also carries three wrong answers
-(plausible slips) for the multiple-choice benchmark.
+(plausible slips) for the multiple-choice benchmark. Arithmetic and algebra live here, number
+theory and word problems in `math_gen_discrete`, the step-formatting helpers both use in `math_common`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import random
 from fractions import Fraction
 from typing import Callable
 
+from dma_jax.data.math_common import frac, ints3, operand, pick3, poly, terms
+from dma_jax.data.math_gen_discrete import (
+    _nt_factorize, _nt_gcd, _nt_lcm, _nt_modpow, _nt_remainder, _nt_smallest_prime_factor, _wp_ages, _wp_average,
+    _wp_change, _wp_distance, _wp_fence, _wp_reading, _wp_sharing, _wp_sum_difference,
+)
 from dma_jax.errors import DmaError
 
 KINDS = ("arithmetic", "algebra", "number_theory", "word_problems")
-_PRIMES = tuple(p for p in range(2, 200) if all(p % d for d in range(2, int(p**0.5) + 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,51 +48,6 @@ class MathProblem:
         return f"{self.prompt} {self.answer}"
 
 
-def _p(v) -> str:
-    """A number as an operand: negatives in parentheses so the step stays valid arithmetic."""
-    s = str(v)
-    return f"({s})" if v < 0 else s
-
-
-def _terms(pairs) -> str:
-    """Format a sum of (coefficient, variable) terms: [(2, 'x^2'), (-5, 'x'), (-12, '')]."""
-    parts = []
-    for c, var in pairs:
-        if c == 0:
-            continue
-        body = (str(abs(c)) if abs(c) != 1 or not var else "") + var
-        parts.append(("-" if c < 0 else "") + body if not parts else ("- " if c < 0 else "+ ") + body)
-    return " ".join(parts) or "0"
-
-
-def _poly(coeffs) -> str:
-    """Polynomial in x, highest power first: [2, -5, -12] -> '2x^2 - 5x - 12'."""
-    deg = len(coeffs) - 1
-    return _terms((c, "" if deg - i == 0 else "x" if deg - i == 1 else f"x^{deg - i}") for i, c in enumerate(coeffs))
-
-
-def _pick3(rng: random.Random, answer: str, likely, fallback) -> tuple[str, ...]:
-    """Three distinct wrong answers: likely slips first, then generic near misses."""
-    first = [c for c in dict.fromkeys(likely) if c != answer]
-    rest = [c for c in dict.fromkeys(fallback) if c != answer and c not in first]
-    rng.shuffle(first)
-    rng.shuffle(rest)
-    picked = (first + rest)[:3]
-    if len(picked) < 3:
-        raise DmaError(f"math_gen: fewer than 3 distractors for answer {answer!r}")
-    return tuple(picked)
-
-
-def _ints3(rng: random.Random, ans: int, *likely: int) -> tuple[str, ...]:
-    near = [ans + d for d in (1, -1, 2, -2, 10, -10, 3, -3)] + [2 * ans + 1]
-    keep = (lambda v: v >= 0) if ans >= 0 else (lambda v: True)
-    return _pick3(rng, str(ans), [str(v) for v in likely if keep(v)], [str(v) for v in near if keep(v)])
-
-
-def _fmt(q: Fraction) -> str:
-    return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
-
-
 # ---------------------------------------------------------------- arithmetic
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 _OPNAME = {"+": "Add", "-": "Subtract", "*": "Multiply", "/": "Divide"}
@@ -105,7 +65,7 @@ def _tree(rng: random.Random, depth: int):
 
 def _show(e) -> str:
     if not isinstance(e, tuple):
-        return _p(e)
+        return operand(e)
     op, a, b = e
     sa, sb = _show(a), _show(b)
     if isinstance(a, tuple) and _PREC[a[0]] < _PREC[op]:
@@ -139,9 +99,9 @@ def _arith_expression(rng):
             cur, (op, a, b, v) = _reduce_once(cur)
             ok = ok and isinstance(v, int) and abs(v) <= 20000
             then = f", so the expression becomes {_show(cur)}." if isinstance(cur, tuple) else "."
-            steps.append(f"Step {len(steps) + 1}. {_OPNAME[op]}: {_p(a)} {op} {_p(b)} = {v}{then}")
+            steps.append(f"Step {len(steps) + 1}. {_OPNAME[op]}: {operand(a)} {op} {operand(b)} = {v}{then}")
         if ok and len(steps) >= 2:
-            return f"Compute {expr}.", steps, str(cur), _ints3(rng, cur, -cur)
+            return f"Compute {expr}.", steps, str(cur), ints3(rng, cur, -cur)
 
 
 def _arith_fractions(rng):
@@ -162,12 +122,12 @@ def _arith_fractions(rng):
     g = math.gcd(raw_n, raw_d)
     ans = Fraction(raw_n, raw_d)
     if g > 1:
-        steps.append(f"Simplify by dividing by gcd({abs(raw_n)}, {raw_d}) = {g}: {raw_n}/{raw_d} = {_fmt(ans)}.")
+        steps.append(f"Simplify by dividing by gcd({abs(raw_n)}, {raw_d}) = {g}: {raw_n}/{raw_d} = {frac(ans)}.")
     else:
         steps.append(f"The fraction {raw_n}/{raw_d} is already in lowest terms.")
-    likely = [_fmt(slip), _fmt(-ans), f"{raw_n}/{raw_d}" if g > 1 else _fmt(ans + 1)]
-    near = [_fmt(ans + Fraction(k, ans.denominator)) for k in (1, -1, 2, -2)]
-    return f"Compute {a}/{b} {op} {c}/{d}.", steps, _fmt(ans), _pick3(rng, _fmt(ans), likely, near)
+    likely = [frac(slip), frac(-ans), f"{raw_n}/{raw_d}" if g > 1 else frac(ans + 1)]
+    near = [frac(ans + Fraction(k, ans.denominator)) for k in (1, -1, 2, -2)]
+    return f"Compute {a}/{b} {op} {c}/{d}.", steps, frac(ans), pick3(rng, frac(ans), likely, near)
 
 
 def _arith_percent(rng):
@@ -176,7 +136,7 @@ def _arith_percent(rng):
     ans = pct * base // 100
     steps = [f"{pct}% of {base} means {pct} * {base} / 100.",
              f"Multiply: {pct} * {base} = {pct * base}.", f"Divide: {pct * base} / 100 = {ans}."]
-    return f"What is {pct}% of {base}?", steps, str(ans), _ints3(rng, ans, base - ans, pct * base // 10)
+    return f"What is {pct}% of {base}?", steps, str(ans), ints3(rng, ans, base - ans, pct * base // 10)
 
 
 def _arith_divmod(rng):
@@ -196,7 +156,7 @@ def _arith_divmod(rng):
     cands = [f"{q} remainder {(r + 1) % d}", f"{q + 1} remainder {r}", f"{q - 1} remainder {r}",
              f"{q} remainder {(r - 1) % d}", f"{q + 10} remainder {r}"]
     return f"Divide {n} by {d}. What are the quotient and the remainder?", steps, ans, \
-        _pick3(rng, ans, cands[:3], cands[3:])
+        pick3(rng, ans, cands[:3], cands[3:])
 
 
 def _arith_multiply(rng):
@@ -204,7 +164,7 @@ def _arith_multiply(rng):
     ones, tens = b % 10, b - b % 10
     steps = [f"Split {b} = {tens} + {ones}.", f"Ones: {a} * {ones} = {a * ones}.", f"Tens: {a} * {tens} = {a * tens}.",
              f"Add the partial products: {a * ones} + {a * tens} = {a * b}."]
-    return f"Compute {a} * {b}.", steps, str(a * b), _ints3(rng, a * b, a * tens + ones, a * b + a, a * b - a * 10)
+    return f"Compute {a} * {b}.", steps, str(a * b), ints3(rng, a * b, a * tens + ones, a * b + a, a * b - a * 10)
 
 
 # ---------------------------------------------------------------- algebra
@@ -218,27 +178,28 @@ def _alg_linear(rng, two_sided: bool):
         return _alg_linear(rng, two_sided)
     steps = []
     if two_sided:
-        steps.append(f"Move the x terms to the left: {a} - {_p(c)} = {a - c}, so {_poly([a - c, b])} = {d}.")
-    steps.append(f"Move the constant to the right: {d} - {_p(b)} = {d - b}, so {_poly([a - c, 0])} = {d - b}.")
-    steps.append(f"Divide both sides by {a - c}: {d - b} / {_p(a - c)} = {_fmt(x)}, so x = {_fmt(x)}.")
-    lhs, rhs = _poly([a, b]), (_poly([c, d]) if two_sided else str(d))
-    ans = f"x = {_fmt(x)}"
+        steps.append(f"Move the x terms to the left: {a} - {operand(c)} = {a - c}, so {poly([a - c, b])} = {d}.")
+    steps.append(f"Move the constant to the right: {d} - {operand(b)} = {d - b}, so {poly([a - c, 0])} = {d - b}.")
+    steps.append(f"Divide both sides by {a - c}: {d - b} / {operand(a - c)} = {frac(x)}, so x = {frac(x)}.")
+    lhs, rhs = poly([a, b]), (poly([c, d]) if two_sided else str(d))
+    ans = f"x = {frac(x)}"
     slips = [Fraction(d + b, a - c), -x, Fraction(d - b, a + c) if a + c else x + 2]
     return f"Solve for x: {lhs} = {rhs}.", steps, ans, \
-        _pick3(rng, ans, [f"x = {_fmt(s)}" for s in slips], [f"x = {_fmt(x + k)}" for k in (1, -1, 2)])
+        pick3(rng, ans, [f"x = {frac(s)}" for s in slips], [f"x = {frac(x + k)}" for k in (1, -1, 2)])
 
 
 def _alg_expand(rng):
     a, c = rng.randint(1, 6), rng.randint(1, 6)
     b, d = (rng.choice([v for v in range(-12, 13) if v]) for _ in range(2))
-    steps = [f"First: {a} * {c} = {a * c}, so the x^2 term is {_poly([a * c, 0, 0])}.",
-             f"Outer: {a} * {_p(d)} = {a * d}.", f"Inner: {b} * {c} = {b * c}.",
-             f"Last: {b} * {_p(d)} = {b * d}.", f"Combine the x terms: {a * d} + {_p(b * c)} = {a * d + b * c}."]
-    ans = _poly([a * c, a * d + b * c, b * d])
-    likely = [_poly([a * c, a * d + b * c, -b * d]), _poly([a * c, -(a * d + b * c), b * d]),
-              _poly([a * c, a * d - b * c, b * d]), _poly([a * c, b + d, b * d])]
-    return f"Expand ({_poly([a, b])})({_poly([c, d])}).", steps, ans, \
-        _pick3(rng, ans, likely, [_poly([a * c, a * d + b * c + k, b * d]) for k in (1, -1)])
+    steps = [f"First: {a} * {c} = {a * c}, so the x^2 term is {poly([a * c, 0, 0])}.",
+             f"Outer: {a} * {operand(d)} = {a * d}.", f"Inner: {b} * {c} = {b * c}.",
+             f"Last: {b} * {operand(d)} = {b * d}.",
+             f"Combine the x terms: {a * d} + {operand(b * c)} = {a * d + b * c}."]
+    ans = poly([a * c, a * d + b * c, b * d])
+    likely = [poly([a * c, a * d + b * c, -b * d]), poly([a * c, -(a * d + b * c), b * d]),
+              poly([a * c, a * d - b * c, b * d]), poly([a * c, b + d, b * d])]
+    return f"Expand ({poly([a, b])})({poly([c, d])}).", steps, ans, \
+        pick3(rng, ans, likely, [poly([a * c, a * d + b * c + k, b * d]) for k in (1, -1)])
 
 
 def _alg_factor(rng):
@@ -249,16 +210,16 @@ def _alg_factor(rng):
     if k > 1:
         steps.append(f"Take out the common factor {k}: {coeffs[1]} / {k} = {p + q} and {coeffs[2]} / {k} = {p * q}.")
     steps += [f"Find two numbers whose product is {p * q} and whose sum is {p + q}.",
-              f"Try {p} and {q}: {p} * {_p(q)} = {p * q} and {p} + {_p(q)} = {p + q}."]
+              f"Try {p} and {q}: {p} * {operand(q)} = {p * q} and {p} + {operand(q)} = {p + q}."]
     pre = str(k) if k > 1 else ""
 
     def fac(u, v):
         u, v = sorted((u, v))
-        return f"{pre}({_poly([1, u])})({_poly([1, v])})"
+        return f"{pre}({poly([1, u])})({poly([1, v])})"
 
     ans = fac(p, q)
-    likely = [fac(-p, -q), fac(p, -q), fac(-p, q), f"({_poly([1, p])})({_poly([1, q])})" if k > 1 else fac(p + 1, q)]
-    return f"Factor {_poly(coeffs)}.", steps, ans, _pick3(rng, ans, likely, [fac(p, q + 1), fac(p - 1, q)])
+    likely = [fac(-p, -q), fac(p, -q), fac(-p, q), f"({poly([1, p])})({poly([1, q])})" if k > 1 else fac(p + 1, q)]
+    return f"Factor {poly(coeffs)}.", steps, ans, pick3(rng, ans, likely, [fac(p, q + 1), fac(p - 1, q)])
 
 
 def _alg_evaluate(rng):
@@ -271,13 +232,13 @@ def _alg_evaluate(rng):
         if c == 0:
             continue
         if pw >= 2:
-            steps.append(f"x^{pw} term: {c} * {_p(x)}^{pw} = {c} * {_p(x ** pw)} = {c * x ** pw}.")
+            steps.append(f"x^{pw} term: {c} * {operand(x)}^{pw} = {c} * {operand(x ** pw)} = {c * x ** pw}.")
         elif pw == 1:
-            steps.append(f"x term: {c} * {_p(x)} = {c * x}.")
+            steps.append(f"x term: {c} * {operand(x)} = {c * x}.")
         vals.append(c * x**pw)
     total = sum(vals)
-    steps.append(f"Sum: {' + '.join(_p(v) if j else str(v) for j, v in enumerate(vals))} = {total}.")
-    return f"Evaluate {_poly(cs)} at x = {x}.", steps, str(total), _ints3(rng, total, total - 2 * cs[-1], -total)
+    steps.append(f"Sum: {' + '.join(operand(v) if j else str(v) for j, v in enumerate(vals))} = {total}.")
+    return f"Evaluate {poly(cs)} at x = {x}.", steps, str(total), ints3(rng, total, total - 2 * cs[-1], -total)
 
 
 def _alg_system(rng):
@@ -288,21 +249,14 @@ def _alg_system(rng):
     x, y = rng.randint(-9, 9), rng.randint(-9, 9)
     c1, c2 = a1 * x + b1 * y, a2 * x + b2 * y
     det, dx, dy = a1 * b2 - b1 * a2, c1 * b2 - b1 * c2, a1 * c2 - c1 * a2
-    steps = ["Use Cramer's rule.", f"Determinant: {a1} * {_p(b2)} - {_p(b1)} * {_p(a2)} = {det}.",
-             f"For x: {c1} * {_p(b2)} - {_p(b1)} * {_p(c2)} = {dx} and {dx} / {_p(det)} = {x}.",
-             f"For y: {a1} * {_p(c2)} - {_p(c1)} * {_p(a2)} = {dy} and {dy} / {_p(det)} = {y}."]
-    eq1, eq2 = (f"{_terms([(a, 'x'), (b, 'y')])} = {c}" for a, b, c in ((a1, b1, c1), (a2, b2, c2)))
+    steps = ["Use Cramer's rule.", f"Determinant: {a1} * {operand(b2)} - {operand(b1)} * {operand(a2)} = {det}.",
+             f"For x: {c1} * {operand(b2)} - {operand(b1)} * {operand(c2)} = {dx} and {dx} / {operand(det)} = {x}.",
+             f"For y: {a1} * {operand(c2)} - {operand(c1)} * {operand(a2)} = {dy} and {dy} / {operand(det)} = {y}."]
+    eq1, eq2 = (f"{terms([(a, 'x'), (b, 'y')])} = {c}" for a, b, c in ((a1, b1, c1), (a2, b2, c2)))
     ans = f"x = {x}, y = {y}"
     likely = [f"x = {y}, y = {x}", f"x = {-x}, y = {y}", f"x = {x}, y = {-y}"]
     return f"Solve the system: {eq1} and {eq2}.", steps, ans, \
-        _pick3(rng, ans, likely, [f"x = {x + i}, y = {y + j}" for i, j in ((1, -1), (-1, 1), (1, 0), (0, 1))])
-
-
-# Number theory and word problems live in math_gen_discrete (it imports the step helpers above).
-from dma_jax.data.math_gen_discrete import (  # noqa: E402
-    _nt_factorize, _nt_gcd, _nt_lcm, _nt_modpow, _nt_remainder, _nt_smallest_prime_factor, _wp_ages, _wp_average,
-    _wp_change, _wp_distance, _wp_fence, _wp_reading, _wp_sharing, _wp_sum_difference,
-)
+        pick3(rng, ans, likely, [f"x = {x + i}, y = {y + j}" for i, j in ((1, -1), (-1, 1), (1, 0), (0, 1))])
 
 
 _GENERATORS: dict[str, tuple[tuple[str, Callable], ...]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dma_jax.data.math_gen import _PRIMES, _ints3, _p, _pick3
+from dma_jax.data.math_common import PRIMES, ints3, operand, pick3
 
 
 # ---------------------------------------------------------------- number theory
@@ -25,7 +25,7 @@ def _nt_gcd(rng):
         return _nt_gcd(rng)
     steps, gcd, prev = _euclid(a, b)
     steps = ["Use the Euclidean algorithm.", *steps, f"The last nonzero remainder is {gcd}."]
-    return f"Find the greatest common divisor of {a} and {b}.", steps, str(gcd), _ints3(rng, gcd, 2 * gcd, prev, b)
+    return f"Find the greatest common divisor of {a} and {b}.", steps, str(gcd), ints3(rng, gcd, 2 * gcd, prev, b)
 
 
 def _nt_lcm(rng):
@@ -35,12 +35,12 @@ def _nt_lcm(rng):
     steps = ["First find the greatest common divisor with the Euclidean algorithm.", *steps,
              f"So the gcd is {g}.", f"Then lcm = a * b / gcd: {a} * {b} = {a * b} and {a * b} / {g} = {lcm}."]
     return f"Find the least common multiple of {a} and {b}.", steps, str(lcm), \
-        _ints3(rng, lcm, a * b, 2 * lcm, lcm + a)
+        ints3(rng, lcm, a * b, 2 * lcm, lcm + a)
 
 
 def _nt_factorize(rng):
     while True:
-        fs = sorted(rng.choice(_PRIMES[:4]) if rng.random() < 0.7 else rng.choice(_PRIMES[4:15])
+        fs = sorted(rng.choice(PRIMES[:4]) if rng.random() < 0.7 else rng.choice(PRIMES[4:15])
                     for _ in range(rng.randint(2, 6)))
         n = math.prod(fs)
         if 12 <= n <= 200_000 and len(set(fs)) >= 2:
@@ -57,8 +57,8 @@ def _nt_factorize(rng):
     ans = show(exps)
     likely = [show({**exps, p: exps[p] + s}) for p in exps for s in (1, -1)]
     big = max(exps)
-    swap = {**{p: e for p, e in exps.items() if p != big}, _PRIMES[_PRIMES.index(big) + 1]: exps[big]}
-    return f"Find the prime factorization of {n}.", steps, ans, _pick3(rng, ans, likely, [show(swap)])
+    swap = {**{p: e for p, e in exps.items() if p != big}, PRIMES[PRIMES.index(big) + 1]: exps[big]}
+    return f"Find the prime factorization of {n}.", steps, ans, pick3(rng, ans, likely, [show(swap)])
 
 
 def _nt_modpow(rng):
@@ -72,7 +72,7 @@ def _nt_modpow(rng):
         prev, r = r, prod % m
         steps.append(f"{prev} * {r1} = {prod} = {prod // m} * {m} + {r}, so {b}^{k} ≡ {r} (mod {m}).")
     near = [str((r + k) % m) for k in (1, -1, 2, -2)]
-    return f"Compute {b}^{e} mod {m}.", steps, str(r), _pick3(rng, str(r), [str(prev), str(b * e % m)], near)
+    return f"Compute {b}^{e} mod {m}.", steps, str(r), pick3(rng, str(r), [str(prev), str(b * e % m)], near)
 
 
 def _nt_remainder(rng):
@@ -92,20 +92,20 @@ def _nt_remainder(rng):
         alt = sum(v if i % 2 == 0 else -v for i, v in enumerate(rev))
         expr = str(rev[0]) + "".join(f" {'+' if i % 2 == 0 else '-'} {v}" for i, v in enumerate(rev) if i)
         steps = ["A number leaves the same remainder mod 11 as its alternating digit sum from the units digit.",
-                 f"Alternating sum: {expr} = {alt}.", f"{alt} = {_p(alt // 11)} * 11 + {alt % 11}."]
+                 f"Alternating sum: {expr} = {alt}.", f"{alt} = {operand(alt // 11)} * 11 + {alt % 11}."]
     ans = n % d
     return f"What is the remainder when {n} is divided by {d}?", steps, str(ans), \
-        _pick3(rng, str(ans), [str((ans + k) % d) for k in (1, 2, d - 1)], [str(ans + d), str(d)])
+        pick3(rng, str(ans), [str((ans + k) % d) for k in (1, 2, d - 1)], [str(ans + d), str(d)])
 
 
 def _nt_smallest_prime_factor(rng):
     if rng.random() < 0.4:
-        p, q = rng.sample(_PRIMES[3:25], 2)
+        p, q = rng.sample(PRIMES[3:25], 2)
         n = p * q
     else:
         n = rng.randint(100, 20_000)
     steps = ["Try the primes in increasing order."]
-    for p in _PRIMES:
+    for p in PRIMES:
         if p * p > n:
             steps.append(f"The next prime is {p} and {p} * {p} = {p * p}, which is larger than {n}, so {n} is prime.")
             ans = n
@@ -116,9 +116,9 @@ def _nt_smallest_prime_factor(rng):
             steps.append(f"The remainder is 0, so {p} divides {n}.")
             ans = p
             break
-    i = _PRIMES.index(ans) if ans in _PRIMES else 0
-    likely = [_PRIMES[i + 1], _PRIMES[max(i - 1, 0)], n // ans if ans != n else 2 * n + 1]
-    return f"Find the smallest prime factor of {n}.", steps, str(ans), _ints3(rng, ans, *likely)
+    i = PRIMES.index(ans) if ans in PRIMES else 0
+    likely = [PRIMES[i + 1], PRIMES[max(i - 1, 0)], n // ans if ans != n else 2 * n + 1]
+    return f"Find the smallest prime factor of {n}.", steps, str(ans), ints3(rng, ans, *likely)
 
 
 # ---------------------------------------------------------------- word problems
@@ -139,7 +139,7 @@ def _wp_change(rng):
          f"How much change, in dollars, does {name} get?")
     steps = [f"Cost of the {i1}: {n1} * {p1} = {c1}.", f"Cost of the {i2}: {n2} * {p2} = {c2}.",
              f"Total cost: {c1} + {c2} = {c1 + c2}.", f"Change: {bill} - {c1 + c2} = {ans}."]
-    return q, steps, str(ans), _ints3(rng, ans, c1 + c2, bill - c1, bill - c2)
+    return q, steps, str(ans), ints3(rng, ans, c1 + c2, bill - c1, bill - c2)
 
 
 def _wp_distance(rng):
@@ -150,7 +150,7 @@ def _wp_distance(rng):
          f"for {t2} hours. How many kilometres does it travel in total?")
     steps = [f"First part: {v1} * {t1} = {d1}.", f"Second part: {v2} * {t2} = {d2}.",
              f"Total: {d1} + {d2} = {d1 + d2}."]
-    return q, steps, str(d1 + d2), _ints3(rng, d1 + d2, (v1 + v2) * (t1 + t2), d1, d2)
+    return q, steps, str(d1 + d2), ints3(rng, d1 + d2, (v1 + v2) * (t1 + t2), d1, d2)
 
 
 def _wp_sharing(rng):
@@ -163,7 +163,7 @@ def _wp_sharing(rng):
     steps = [f"Given away: {total} / {k} = {g}.", f"Left: {total} - {g} = {total - g}.",
              f"After buying more: {total - g} + {more} = {total - g + more}."]
     ans = total - g + more
-    return q, steps, str(ans), _ints3(rng, ans, total - g, total + more, g + more)
+    return q, steps, str(ans), ints3(rng, ans, total - g, total + more, g + more)
 
 
 def _wp_sum_difference(rng):
@@ -172,7 +172,7 @@ def _wp_sum_difference(rng):
     s = big + small
     q = f"Two numbers add up to {s} and differ by {d}. What is the larger number?"
     steps = [f"Twice the larger number: {s} + {d} = {2 * big}.", f"Larger number: {2 * big} / 2 = {big}."]
-    return q, steps, str(big), _ints3(rng, big, small, s - d, s + d)
+    return q, steps, str(big), ints3(rng, big, small, s - d, s + d)
 
 
 def _wp_reading(rng):
@@ -186,7 +186,7 @@ def _wp_reading(rng):
     steps = [f"Pages left: {pages} - {read} = {left}.", f"Full days: {left} = {full} * {per_day} + {extra}."]
     steps.append(f"The last {extra} pages need one more day: {full} + 1 = {ans}." if extra
                  else "No pages are left over after the full days.")
-    return q, steps, str(ans), _ints3(rng, ans, full if extra else ans + 1, pages // per_day)
+    return q, steps, str(ans), ints3(rng, ans, full if extra else ans + 1, pages // per_day)
 
 
 def _wp_fence(rng):
@@ -195,7 +195,7 @@ def _wp_fence(rng):
     q = (f"A rectangular garden is {l} m long and {w} m wide. Fencing costs ${c} per metre. "
          f"How much does it cost, in dollars, to fence the whole garden?")
     steps = [f"Perimeter: 2 * ({l} + {w}) = {per}.", f"Cost: {per} * {c} = {per * c}."]
-    return q, steps, str(per * c), _ints3(rng, per * c, l * w * c, (l + w) * c, per)
+    return q, steps, str(per * c), ints3(rng, per * c, l * w * c, (l + w) * c, per)
 
 
 def _wp_average(rng):
@@ -209,7 +209,7 @@ def _wp_average(rng):
          f"What score does {name} need on the fifth test to average exactly {avg}?")
     steps = [f"Total needed: 5 * {avg} = {5 * avg}.", f"Scored so far: {' + '.join(map(str, scores))} = {sum(scores)}.",
              f"Needed: {5 * avg} - {sum(scores)} = {need}."]
-    return q, steps, str(need), _ints3(rng, need, avg, 4 * avg - sum(scores[:3]))
+    return q, steps, str(need), ints3(rng, need, avg, 4 * avg - sum(scores[:3]))
 
 
 def _wp_ages(rng):
@@ -218,4 +218,4 @@ def _wp_ages(rng):
     s = 2 * age + d
     q = f"{older} is {d} years older than {younger}. Together they are {s} years old. How old is {younger}?"
     steps = [f"Twice {younger}'s age: {s} - {d} = {2 * age}.", f"{younger}'s age: {2 * age} / 2 = {age}."]
-    return q, steps, str(age), _ints3(rng, age, age + d, s - d, s // 2)
+    return q, steps, str(age), ints3(rng, age, age + d, s - d, s // 2)

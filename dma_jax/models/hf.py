@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from dma_jax.config import ModelConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file, upath
-from dma_jax.train import LMDef, Params
+from dma_jax.models.lm import LMDef, Params
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -9,6 +9,9 @@ H heads, G kv heads, K head dim, F d_ff, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -177,3 +180,33 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     matmul_params = cfg.n_layers * (D * H * K + 2 * D * G * K + H * K * D + 3 * D * F) + D * V
     attention = cfg.n_layers * 2 * seq_len * H * K  # QK^T and PV, full (non-causal) count
     return 3.0 * 2.0 * (matmul_params + attention)
+
+
+Params = dict  # pure nested dict of arrays (nnx.to_pure_dict of the LM's Params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDef:
+    """Everything static about an LM: its graph, parameter shapes and logical axes."""
+
+    cfg: ModelConfig
+    graphdef: Any
+    abstract_params: Params
+    logical_axes: Params
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> LMDef:
+        abstract = nnx.eval_shape(lambda: LM(cfg, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        axes = jax.tree.map(
+            lambda v: v.get_metadata().get("logical_axes"), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        return cls(cfg, graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes))
+
+    def init(self, seed: int) -> Params:
+        graphdef, state = nnx.split(LM(self.cfg, nnx.Rngs(seed)), nnx.Param)
+        del graphdef
+        return nnx.to_pure_dict(state)
+
+    def apply(self, params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        return nnx.merge(self.graphdef, params)(tokens_BxL, segment_ids_BxL)

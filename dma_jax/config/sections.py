@@ -1,28 +1,16 @@
-"""Typed, validated, frozen configs: YAML files plus `key.sub=value` overrides.
-
-A config file is a YAML mapping with one section per component (`model`, `optim`,
-`mesh`, `pretrain`, ...). It may carry `variants:`, a mapping of variant name to
-a partial config deep-merged on top (every config in `configs/` has a `tiny`
-variant that tests and CI use). Any error is a `DmaError` whose one line names the
-file and the key.
-"""
+"""The config sections of every component but the agent: typed, validated, frozen (pydantic)."""
 
 from __future__ import annotations
 
-import copy
-import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pydantic
-import yaml
-
-from dma_jax.errors import DmaError
-
 
 class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
 
+
+BALANCED_HOW = ("mean", "min", "harmonic")  # how field scores aggregate into the balanced score B
 
 PosInt = pydantic.PositiveInt
 NonNegInt = pydantic.NonNegativeInt
@@ -202,11 +190,15 @@ class PretrainConfig(Section):
     log_every: PosInt = 10
     target_steps: PosInt | None = None  # steps for the target model (default: `steps`)
 
+    def steps_for(self, which: str) -> int:
+        """Optimizer steps of the base `which` model ("proxy" or "target"): the one place this rule lives."""
+        return self.target_steps if which == "target" and self.target_steps else self.steps
+
 
 class EvalConfig(Section):
     """The evaluation environment run after every re-weighting step (sweep and CPT)."""
 
-    balanced: Literal["mean", "min", "harmonic"] = "mean"  # aggregation of field scores into B
+    balanced: Literal[BALANCED_HOW] = "mean"  # aggregation of field scores into B
     heldout_windows_per_domain: PosInt = 16
     benchmark_items_per_field: PosInt = 200
     max_len: PosInt = 128  # model input length: held-out windows and benchmark rows hold max_len + 1 tokens
@@ -263,181 +255,3 @@ class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/demo"
     seed: NonNegInt = 0
-
-
-from dma_jax.agent.config import AgentConfig  # noqa: E402  (needs Section, defined above)
-
-
-class Config(Section):
-    run: RunConfig = RunConfig()
-    proxy: ModelConfig = ModelConfig()
-    target: ModelConfig = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=344)
-    optim: OptimConfig = OptimConfig()
-    mesh: MeshConfig = MeshConfig()
-    data: DataConfig = DataConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    sweep: SweepConfig = SweepConfig()
-    cpt: CptConfig = CptConfig()
-    agent: AgentConfig = AgentConfig()
-    eval: EvalConfig = EvalConfig()
-
-    @pydantic.model_validator(mode="after")
-    def _check_cross(self) -> Config:
-        for which in ("proxy", "target"):
-            m = getattr(self, which)
-            for name, length in (("data.record_len-1", self.data.record_len - 1), ("eval.max_len", self.eval.max_len)):
-                if length > m.max_seq_len:
-                    raise ValueError(f"{name}={length} exceeds {which}.max_seq_len={m.max_seq_len}")
-        if self.sweep.seq_len > self.proxy.max_seq_len:
-            raise ValueError(f"sweep.seq_len={self.sweep.seq_len} exceeds proxy.max_seq_len={self.proxy.max_seq_len}")
-        return self
-
-    @pydantic.model_validator(mode="after")
-    def _check_dirs(self) -> Config:
-        if "://" in self.run.out_dir:
-            _check_remote_support(f"run.out_dir={self.run.out_dir}")
-        if self.data.dir and "://" in self.data.dir:
-            raise ValueError(f"data.dir={self.data.dir}: the prepared shards must be on a local disk (ArrayRecord "
-                             "reads and writes local files only); `dma prepare` on every host writes the same bytes")
-        return self
-
-    @property
-    def data_dir(self) -> str:
-        """`data.dir`; default `<run.out_dir>/data`, or `runs/<run.name>/data` when `run.out_dir` is `gs://...`
-        (the shards stay on each host's disk)."""
-        if self.data.dir:
-            return self.data.dir
-        if "://" in self.run.out_dir:
-            return f"runs/{self.run.name}/data"
-        return f"{self.run.out_dir}/data"
-
-
-def _check_remote_support(what: str) -> None:
-    """A `gs://` (s3://, ...) path needs its fsspec filesystem (gcsfs for gs://): say so at load time."""
-    import fsspec
-
-    scheme = what.split("=", 1)[1].split("://", 1)[0]
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except (ImportError, ValueError) as e:
-        raise ValueError(f"{what}: {scheme}:// paths need an extra package ({str(e).splitlines()[0]}); "
-                         'pip install -e ".[gcs]"') from None
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    model: type[pydantic.BaseModel] | None = Config
-    for i, k in enumerate(keys):
-        fields = model.model_fields if model is not None else {}
-        if model is not None and k not in fields:
-            raise DmaError(f"{where}: unknown key '{'.'.join(keys[: i + 1])}'")
-        ann = fields[k].annotation if model is not None else None
-        model = ann if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel) else None
-        if i == len(keys) - 1:
-            node[k] = value
-        else:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`model.d_model=128` -> ("model.d_model", 128); the value is parsed as YAML."""
-    if "=" not in text:
-        raise DmaError(f"override '{text}': expected key.sub=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise DmaError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise DmaError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
-    return key, value
-
-
-def _format_validation_error(err: pydantic.ValidationError, where: str) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{loc}'"
-    msg = e["msg"].removeprefix("Value error, ")
-    got = e.get("input")
-    got_s = "" if isinstance(got, dict) or not loc else f" (got {got!r})"
-    extra = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}: {loc + ': ' if loc else ''}{msg}{got_s}{extra}"
-
-
-def _reject_non_finite(tree: Any, where: str, path: str = "") -> None:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _reject_non_finite(v, where, f"{path}.{k}" if path else str(k))
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        raise DmaError(f"{where}: {path}: value must be finite (got {tree})")
-
-
-def config_from_dict(raw: dict, where: str = "<config>") -> Config:
-    _reject_non_finite(raw, where)
-    try:
-        return Config.model_validate(raw)
-    except pydantic.ValidationError as e:
-        raise DmaError(_format_validation_error(e, where)) from None
-
-
-def load_config(
-    path: str | Path | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    variant: str | None = None,
-) -> Config:
-    """Load a YAML config, apply a named variant, then `key.sub=value` overrides."""
-    raw: dict = {}
-    where = "<defaults>"
-    if path is not None:
-        where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise DmaError(f"{where}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise DmaError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if raw is None:
-            raise DmaError(f"{where}: the config file is empty (expected a mapping of sections: run, data, ...)")
-        if not isinstance(raw, dict):
-            raise DmaError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
-    variants = raw.pop("variants", {}) or {}
-    if not isinstance(variants, dict):
-        raise DmaError(f"{where}: 'variants' must be a mapping of name to partial config")
-    if variant is not None:
-        if variant not in variants:
-            known = ", ".join(sorted(variants)) or "none"
-            raise DmaError(f"{where}: no variant '{variant}' (known: {known})")
-        raw = _deep_merge(raw, variants[variant])
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value, f"{where}: override '{text}'")
-    return config_from_dict(raw, where)
-
-
-def config_variants(path: str | Path) -> list[str]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return sorted((raw.get("variants") or {}).keys())
-
-
-def dump_config(cfg: Config) -> dict:
-    """A JSON/YAML-safe dict of the full config (all defaults filled in)."""
-    return cfg.model_dump(mode="json")

@@ -1,0 +1,143 @@
+"""The run folder: where every stage writes under `run.out_dir`, and whether it has finished.
+
+This module is the only place that spells a run path. A stage asks `RunDir` for its folder; the
+demo, the study and the CLI ask it whether a stage is done (so a second `make demo` rewrites nothing).
+
+    <run.out_dir>/
+      pretrain-{proxy,target}/   config.yaml, metrics.jsonl, checkpoints/<step>/      (dma pretrain)
+      sweep/                     trajectories.{npz,png}, checkpoints/, offline/       (dma sample, dma sweep)
+      agent/{sft,cql}/           metrics.jsonl, checkpoints/<step>/                   (dma train-agent)
+      agent/export-{sft,cql}/    checkpoint/, agent_spec.json
+      cpt/<policy>/seed<k>/      history.json, records.jsonl, checkpoints/            (dma cpt)
+      report/                    report.md, mixtures.png, scores.png                  (dma report)
+      export/target-<policy>-seed<k>/  orbax/, hf/                                    (dma export target)
+    <data.dir or run.out_dir/data>/  manifest.json, <domain>/...                      (dma prepare)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from dma_jax import history
+from dma_jax.config import Config, dump_config
+from dma_jax.io_utils import AnyPath, upath
+
+AGENT_STAGES = ("sft", "cql")
+AGENT_SPEC_FILE = "agent_spec.json"  # written last by an agent export
+OFFLINE_META = "meta.json"  # written last by `offline_data.save`
+
+
+def latest_step(ckpt_dir: AnyPath) -> int | None:
+    """The last committed checkpoint step in `ckpt_dir` (Orbax renames a finished step to its number)."""
+    ckpt_dir = upath(ckpt_dir)
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    return max(steps, default=None)
+
+
+def _read_json(path: AnyPath) -> dict:
+    try:
+        return json.loads(upath(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """Every stage's folder for one config, and each stage's is-done check."""
+
+    cfg: Config
+
+    @property
+    def root(self) -> AnyPath:
+        return upath(self.cfg.run.out_dir)
+
+    # ------------------------------------------------------------------------------------ paths
+    @property
+    def data(self) -> AnyPath:
+        return upath(self.cfg.data_dir)
+
+    def pretrain(self, which: str) -> AnyPath:
+        return self.root / f"pretrain-{which}"
+
+    def pretrain_checkpoints(self, which: str) -> AnyPath:
+        return self.pretrain(which) / "checkpoints"
+
+    @property
+    def sweep(self) -> AnyPath:
+        return self.root / "sweep"
+
+    @property
+    def trajectories(self) -> AnyPath:
+        return self.sweep / "trajectories.npz"
+
+    @property
+    def sweep_checkpoints(self) -> AnyPath:
+        return self.sweep / "checkpoints"
+
+    @property
+    def offline(self) -> AnyPath:
+        return self.sweep / "offline"
+
+    @property
+    def agent(self) -> AnyPath:
+        return self.root / "agent"
+
+    def agent_stage(self, stage: str) -> AnyPath:
+        return self.agent / stage
+
+    def agent_export(self, stage: str) -> AnyPath:
+        return self.agent / f"export-{stage}"
+
+    def agent_exports(self) -> dict[str, AnyPath]:
+        """{policy name: export folder} of the agents CPT can load."""
+        return {f"agent-{stage}": self.agent_export(stage) for stage in AGENT_STAGES}
+
+    @property
+    def cpt(self) -> AnyPath:
+        return self.root / "cpt"
+
+    def cpt_run(self, policy: str, seed: int) -> AnyPath:
+        return self.cpt / policy / f"seed{seed}"
+
+    @property
+    def report(self) -> AnyPath:
+        return self.root / "report"
+
+    def export_target(self, policy: str, seed: int) -> AnyPath:
+        return self.root / "export" / f"target-{policy}-seed{seed}"
+
+    def bench_json(self, quick: bool) -> AnyPath:
+        return self.root / ("bench-quick.json" if quick else "bench.json")
+
+    # ------------------------------------------------------------------------------------ is done
+    def prepared(self) -> bool:
+        """The manifest (written last) exists and was written with this `data` config."""
+        return _read_json(self.data / "manifest.json").get("config") == dump_config(self.cfg)["data"]
+
+    def pretrained(self, which: str) -> bool:
+        return latest_step(self.pretrain_checkpoints(which)) == self.cfg.pretrain.steps_for(which)
+
+    def sampled(self) -> bool:
+        return self.trajectories.is_file()
+
+    def swept(self) -> bool:
+        return (self.offline / OFFLINE_META).is_file()
+
+    def agent_trained(self, stage: str) -> bool:
+        steps = (self.cfg.agent.sft if stage == "sft" else self.cfg.agent.cql).steps
+        return latest_step(self.agent_stage(stage) / "checkpoints") == steps
+
+    def agent_exported(self, stage: str) -> bool:
+        """The export's spec (written last) names the final step of the stage's training."""
+        steps = (self.cfg.agent.sft if stage == "sft" else self.cfg.agent.cql).steps
+        return _read_json(self.agent_export(stage) / AGENT_SPEC_FILE).get("step") == steps
+
+    def cpt_done(self, policy: str, seed: int) -> bool:
+        return history.is_finished(self.cpt_run(policy, seed), dump_config(self.cfg)["cpt"])
+
+    def report_fresh(self) -> bool:
+        """report.md exists and is newer than every CPT history."""
+        md = self.report / "report.md"
+        hists = list(self.cpt.glob(f"*/seed*/{history.FILE}")) if self.cpt.is_dir() else []
+        return md.is_file() and all(h.stat().st_mtime <= md.stat().st_mtime for h in hists)
