@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dma_jax import measure
 from dma_jax.config import MeshConfig, load_config
 from dma_jax.models.lm import flops_per_token
 from dma_jax.models.lm import LMDef
+from dma_jax.perf import measure
 from dma_jax.train import Trainer, batch_from_tokens, loss_fn
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     fwd = jax.jit(lambda p, b: loss_fn(p, lm, b)[0])
     grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, lm, b)[0]))
     trainer = Trainer(model, cfg.optim, MeshConfig(data=1), 1000, args.batch, args.seq, dev)
-    state = [jax.device_put(measure._fresh_state(trainer, measure.random_params(lm.abstract_params, 0)),
+    state = [jax.device_put(measure.fresh_state(trainer, measure.random_params(lm.abstract_params, 0)),
                             trainer.state_sharding)]
     dev_batch = trainer.put_batch(tokens)
 

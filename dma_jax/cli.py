@@ -10,7 +10,6 @@ import argparse
 import errno
 import logging
 import sys
-import time
 from pathlib import Path
 
 from dma_jax.errors import DmaError
@@ -37,6 +36,26 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = N
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. pretrain.steps=50")
 
 
+def pipeline():
+    import dma_jax.pipeline
+
+    return dma_jax.pipeline
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def _load(args: argparse.Namespace):
     from dma_jax.config import load_config
 
@@ -44,103 +63,44 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from dma_jax.prepare import run_prepare
-
-    cfg = _load(args)
-    t0 = time.perf_counter()
-    space = run_prepare(cfg, progress=not args.no_progress)
-    _print_space(space, time.perf_counter() - t0)
+    print(pipeline().prepare(_load(args), progress=not args.no_progress))
     return 0
 
 
-def _print_space(space, seconds: float) -> None:
-    print(f"prepare: {space.num_domains} domains in {space.dir} ({seconds:.1f} s)")
-    for field in space.fields:
-        idx = space.domain_indices(field)
-        toks = int(space.train_tokens[idx].sum())
-        print(f"  {field:<8} {len(idx):>2} domains  {toks:>12,} train tokens  "
-              f"{len(space.benchmarks(field)):>4} benchmark items")
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from dma_jax.pretrain import run_pretrain
-
     if args.config is None:
         raise DmaError("pretrain: --config is required (e.g. --config configs/demo.yaml)")
-    cfg = _load(args)
-    summary = run_pretrain(cfg, args.model, progress=not args.no_progress)
-    _raise_if_stopped(summary, args.model)
-    print(f"pretrain {args.model}: {summary['steps']} steps, held-out loss {summary['final_eval_loss']}, "
-          f"checkpoints in {summary['out_dir']}/checkpoints")
+    print(pipeline().pretrain(_load(args), args.model, progress=not args.no_progress))
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from dma_jax.sweep import run_sample
-
-    cfg = _load(args)
-    path = run_sample(cfg)
-    print(f"sample: {cfg.sweep.num_trajectories} trajectories x {cfg.sweep.num_stages} re-weighting steps "
-          f"in {path}; picture: {path.with_suffix('.png')}")
+    print(pipeline().sample(_load(args)))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from dma_jax.sweep import run_sweep
-
-    cfg = _load(args)
-    s = run_sweep(cfg, progress=not args.no_progress)
-    r = s["returns"]
-    print(f"sweep: N={s['N']} T={s['T']} S={s['S']} in {s['seconds']:.0f} s "
-          f"({s['tokens_per_s']:,.0f} tokens/s over all proxies); returns min {r.min():+.4f} "
-          f"median {np.median(r):+.4f} max {r.max():+.4f}; offline dataset in {s['out_dir']}")
+    print(pipeline().sweep(_load(args), progress=not args.no_progress))
     return 0
 
 
 def cmd_train_agent(args: argparse.Namespace) -> int:
-    from dma_jax.agent.runner import export_agent, run_train_agent
-
     cfg = _load(args)
-    out = upath(cfg.run.out_dir)
     for stage in (["sft", "cql"] if args.stage == "all" else [args.stage]):
-        s = run_train_agent(cfg.agent, out / "sweep" / "offline", out / "agent", stage, cfg.run.seed,
-                            progress=not args.no_progress)
-        export_agent(out / "agent" / stage, out / "agent" / f"export-{stage}")
-        m = s.get("final_metrics", {})
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float) and k != "updates_per_s")
-        print(f"train-agent {stage}: {s['steps']} updates in {s['seconds']:.0f} s ({shown}); "
-              f"exported to {out / 'agent' / f'export-{stage}'}")
+        print(pipeline().train_agent(cfg, stage, progress=not args.no_progress))
     return 0
 
 
 def cmd_cpt(args: argparse.Namespace) -> int:
-    from dma_jax.cpt import run_cpt
-
-    bad_seeds = [s for s in args.seed or [] if s < 0]
-    if bad_seeds:
-        raise DmaError(f"cpt: --seed {bad_seeds[0]}: seeds must be >= 0")
     cfg = _load(args)
-    policies = args.policy or list(cfg.cpt.policies)
-    seeds = args.seed if args.seed is not None else list(cfg.cpt.seeds)
-    for name in policies:
-        for seed in seeds:
-            h = run_cpt(cfg, name, seed, progress=not args.no_progress)
-            fields = ", ".join(f"{f} {v:.4f}" for f, v in zip(h.fields, h.field_scores_T1xF[-1]))
-            print(f"cpt {name} seed {seed}: {fields}; balanced {h.balanced_T1[-1]:.4f}")
+    for name in args.policy or list(cfg.cpt.policies):
+        for seed in args.seed if args.seed is not None else list(cfg.cpt.seeds):
+            print(pipeline().cpt(cfg, name, seed, progress=not args.no_progress))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dma_jax.report import write_report
-    from dma_jax.runs import RunDir
-
-    cfg = _load(args)
-    run = RunDir(cfg)
-    out = upath(args.out) if args.out else run.report
-    path = write_report(run.cpt, out, title=f"{cfg.run.name}: continual pre-training report")
-    print(f"report: {path} (plots: {out / 'mixtures.png'}, {out / 'scores.png'})")
+    print(pipeline().report(_load(args), out=args.out))
     return 0
 
 
@@ -167,18 +127,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import math
+    from dma_jax.perf.bench import format_table, run_bench
 
-    from dma_jax.bench import format_table, run_bench
-
-    bad_n = [n for n in args.n or [] if n < 1]
-    if bad_n:
-        raise DmaError(f"bench: --n {bad_n[0]}: the number of proxies must be >= 1")
-    budget = args.memory_budget_gb
-    if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise DmaError(f"bench: --memory-budget-gb {budget}: must be a positive number of GiB")
     cfg = _load(args)
-    out = upath(args.out) if args.out else upath(cfg.run.out_dir) / ("bench-quick.json" if args.quick else "bench.json")
+    from dma_jax.runs import RunDir
+
+    out = upath(args.out) if args.out else RunDir(cfg).bench_json(args.quick)
     results = run_bench(args.quick, args.memory_budget_gb, out, cfg, ns=args.n, progress=not args.no_progress)
     print(format_table(results))
     print(f"bench: results in {out}")
@@ -186,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dma_jax.plan import SLICES, format_plan, plan
+    from dma_jax.perf.memory import SLICES, format_memory_plan as format_plan, memory_plan as plan
 
     cfg = _load(args)
     unknown = sorted(set(args.slice or ()) - set(SLICES))
@@ -199,32 +153,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Every stage on the demo config; each one resumes or skips what is already done."""
-    import types
-
+    """Every stage on the demo config; finished stages are skipped (`runs.RunDir` says which)."""
     cfg = _load(args)
-    out = upath(cfg.run.out_dir)
-    timings: list[tuple[str, float]] = []
+    timings = pipeline().run_demo(cfg, progress=not args.no_progress, echo=lambda line: print(line, flush=True))
+    print("demo: wall time per stage: " + "; ".join(f"{n} {t:.0f} s" for n, t in timings)
+          + f"; total {sum(t for _, t in timings):.0f} s")
+    from dma_jax.runs import RunDir
 
-    def stage(name: str, fn) -> None:
-        print(f"demo: [{len(timings) + 1}/8] {name}", flush=True)
-        t0 = time.perf_counter()
-        fn()
-        timings.append((name, time.perf_counter() - t0))
-
-    ns = types.SimpleNamespace(**vars(args), policy=None, seed=None, stage="all", out=None)
-    stage("prepare the demo domain space", lambda: cmd_prepare(ns))
-    for which in ("proxy", "target"):
-        stage(f"pre-train the base {which}", lambda w=which: _pretrain_once(cfg, w, args))
-    stage("sample trajectories", lambda: None if (out / "sweep" / "trajectories.npz").exists() else cmd_sample(ns))
-    stage("sweep: train the proxies", lambda: None if (out / "sweep" / "offline" / "meta.json").exists()
-          else cmd_sweep(ns))
-    stage("train the agent (SFT, then CQL)", lambda: cmd_train_agent(ns))
-    stage("CPT of the target under every policy", lambda: cmd_cpt(ns))
-    stage("report", lambda: cmd_report(ns))
-    total = sum(t for _, t in timings)
-    print("demo: wall time per stage: " + "; ".join(f"{n} {t:.0f} s" for n, t in timings) + f"; total {total:.0f} s")
-    print(f"demo: report in {out / 'report' / 'report.md'}, plots in {out / 'report'}")
+    print(f"demo: report in {RunDir(cfg).report / 'report.md'}, plots in {RunDir(cfg).report}")
     return 0
 
 
@@ -236,20 +172,6 @@ def cmd_study(args: argparse.Namespace) -> int:
                      progress=not args.no_progress, only=args.only)
     print(f"study: results in {path}")
     return 0
-
-
-def _pretrain_once(cfg, which: str, args) -> None:
-    from dma_jax.pretrain import run_pretrain
-
-    s = run_pretrain(cfg, which, progress=not args.no_progress)
-    _raise_if_stopped(s, which)
-    print(f"pretrain {which}: {s['n_params'] / 1e6:.2f}M parameters, held-out loss {s['final_eval_loss']:.4f}")
-
-
-def _raise_if_stopped(summary: dict, which: str) -> None:
-    if summary["stopped_early"]:
-        raise Preempted(f"pretrain {which}: stopped by SIGTERM at step {summary['steps']} (checkpoint in "
-                        f"{summary['out_dir']}/checkpoints); re-run the same command to resume")
 
 
 def _enable_compilation_cache() -> None:
@@ -299,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cpt", help="continually pre-train the target model under mixing policies (resumable)")
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies)")
-    p.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: cpt.seeds)")
+    p.add_argument("--seed", action="append", type=_non_negative_int, help="seed (repeatable; default: cpt.seeds)")
     p.set_defaults(func=cmd_cpt)
 
     p = sub.add_parser("report", help="markdown table of every CPT run + plots of mixtures and scores")
@@ -330,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="memory per device for the largest-N estimate and sweep chunking "
                         "(default: the device's limit, else 80%% of available host RAM)")
-    p.add_argument("--n", type=int, action="append", metavar="N",
+    p.add_argument("--n", type=_positive_int, action="append", metavar="N",
                    help="number of proxies (repeatable; default 1 4 16 64, --quick: 1 4)")
     p.add_argument("--out", help="JSON file (default: <run.out_dir>/bench.json, bench-quick.json with --quick)")
     p.set_defaults(func=cmd_bench)

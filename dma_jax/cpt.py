@@ -22,7 +22,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from dma_jax import evaluation as ev
 from dma_jax import history as hist_format
@@ -33,11 +32,12 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.mixer import DomainMixer
 from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory
-from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
+from dma_jax.faults import maybe_fault, stop_on_sigterm
 from dma_jax.io_utils import JsonlLog, NullLog
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
 from dma_jax.runs import RunDir
+from dma_jax.stage_loop import StageLoop
 from dma_jax.train import Trainer, TrainState, load_base_params, shared_trainer
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,11 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     records_log.truncate_after(start * S)
     guard = LossGuard(f"cpt {policy_name} seed {seed}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
 
-    bar = tqdm(total=T, initial=start, desc=f"cpt {policy_name} seed {seed}", unit="stage", disable=not progress,
-               dynamic_ncols=True)
-    for t in range(start, T):
+    loop = StageLoop(f"cpt {policy_name} seed {seed}", ckpt, T, "stage", progress, event_after_save="cpt.stage_done",
+                     describe_stop=lambda done: f"after re-weighting step {done}/{T}")
+
+    def unit(t: int) -> None:
+        nonlocal state
         t0 = time.perf_counter()
         w = safe(history)
         t1 = time.perf_counter()
@@ -133,31 +135,26 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
             losses_S.append(metrics["loss"])
             maybe_fault("cpt.step")
         raw = raw_of(state.params)
-        # NaN/spike: stop before the checkpoint below (or the steps were skipped on device); read after the eval's sync
-        guard.check_many(t * S + np.arange(1, S + 1), np.asarray(jax.device_get(losses_S)), last_good(ckpt),
-                         max_loss)
+        # NaN/spike: stop before the checkpoint (or the steps were skipped on device); read after the eval's sync
+        losses_S = np.asarray(jax.device_get(losses_S))
+        guard.check_many(t * S + np.arange(1, S + 1), losses_S, last_good(ckpt), max_loss)
         t2 = time.perf_counter()
         raws.append(raw)
         history.feedback.append(np.asarray(ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
         timings["policy_s"].append(t1 - t0)
         timings["stage_s"].append(t2 - t1)
+        loop.bar.set_postfix(loss=f"{float(losses_S[-1]):.3f}")
+
+    def save(done: int) -> None:
         meta = {"domain_names": space.names, "history": {"weights": [w.tolist() for w in history.weights],
                                                          "feedback": [f.tolist() for f in history.feedback]},
                 "base_raw": {k: v.tolist() for k, v in base_raw.items()},
                 "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
                 "policy": policy_name, "seed": seed, "rejected": safe.rejected}
         records_log.flush()
-        ckpt.save(t + 1, state, meta=meta, data=mixer.get_state())
-        maybe_fault("cpt.stage_done")
-        if stop_requested():  # SIGTERM: this re-weighting step is checkpointed; stop here
-            bar.close()
-            ckpt.close()
-            raise Preempted(f"cpt {policy_name} seed {seed}: stopped by SIGTERM after re-weighting step {t + 1}/{T} "
-                            f"(checkpoint in {ckpt.directory}); re-run the same command to resume")
-        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        bar.update(1)
-    bar.close()
-    ckpt.close()
+        ckpt.save(done, state, meta=meta, data=mixer.get_state())
+
+    loop.run(start, unit, save)
     return _write_history(cfg, space, policy_name, seed, history, raws, timings, safe.rejected, out)
 
 

@@ -8,13 +8,13 @@ from the last checkpoint and ends where an uninterrupted run would. SIGTERM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import jax
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 from dma_jax import sharding as shd
 from dma_jax.checkpoint import Checkpointer
@@ -22,18 +22,29 @@ from dma_jax.config import Config, dump_config
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
-from dma_jax.faults import SigtermFlag as _StopFlag, maybe_fault
-from dma_jax.io_utils import JsonlLog, NullLog, atomic_write_text, read_jsonl
+from dma_jax.faults import stop_on_sigterm
+from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.runs import RunDir
+from dma_jax.stage_loop import StageLoop
 from dma_jax.train import Trainer, check_model_meta, format_bytes
 
 log = logging.getLogger(__name__)
 
 
-def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool = True) -> dict:
-    """Train (or resume) the base `which` model ("proxy" or "target"); returns a summary dict."""
+@dataclasses.dataclass(frozen=True)
+class PretrainResult:
+    out_dir: AnyPath
+    steps: int
+    n_params: int
+    final_eval_loss: float | None  # None on processes other than 0 (they write no metrics)
+    memory_per_device: dict
+
+
+@stop_on_sigterm
+def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool = True) -> PretrainResult:
+    """Train (or resume) the base `which` model ("proxy" or "target"). SIGTERM: checkpoint, raise `Preempted`."""
     if which not in ("proxy", "target"):
         raise DmaError(f"pretrain: unknown model '{which}' (proxy or target)")
     pc = cfg.pretrain
@@ -78,15 +89,18 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         return float(np.mean(jax.device_get(losses)))
 
     tokens_per_step = pc.batch_size * seq_len
-    bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain {which}", unit="step", disable=not progress, dynamic_ncols=True)
+    guard = LossGuard(f"pretrain {which}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
+    loop = StageLoop(f"pretrain {which}", ckpt, pc.steps, "step", progress,
+                     due=lambda done: done % pc.checkpoint_every == 0, event_before_save="pretrain.step")
     pending = None  # (step, device metrics, max_loss used) read only after the next step is dispatched
     t_last, steps_since = time.perf_counter(), 0
     last_loss = float("nan")
-    guard = LossGuard(f"pretrain {which}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
 
-    def flush(pending_item) -> None:
-        nonlocal t_last, steps_since, last_loss
-        step_done, m, max_loss = pending_item
+    def flush() -> None:
+        nonlocal pending, t_last, steps_since, last_loss
+        if pending is None:
+            return
+        (step_done, m, max_loss), pending = pending, None
         m = jax.device_get(m)
         if not guard.check(step_done, float(m["loss"]), last_good(ckpt), max_loss):
             return  # skipped on device (optim.on_nonfinite=skip): the state is the previous step's
@@ -98,48 +112,31 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
             t_last, steps_since = now, 0
             rec = {"step": step_done, "loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps}
             metrics_log.append(rec)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+            loop.bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
 
-    stopped_early = False
-    with _StopFlag() as stop:
-        for step in range(start, pc.steps):
-            batch = trainer.put_batch(stream.batch(step, pc.batch_size, cfg.run.seed))
-            max_loss = guard.max_loss()
-            state, metrics = trainer.step(state, batch, max_loss)
-            if pending is not None:
-                flush(pending)
-            pending = (step + 1, metrics, max_loss)
-            bar.update(1)
-            maybe_fault("pretrain.step")
-            done = step + 1
-            if done % pc.eval_every == 0 or done == pc.steps:
-                flush(pending)
-                pending = None
-                eval_loss = evaluate(state.params)
-                metrics_log.append({"step": done, "eval_loss": eval_loss})
-                if progress:
-                    bar.write(f"step {done}: train loss {last_loss:.4f}, held-out loss {eval_loss:.4f}")
-            if done % pc.checkpoint_every == 0 or done == pc.steps or stop.stop:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                metrics_log.flush()
-                ckpt.save(done, state, meta=meta)
-            if stop.stop:
-                stopped_early = True
-                log.warning("SIGTERM: saved step %d; re-run the same command to resume", done)
-                break
-    if pending is not None:
-        flush(pending)
+    def unit(step: int) -> None:
+        nonlocal state, pending
+        batch = trainer.put_batch(stream.batch(step, pc.batch_size, cfg.run.seed))
+        max_loss = guard.max_loss()
+        state, metrics = trainer.step(state, batch, max_loss)
+        flush()  # the previous step's metrics, read after this step is dispatched
+        pending = (step + 1, metrics, max_loss)
+        done = step + 1
+        if done % pc.eval_every == 0 or done == pc.steps:
+            flush()
+            eval_loss = evaluate(state.params)
+            metrics_log.append({"step": done, "eval_loss": eval_loss})
+            if progress:
+                loop.bar.write(f"step {done}: train loss {last_loss:.4f}, held-out loss {eval_loss:.4f}")
+
+    def save(done: int) -> None:
+        flush()
+        metrics_log.flush()
+        ckpt.save(done, state, meta=meta)
+
+    loop.run(start, unit, save)
+    flush()
     metrics_log.flush()
-    bar.close()
-    ckpt.close()
     final_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r] if primary else []
-    return {
-        "out_dir": str(out),
-        "steps": int(jax.device_get(state.step)),
-        "stopped_early": stopped_early,
-        "n_params": n_params,
-        "final_eval_loss": final_eval[-1]["eval_loss"] if final_eval else None,
-        "memory_per_device": mem,
-    }
+    return PretrainResult(out, int(jax.device_get(state.step)), n_params,
+                          final_eval[-1]["eval_loss"] if final_eval else None, mem)

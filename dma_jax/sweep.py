@@ -16,6 +16,7 @@ Output: `<run.out_dir>/sweep/offline/` (see `dma_jax.offline_data`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from dma_jax import evaluation as ev
 from dma_jax import offline_data
@@ -39,11 +39,12 @@ from dma_jax.config import Config, dump_config
 from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
-from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
-from dma_jax.io_utils import atomic_write_bytes, upath
+from dma_jax.faults import stop_on_sigterm
+from dma_jax.io_utils import AnyPath, atomic_write_bytes, upath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
+from dma_jax.stage_loop import StageLoop
 from dma_jax.train import (TrainState, batch_from_tokens, guarded_train_step, load_base_params, make_optimizer,
                            train_step)
 from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
@@ -128,6 +129,28 @@ def proxy_stage(state: TrainState, weights_D: jax.Array, key: jax.Array, pools: 
     return jax.lax.scan(body, state, jnp.arange(steps))
 
 
+def make_stage(lm: LMDef, tx, *, steps: int, batch_size: int, seq_len: int, seed: int, mesh: Mesh,
+               skip_bad: bool = False):
+    """The sweep's compiled unit, and what `dma bench` times: S optimizer steps of n proxies at once (`jax.vmap`
+    over proxies of `proxy_stage`, a `lax.scan` over steps), the proxy axis sharded over the mesh's "traj" axis.
+
+    Returns a jitted (state_n, weights_nxD, traj_ids_n, stage, max_loss_n, pools) -> (state_n, losses_nxS);
+    the state is donated. With `skip_bad` (optim.on_nonfinite=skip) each proxy keeps its state on a step whose
+    loss is NaN/Inf or above its `max_loss_n` entry (numerics.py); without, `max_loss_n` is ignored.
+    """
+    traj, rep = NamedSharding(mesh, P("traj")), NamedSharding(mesh, P())
+    one = lambda st, w, k, m, pools: proxy_stage(  # noqa: E731
+        st, w, k, pools, lm=lm, tx=tx, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        max_loss=m if skip_bad else None)
+    return jax.jit(
+        lambda st, w_nxD, ids_n, stage, max_n, pools: jax.vmap(one, in_axes=(0, 0, 0, 0, None))(
+            st, w_nxD, stage_keys(seed, ids_n, stage), max_n, pools),
+        in_shardings=(traj, traj, traj, None, traj, rep),
+        out_shardings=(traj, traj),
+        donate_argnums=0,
+    )
+
+
 class Sweep:
     """Compiled pieces of the sweep for one config: init, stage (train S steps), evaluate."""
 
@@ -152,18 +175,8 @@ class Sweep:
         self.eval_set = shd.put_global(ev.EvalSet.for_space(space, ec), self.replicated)
 
         lm, tx = self.lm, self.tx
-        skip = cfg.optim.on_nonfinite == "skip"  # each proxy keeps its state on a bad step (numerics.py)
-        stage_fn = lambda st, w, k, m, pools: proxy_stage(  # noqa: E731
-            st, w, k, pools, lm=lm, tx=tx, steps=sc.steps_per_stage, batch_size=sc.batch_size, seq_len=sc.seq_len,
-            max_loss=m if skip else None)
-        self._stage = jax.jit(
-            lambda st, w_nxD, ids_n, stage, max_n, pools: jax.vmap(stage_fn, in_axes=(0, 0, 0, 0, None))(
-                st, w_nxD, stage_keys(cfg.run.seed, ids_n, stage), max_n, pools),
-            in_shardings=(self.traj_sharding, self.traj_sharding, self.traj_sharding, None, self.traj_sharding,
-                          self.replicated),
-            out_shardings=(self.traj_sharding, self.traj_sharding),
-            donate_argnums=0,
-        )
+        self._stage = make_stage(lm, tx, steps=sc.steps_per_stage, batch_size=sc.batch_size, seq_len=sc.seq_len,
+                                 seed=cfg.run.seed, mesh=self.mesh, skip_bad=cfg.optim.on_nonfinite == "skip")
         eval_one = lambda p, es: ev.evaluate(lm, p, es, ec.batch_size)  # noqa: E731
         self._eval = jax.jit(jax.vmap(eval_one, in_axes=(0, None)),
                              in_shardings=(self.traj_sharding, self.replicated), out_shardings=self.traj_sharding)
@@ -227,8 +240,19 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    out_dir: AnyPath  # the offline dataset
+    N: int
+    T: int
+    S: int
+    seconds: float  # of this invocation
+    tokens_per_s: float  # over all proxies, this invocation
+    returns: np.ndarray  # [N]
+
+
 @stop_on_sigterm
-def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
+def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     sc = cfg.sweep
     run = RunDir(cfg)
     space = sweep_space(cfg)
@@ -268,40 +292,42 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
             chunk, stage, state = chunk + 1, 0, None
 
     tokens_per_stage = n * sc.steps_per_stage * sc.batch_size * sc.seq_len
-    bar = tqdm(total=n_chunks * T, initial=chunk * T + stage, desc="sweep", unit="stage",
-               disable=not progress, dynamic_ncols=True)
     t_start, tokens_done = time.perf_counter(), 0
     normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, cfg.eval))))
     guards = [LossGuard("sweep", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike) for _ in range(N)]
-    for c in range(chunk, n_chunks):
+    loop = StageLoop("sweep", ckpt, n_chunks * T, "stage", progress, event_after_save="sweep.stage_done",
+                     describe_stop=lambda done: f"after re-weighting step {(done - 1) % T + 1} of chunk "
+                                                f"{(done - 1) // T + 1}/{n_chunks}")
+
+    def unit(u: int) -> None:  # re-weighting step t of chunk c
+        nonlocal state, tokens_done
+        c, t = divmod(u, T)
         ids_n = np.arange(c * n, (c + 1) * n) % N  # the last chunk wraps; its extra rows are dropped
         if state is None:
             state = sw.init_chunk(base_params)
-        for t in range(stage, T):
-            max_n = np.array([guards[i].max_loss() for i in ids_n], np.float32)
-            state, losses = sw.stage(state, weights_NxTxD[ids_n, t], ids_n, t, max_n)
-            fb_nxM = shd.to_host(normalise_n(sw.evaluate(state.params)))
-            keep = ids_n < N if c < n_chunks - 1 else np.arange(n) < N - c * n
-            losses_nxS = shd.to_host(losses)  # per proxy: NaN/spike -> stop (raise) or skipped
-            for i in np.flatnonzero(keep):
-                guards[ids_n[i]].check_many(t * sc.steps_per_stage + np.arange(1, sc.steps_per_stage + 1),
-                                            losses_nxS[i], last_good(ckpt), float(max_n[i]), who=f"proxy {ids_n[i]}")
-            feedback_NxT1xM[ids_n[keep], t + 1] = fb_nxM[keep]
-            tokens_done += tokens_per_stage
-            rate = tokens_done / (time.perf_counter() - t_start)
-            bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses_nxS[:, -1])):.3f}", tok_s=f"{rate:,.0f}")
-            bar.update(1)
-            ckpt.save(c * T + t + 1, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
-                      meta={"chunk": c, "stage": t + 1, "config_hash": meta["config_hash"]})
-            maybe_fault("sweep.stage_done")
-            if stop_requested():  # SIGTERM: this step is checkpointed; stop here
-                bar.close()
-                ckpt.close()
-                raise Preempted(f"sweep: stopped by SIGTERM after re-weighting step {t + 1} of chunk {c + 1}/"
-                                f"{n_chunks} (checkpoint in {ckpt.directory}); re-run the same command to resume")
-        state, stage = None, 0
-    bar.close()
-    ckpt.close()
+        max_n = np.array([guards[i].max_loss() for i in ids_n], np.float32)
+        state, losses = sw.stage(state, weights_NxTxD[ids_n, t], ids_n, t, max_n)
+        fb_nxM = shd.to_host(normalise_n(sw.evaluate(state.params)))
+        keep = ids_n < N if c < n_chunks - 1 else np.arange(n) < N - c * n
+        losses_nxS = shd.to_host(losses)  # per proxy: NaN/spike -> stop (raise) or skipped
+        for i in np.flatnonzero(keep):
+            guards[ids_n[i]].check_many(t * sc.steps_per_stage + np.arange(1, sc.steps_per_stage + 1),
+                                        losses_nxS[i], last_good(ckpt), float(max_n[i]), who=f"proxy {ids_n[i]}")
+        feedback_NxT1xM[ids_n[keep], t + 1] = fb_nxM[keep]
+        tokens_done += tokens_per_stage
+        rate = tokens_done / (time.perf_counter() - t_start)
+        loop.bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses_nxS[:, -1])):.3f}",
+                             tok_s=f"{rate:,.0f}")
+
+    def save(done: int) -> None:
+        nonlocal state
+        c, t1 = divmod(done - 1, T)
+        ckpt.save(done, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
+                  meta={"chunk": c, "stage": t1 + 1, "config_hash": meta["config_hash"]})
+        if t1 + 1 == T:
+            state = None  # the chunk is finished: the next unit starts the next chunk from the base model
+
+    loop.run(chunk * T + stage, unit, save)
 
     idx = np.asarray(meta["field_score_index"])
     balanced_NxT1 = np.asarray(ev.balanced_score(jnp.asarray(feedback_NxT1xM[..., idx]), cfg.eval.balanced))
@@ -312,5 +338,4 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> dict:
     if shd.is_primary():
         offline_data.save(ds, run.offline)
     elapsed = time.perf_counter() - t_start
-    return {"out_dir": str(run.offline), "N": N, "T": T, "S": sc.steps_per_stage, "seconds": elapsed,
-            "tokens_per_s": tokens_done / max(elapsed, 1e-9), "returns": ds.returns}
+    return SweepResult(run.offline, N, T, sc.steps_per_stage, elapsed, tokens_done / max(elapsed, 1e-9), ds.returns)

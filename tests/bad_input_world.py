@@ -100,12 +100,12 @@ def build_world(root: Path) -> Path:
 def _base_checkpoint(cfg, which: str):
     """A base-model checkpoint as `dma pretrain` writes it, of the initial parameters (no training)."""
     from dma_jax.checkpoint import Checkpointer
-    from dma_jax.pretrain import pretrain_dir
+    from dma_jax.runs import RunDir
     from dma_jax.models.lm import LMDef
     from dma_jax.train import init_state, make_optimizer
 
     state = init_state(LMDef.build(getattr(cfg, which)), make_optimizer(cfg.optim, cfg.pretrain.steps), 0)
-    ck = Checkpointer(pretrain_dir(cfg, which) / "checkpoints")
+    ck = Checkpointer(RunDir(cfg).pretrain_checkpoints(which))
     ck.save(cfg.pretrain.steps, state, meta={"model": dump_config(cfg)[which], "which": which})
     ck.close()
     return state.params

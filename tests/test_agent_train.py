@@ -57,10 +57,10 @@ def trained(dataset_dir, tmp_path_factory):
 
 def test_sft_then_cql_log_and_checkpoint(trained, dataset_dir):
     out, sft, cql = trained
-    assert sft["n_trajectories"] == math.ceil(48 * 0.25) and sft["steps"] == 20
+    assert sft.info["n_trajectories"] == math.ceil(48 * 0.25) and sft.steps == 20
     returns = od.load(dataset_dir).returns
-    assert sft["min_return_kept"] == pytest.approx(np.sort(returns)[-12])
-    assert cql["reward_scale"] == pytest.approx(1.0 / returns.std(), rel=1e-4)
+    assert sft.info["min_return_kept"] == pytest.approx(np.sort(returns)[-12])
+    assert cql.info["reward_scale"] == pytest.approx(1.0 / returns.std(), rel=1e-4)
     assert Checkpointer(out / "sft" / "checkpoints").all_steps() == [10, 20]
     assert Checkpointer(out / "cql" / "checkpoints").all_steps() == [10, 20]
     sft_log = read_jsonl(out / "sft" / "metrics.jsonl")
@@ -129,7 +129,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(dataset_dir, tmp_path):
     run_train_agent(_cfg(), dataset_dir, tmp_path / "straight", "sft", progress=False)
     first = run_train_agent(_cfg(sft={"steps": 10}), dataset_dir, tmp_path / "resumed", "sft", progress=False)
     second = run_train_agent(_cfg(), dataset_dir, tmp_path / "resumed", "sft", progress=False)
-    assert first["resumed_from"] == 0 and second["resumed_from"] == 10
+    assert first.resumed_from == 0 and second.resumed_from == 10
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "sft" / "metrics.jsonl")] == [10, 20]
     a = _exported_actor(tmp_path / "straight", tmp_path / "e1")
     b = _exported_actor(tmp_path / "resumed", tmp_path / "e2")

@@ -13,7 +13,9 @@ from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.models import hf
 from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import load_base_params, run_pretrain
+from dma_jax.pretrain import run_pretrain
+from dma_jax.runs import RunDir
+from dma_jax.train import load_base_params
 from dma_jax.sweep import run_sweep
 from tests.mixer_ref import carried_counts
 
@@ -88,22 +90,22 @@ def run(tmp_path_factory):
 def test_cpt_follows_the_policy_batch_by_batch(run):
     cfg, _ = run
     doc = cpt_mod.run_cpt(cfg, "curriculum", 0, devices=jax.devices()[:1], progress=False)
-    assert doc["complete"] and len(doc["weights"]) == 3 and len(doc["field_scores"]) == 4
-    np.testing.assert_allclose(doc["field_scores"][0], 1.0)
-    out = cpt_mod.cpt_dir(cfg) / "curriculum" / "seed0"
+    assert doc.complete and doc.weights_TxD.shape[0] == 3 and doc.field_scores_T1xF.shape[0] == 4
+    np.testing.assert_allclose(doc.field_scores_T1xF[0], 1.0)
+    out = RunDir(cfg).cpt_run("curriculum", 0)
     recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     S, B = cfg.cpt.steps_per_stage, cfg.cpt.batch_size
     assert [r["step"] for r in recs] == list(range(1, 3 * S + 1))
-    want = carried_counts([doc["weights"][(r["step"] - 1) // S] for r in recs], B)
+    want = carried_counts([doc.weights_TxD[(r["step"] - 1) // S] for r in recs], B)
     for r, want_counts in zip(recs, want):
         np.testing.assert_array_equal(np.bincount(r["domain"], minlength=len(want_counts)), want_counts)
-    assert doc["weights"][0][doc["domain_fields"].index("math")] == 0.0  # the curriculum starts on source
+    assert doc.weights_TxD[0][doc.domain_fields.index("math")] == 0.0  # the curriculum starts on source
 
 
 def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monkeypatch):
     cfg, over = run
     ref = cpt_mod.run_cpt(cfg, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
-    ref_recs = (cpt_mod.cpt_dir(cfg) / "fixed-0.5" / "seed0" / "records.jsonl").read_text()
+    ref_recs = (RunDir(cfg).cpt_run("fixed-0.5", 0) / "records.jsonl").read_text()
     cfg2 = load_config(DEMO, over + [f"data.dir={cfg.data_dir}"], variant="tiny")
     cfg2 = cfg2.model_copy(update={"run": cfg2.run.model_copy(update={"out_dir": str(tmp_path)})})
     for sub in ("pretrain-target", "sweep"):
@@ -123,14 +125,14 @@ def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monk
     monkeypatch.undo()
     doc = cpt_mod.run_cpt(cfg2, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
     assert (tmp_path / "cpt" / "fixed-0.5" / "seed0" / "records.jsonl").read_text() == ref_recs
-    np.testing.assert_allclose(doc["field_scores"], ref["field_scores"], atol=1e-6)
+    np.testing.assert_allclose(doc.field_scores_T1xF, ref.field_scores_T1xF, atol=1e-6)
 
 
 def test_sweep_based_baselines_run_and_foreign_data_is_refused(run):
     cfg, _ = run
     for name in ("regmix", "replay-best"):
         doc = cpt_mod.run_cpt(cfg, name, 0, devices=jax.devices()[:1], progress=False)
-        assert doc["complete"]
+        assert doc.complete
     other = policies.SpaceInfo(("a", "b"), ("source", "math"), "math", (1.0, 1.0))
     with pytest.raises(DmaError, match=r"built for another domain space \(only there: .*only here: \['a', 'b'\]"):
         policies.make_policy("regmix", other, sweep_dir=Path(cfg.run.out_dir) / "sweep" / "offline")
@@ -149,11 +151,11 @@ def test_export_target_round_trips_through_the_hf_layout(run, tmp_path):
 
 def test_import_hf_as_base_target(run, tmp_path):
     cfg, over = run
-    params = load_base_params(cfg, "target")
+    params = load_base_params(cfg, "target", RunDir(cfg).pretrain_checkpoints("target"))
     hf.export_hf(cfg.target, jax.tree.map(np.asarray, params), tmp_path / "hf")
     cfg2 = load_config(DEMO, over + [f"run.out_dir={tmp_path / 'run'}"], variant="tiny")
     export.import_target(cfg2, str(tmp_path / "hf"))
-    got = load_base_params(cfg2, "target")
+    got = load_base_params(cfg2, "target", RunDir(cfg2).pretrain_checkpoints("target"))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     bad = load_config(DEMO, over + [f"run.out_dir={tmp_path / 'run2'}", "target.d_ff=96"], variant="tiny")
@@ -164,16 +166,16 @@ def test_import_hf_as_base_target(run, tmp_path):
 def test_rescore_at_cpt_settings_gives_the_history_scores(run):
     """Second code path: re-scoring a finished run's final checkpoint on CPT's own eval settings reproduces the
     final field scores CPT computed in its loop; a larger set is recorded and read back without re-evaluating."""
-    from dma_jax.rescore import rescore_runs
+    from dma_jax.study.rescore import rescore_runs
 
     cfg, _ = run
     doc = cpt_mod.run_cpt(cfg, "fixed-0.3", 0, devices=jax.devices()[:1], progress=False)
-    out = cpt_mod.cpt_dir(cfg) / "fixed-0.3" / "seed0"
+    out = RunDir(cfg).cpt_run("fixed-0.3", 0)
     ec = cfg.eval
     (same,) = rescore_runs(cfg, [out], ec.benchmark_items_per_field, ec.heldout_windows_per_domain)
-    np.testing.assert_allclose([same["field_scores"][f] for f in same["fields"]], doc["field_scores"][-1],
+    np.testing.assert_allclose([same["field_scores"][f] for f in same["fields"]], doc.field_scores_T1xF[-1],
                                rtol=0, atol=1e-6)
-    assert same["balanced"] == pytest.approx(doc["balanced"][-1], abs=1e-6)
+    assert same["balanced"] == pytest.approx(doc.balanced_T1[-1], abs=1e-6)
     (more,) = rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain)
     path = out / f"rescore-100x{2 * ec.heldout_windows_per_domain}.json"
     assert path.is_file() and more["items"] == {"source": 5, "math": 8}  # tiny: 8 per field, 3 source ones too long

@@ -101,7 +101,7 @@ def test_sweep_on_one_device_equals_eight_devices(base, tmp_path):
         out = _run_dir(base, f"devices-{n_dev}")
         cfg = load_config(DEMO, OVER + [f"data.dir={base}/data", f"run.out_dir={out}", "sweep.chunk_size=8",
                                         f"sweep.devices={n_dev}"], variant="tiny")
-        results[n_dev] = offline_data.load(run_sweep(cfg, progress=False)["out_dir"])
+        results[n_dev] = offline_data.load(run_sweep(cfg, progress=False).out_dir)
     one, eight = results[1], results[8]
     np.testing.assert_array_equal(one.actions, eight.actions)
     assert not np.allclose(one.feedback[:, 1:], 1.0)  # the proxies trained

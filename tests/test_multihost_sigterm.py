@@ -15,6 +15,7 @@ Then the same command without the fault resumes both processes from step 3 to th
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,9 @@ OVER = ["data.demo_fields=[source, math]", f"pretrain.steps={STEPS}", "pretrain.
 N_PROC, DEVICES_PER_PROC = 2, 2
 TIMEOUT_S = 180  # the whole launch; passing, it takes a fraction of this
 GRACE_S = 60  # once one process has exited, the others must follow within this (else: hung in a collective)
+# `dma` with a Python stack dump on SIGUSR1: a process still running at the deadline shows where it waits
+DRIVER = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+          "from dma_jax.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +56,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n: int = 3000) -> str:
+def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(none)"
 
 
 def _launch(out: Path, data: Path, tag: str, fault_in_0: str | None) -> list[tuple[int, str, str]]:
     """`dma pretrain --model proxy` in N_PROC processes (DMA_FAULT_AT only in process 0's environment);
-    returns (exit status, stdout, stderr) per process. A process still running at the deadline is killed
-    and the test fails, showing every process's stderr."""
+    returns (exit status, stdout, stderr) per process. A process still running at the deadline dumps its
+    Python stack, is killed, and the test fails, showing every process's stderr."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "dma_jax.cli", "--no-progress", "pretrain", "--model", "proxy",
+    cmd = [sys.executable, "-c", DRIVER, "--no-progress", "pretrain", "--model", "proxy",
            "--config", str(DEMO), "--variant", "tiny", *OVER, f"data.dir={data}", f"run.out_dir={out}"]
     logs = out.parent / f"logs-{tag}"
     logs.mkdir()
@@ -94,6 +98,10 @@ def _launch(out: Path, data: Path, tag: str, fault_in_0: str | None) -> list[tup
             time.sleep(0.2)
     finally:
         hung = [i for i, p in enumerate(procs) if p.poll() is None]
+        for i in hung:
+            procs[i].send_signal(signal.SIGUSR1)  # stack dump into its stderr (DRIVER)
+        if hung:
+            time.sleep(2)
         for i in hung:
             procs[i].kill()
             procs[i].wait()

@@ -199,12 +199,13 @@ def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monk
 
 
 def test_sweep_skip_is_per_proxy(base):
-    from dma_jax.pretrain import load_base_params
+    from dma_jax.runs import RunDir
+    from dma_jax.train import load_base_params
 
     cfg = load_config(DEMO, [f"run.out_dir={base}/run", f"data.dir={base}/data", *OVER,
                              "optim.on_nonfinite=skip"], variant="tiny")
     sw = sweep_mod.Sweep(cfg, sweep_mod.sweep_space(cfg), jax.devices()[:1])
-    params = load_base_params(cfg, "proxy")
+    params = load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy"))
     D = sw.space.num_domains
     w_nxD, ids = np.full((4, D), 1.0 / D, np.float32), np.arange(4)
     free, _ = sw.stage(sw.init_chunk(params), w_nxD, ids, 0)  # no threshold: every step counts

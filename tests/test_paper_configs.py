@@ -9,10 +9,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from dma_jax import plan as plan_mod
+from dma_jax.perf import memory as plan_mod
 from dma_jax.cli import main
 from dma_jax.config import ModelConfig, load_config
-from dma_jax.measure import POOL_DOMAINS, POOL_TOKENS, ProxyBench
+from dma_jax.perf.measure import POOL_DOMAINS, POOL_TOKENS
+from dma_jax.perf.proxies import ProxyBench
 from dma_jax.train import Trainer
 
 PAPER = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("paper-*.yaml"))
@@ -48,7 +49,7 @@ def test_paper_config_is_the_paper_setting(path):
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_plan_of_the_paper_config(path, capsys):
     cfg = load_config(path)
-    result = plan_mod.plan(cfg)
+    result = plan_mod.memory_plan(cfg)
     for name, r in result.items():
         t, s = r["target"], r["sweep"]
         m = t["mesh"]["model"]
@@ -91,6 +92,6 @@ def test_plan_matches_xla_on_the_production_mesh_shape(path):
     xla = exe.memory_analysis()
     n = s["proxies_per_device"]
     pools = (POOL_DOMAINS * POOL_TOKENS + 2 * POOL_DOMAINS) * 4  # synthetic pools: tokens, starts, lengths (int32)
-    inputs = n * POOL_DOMAINS * 4 + n * 4 + 4  # weights, trajectory ids, stage
+    inputs = n * POOL_DOMAINS * 4 + n * 4 + 4 + n * 4  # weights, trajectory ids, stage, spike thresholds
     assert xla.argument_size_in_bytes == s["state"] + pools + inputs
     assert math.isfinite(s["activations"]) and s["activations"] > 0

@@ -12,6 +12,7 @@ import pytest
 from dma_jax import train as train_mod
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.cli import main
+from dma_jax.faults import Preempted
 from dma_jax.config import load_config
 from dma_jax.pretrain import run_pretrain
 
@@ -60,12 +61,12 @@ def uninterrupted(tmp_path_factory, prepared):
 def test_pretrain_writes_checkpoints_metrics_and_learns(uninterrupted):
     cfg, summary = uninterrupted
     out = Path(cfg.run.out_dir) / "pretrain-proxy"
-    assert summary["steps"] == 8 and not summary["stopped_early"]
+    assert summary.steps == 8
     assert (out / "config.yaml").exists()
     losses = _losses(cfg.run.out_dir)
     assert [s for s, _ in losses] == list(range(1, 9))
     assert losses[-1][1] < losses[0][1]
-    assert summary["final_eval_loss"] < np.log(259)  # better than uniform over the byte vocabulary
+    assert summary.final_eval_loss < np.log(259)  # better than uniform over the byte vocabulary
     assert Checkpointer(out / "checkpoints").all_steps() == [4, 8]
 
 
@@ -106,9 +107,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, m
     cfg_full, _ = uninterrupted
     cfg = _cfg(tmp_path)
     _crash_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    summary = run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
+    with pytest.raises(Preempted, match=r"pretrain proxy: stopped by SIGTERM at step 3 \(checkpoint in "):
+        run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
-    assert summary["stopped_early"] and summary["steps"] == 3
     assert Checkpointer(Path(cfg.run.out_dir) / "pretrain-proxy" / "checkpoints").latest_step() == 3
     run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     _, p_full = _final_params(cfg_full)
@@ -150,7 +151,7 @@ def test_a_non_primary_process_trains_the_same_and_writes_no_files(uninterrupted
     summary = run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     out = Path(cfg.run.out_dir) / "pretrain-proxy"
     assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
-    assert summary["final_eval_loss"] is None and summary["steps"] == uninterrupted[1]["steps"]
+    assert summary.final_eval_loss is None and summary.steps == uninterrupted[1].steps
     step, params = _final_params(cfg)
     ref_step, ref_params = _final_params(uninterrupted[0])
     assert step == ref_step

@@ -1,9 +1,11 @@
 """The study (issue 10): its statistics against independent computations, the feedback-masked agent,
-`replay-K`, and a pulse run of `dma study --quick` end to end."""
+`replay-K`, the runner's stage skipping and links, and a pulse run of `dma study --quick` end to end."""
 
 import itertools
 import json
+import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from dma_jax.agent.model import AgentDef
 from dma_jax.agent.runner import AgentPolicy
 from dma_jax.errors import DmaError
 from dma_jax.policies import SpaceInfo, make_policy
-from dma_jax.study_results import bootstrap_ci, rankdata, spearman
+from dma_jax.study.stats import bootstrap_ci, paired, rankdata, spearman
 from tests.toy_env import ToyEnv
 
 
@@ -59,6 +61,134 @@ def test_bootstrap_ci_matches_scipy_and_is_deterministic():
     assert lo < x.mean() < hi
     with pytest.raises(ValueError):
         bootstrap_ci([])
+
+
+def test_paired_pairs_by_seed():
+    # a has seeds 0, 1, 2 and b seeds 1, 2, 3: only 1 and 2 pair. With two differences every resample of size 2
+    # has probability 1/4 > 2.5%, so the 95% percentile interval is [min, max] of the differences.
+    run = lambda policy, seed, final: SimpleNamespace(policy=policy, seed=seed, balanced_T1=np.array([1.0, final]))
+    a = [run("agent-cql", 0, 1.5), run("agent-cql", 1, 1.2), run("agent-cql", 2, 1.1), run("fixed-0.3", 1, 9.0)]
+    b = [run("fixed-0.3", 1, 1.0), run("fixed-0.3", 2, 1.3), run("fixed-0.3", 3, 0.0)]
+    p = paired(a, "agent-cql", b, "fixed-0.3")
+    assert p["seeds"] == [1, 2] and p["diffs"] == pytest.approx([0.2, -0.2])
+    assert p["mean"] == pytest.approx(0.0, abs=1e-12) and p["wins"] == 1
+    assert (p["lo"], p["hi"]) == pytest.approx((-0.2, 0.2))
+    assert paired(a, "agent-cql", b, "source-only") is None
+
+
+# ---------------------------------------------------------------------------------- the runner
+def test_sub_runs_declare_what_their_stages_read():
+    """Every sub-run's stages are known and in pipeline order, and what its stages read is made or linked."""
+    from dma_jax.config import load_config
+    from dma_jax.study import FULL, QUICK, STUDY_CONFIG, SubRun, sub_runs
+    from dma_jax.study.plan import LINKS, STAGES
+    from dma_jax.study.run import STEPS
+
+    assert set(STEPS) == set(STAGES)
+    for plan, variant in ((FULL, None), (QUICK, "tiny")):
+        runs = sub_runs(load_config(STUDY_CONFIG, list(plan.overrides), variant), plan)
+        assert runs[0].name == "main" and len({s.name for s in runs}) == len(runs)
+        for sub in runs:
+            assert list(sub.stages) == sorted(sub.stages, key=STAGES.index), sub
+            assert set(sub.links) <= set(LINKS) and not set(sub.links) & set(sub.stages), sub
+            has = set(sub.stages) | set(sub.links) | ({"agent-sft", "agent-cql"} if "agent" in sub.links else set())
+            assert "cpt" in has and "report" in has and "pretrain-target" in has, sub
+            if sub.name != "main":
+                assert "prepare" not in has, sub  # one prepared data folder, made by main
+            for p in sub.policies:
+                if p.startswith("agent-"):
+                    assert p in has, (sub, p)
+                if p.startswith(("replay", "regmix")) or {"agent-sft", "agent-cql", "sample"} & set(sub.stages):
+                    assert "sweep" in has, (sub, p)
+        assert {s.name for s in runs if "rescore" in s.stages} == {"main", "wide-sweep"}
+        assert [s.space for s in runs if s.space != "full"] == ["source-subset"]
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        SubRun("x", "main", "X", (), (), (), ("train",))
+    with pytest.raises(ValueError, match="unknown link 'cpt'"):
+        SubRun("x", "main", "X", (), (), (), ("cpt",), ("cpt",))
+
+
+class _FakeRun:
+    """A RunDir whose is-done checks answer from a set of names."""
+
+    def __init__(self, root, done):
+        self.root, self.cfg, self.done = root, SimpleNamespace(root=root), set(done)
+
+    def prepared(self):
+        return "prepare" in self.done
+
+    def pretrained(self, which):
+        return f"pretrain-{which}" in self.done
+
+    def sampled(self):
+        return "sample" in self.done
+
+    def swept(self):
+        return "sweep" in self.done
+
+    def agent_trained(self, stage):
+        return f"agent-{stage}" in self.done or f"trained-{stage}" in self.done
+
+    def agent_exported(self, stage):
+        return f"agent-{stage}" in self.done
+
+    def cpt_done(self, policy, seed):
+        return f"cpt {policy} {seed}" in self.done
+
+    def report_fresh(self):
+        return "report" in self.done
+
+    def pretrain(self, which):
+        return self.root / f"pretrain-{which}"
+
+    @property
+    def sweep(self):
+        return self.root / "sweep"
+
+    @property
+    def agent(self):
+        return self.root / "agent"
+
+    def agent_stage(self, stage):
+        return self.agent / stage
+
+
+def test_runner_runs_the_declared_stages_that_are_not_done(tmp_path, monkeypatch):
+    from dma_jax.study import QUICK, SubRun
+    from dma_jax.study import run as study_run
+
+    calls = []
+    record = lambda name: lambda cfg, *args, **kw: calls.append((name, cfg.root.name, *args, kw)) or f"{name} ok"
+    monkeypatch.setattr(study_run, "pipeline", SimpleNamespace(
+        **{k: record(k) for k in ("prepare", "pretrain", "sample", "sweep", "train_agent", "cpt", "report")}))
+    main = _FakeRun(tmp_path / "main", ())
+    for path in (main.pretrain("target"), main.agent_stage("sft")):
+        path.mkdir(parents=True)
+    sub = SubRun("x", "ablation", "X", (), ("p", "q"), (0,),
+                 ("prepare", "pretrain-proxy", "sample", "sweep", "agent-cql", "cpt", "report"),
+                 ("pretrain-target", "agent-sft"))
+    run = _FakeRun(tmp_path / "x", {"prepare", "sample", "trained-cql", "cpt p 0"})
+    printed = []
+    study_run.run_sub(study_run.SubRunContext(sub, run, main, QUICK, False), echo=printed.append)
+    assert calls == [("pretrain", "x", "proxy", False, {}), ("sweep", "x", False, {}),
+                     ("train_agent", "x", "cql", False, {}),  # trained but not exported: train (resumes) + export
+                     ("cpt", "x", "q", 0, False, {"space": None}), ("report", "x", {"title": "study x: X"})]
+    assert printed == ["  pretrain ok", "  sweep ok", "  train_agent ok", "  cpt ok", "  report ok"]
+    # main's outputs are relative symlinks at the same place, so a moved study folder still works
+    assert os.readlink(run.pretrain("target")) == os.path.join("..", "main", "pretrain-target")
+    assert os.readlink(run.agent_stage("sft")) == os.path.join("..", "..", "main", "agent", "sft")
+    assert run.agent_stage("sft").resolve() == main.agent_stage("sft").resolve()
+    # all done: nothing runs, the links stay
+    calls.clear()
+    done = _FakeRun(run.root, {"prepare", "pretrain-proxy", "sample", "sweep", "agent-cql", "cpt p 0", "cpt q 0",
+                               "report"})
+    study_run.run_sub(study_run.SubRunContext(sub, done, main, QUICK, False), echo=printed.append)
+    assert calls == []
+    # a folder that is not main's link is never replaced
+    other = _FakeRun(tmp_path / "y", ())
+    other.pretrain("target").mkdir(parents=True)
+    with pytest.raises(DmaError, match="is not a link to"):
+        study_run.run_sub(study_run.SubRunContext(sub, other, main, QUICK, False), echo=printed.append)
 
 
 # ---------------------------------------------------------------------------------- the no-feedback ablation

@@ -13,7 +13,9 @@ from dma_jax.config import load_config
 from dma_jax.data.device_sampler import sample_batch
 from dma_jax.evaluation import balanced_score
 from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import load_base_params, run_pretrain
+from dma_jax.pretrain import run_pretrain
+from dma_jax.runs import RunDir
+from dma_jax.train import load_base_params
 from dma_jax.train import TrainState, batch_from_tokens, train_step
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -66,7 +68,7 @@ def test_vmapped_sharded_sweep_equals_the_plain_loop(base, tmp_path):
     assert sw.mesh.shape["traj"] == 4
     rng = np.random.default_rng(0)
     w_NxTxD = rng.dirichlet(np.ones(space.num_domains), size=(4, 2)).astype(np.float32)
-    p0 = load_base_params(cfg, "proxy")
+    p0 = load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy"))
     state = sw.init_chunk(p0)
     ids = np.arange(4)
     for t in range(2):
@@ -93,7 +95,7 @@ def reference(base, tmp_path_factory):
     _link_pretrain(base, out)
     cfg = _cfg(base, out, "sweep.chunk_size=8")
     s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
-    return offline_data.load(s["out_dir"])
+    return offline_data.load(s.out_dir)
 
 
 def test_offline_dataset_is_consistent(reference):
@@ -113,7 +115,7 @@ def test_eight_devices_and_chunks_give_the_same_numbers(base, reference, tmp_pat
     _link_pretrain(base, tmp_path)
     cfg = _cfg(base, tmp_path, "sweep.chunk_size=4")
     s = sweep_mod.run_sweep(cfg, progress=False)  # 4 devices per chunk, 2 chunks
-    ds = offline_data.load(s["out_dir"])
+    ds = offline_data.load(s.out_dir)
     np.testing.assert_allclose(ds.feedback, reference.feedback, atol=1e-5)
     np.testing.assert_array_equal(ds.actions, reference.actions)
 
@@ -136,7 +138,7 @@ def test_a_crashed_sweep_resumes_and_ends_equal(base, reference, tmp_path, monke
     monkeypatch.undo()
     assert not (Path(tmp_path) / "sweep" / "offline" / "meta.json").exists()
     s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
-    ds = offline_data.load(s["out_dir"])
+    ds = offline_data.load(s.out_dir)
     np.testing.assert_array_equal(ds.feedback, reference.feedback)
 
 

@@ -10,6 +10,7 @@ the agent loads without the training config.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pydantic
-from tqdm.auto import tqdm
 
 from dma_jax import offline_data
 from dma_jax.agent import cql, distributions as dist, sft
@@ -29,9 +29,10 @@ from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEA
 from dma_jax.agent.model import AgentDef
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.errors import DmaError
-from dma_jax.faults import Preempted, maybe_fault, stop_on_sigterm, stop_requested
+from dma_jax.faults import stop_on_sigterm
 from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, rmtree, upath
 from dma_jax.numerics import LossGuard, last_good
+from dma_jax.stage_loop import StageLoop
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,21 @@ _all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for 
                                                       if jnp.issubdtype(x.dtype, jnp.floating)])))
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentTrainResult:
+    stage: str
+    out_dir: Path
+    steps: int
+    resumed_from: int
+    seconds: float  # of this invocation
+    final_metrics: dict  # the last dispatch's metrics (empty when nothing was left to train)
+    info: dict  # sft: n_trajectories, min_return_kept; cql: n_trajectories, reward_scale, target_entropy
+
+
 @stop_on_sigterm
 def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: str | Path, stage: str,
-                    seed: int = 0, progress: bool = True) -> dict:
-    """Train (or resume) one stage on the dataset in `dataset_dir`; returns a summary dict."""
+                    seed: int = 0, progress: bool = True) -> AgentTrainResult:
+    """Train (or resume) one stage on the dataset in `dataset_dir`. SIGTERM: checkpoint, raise `Preempted`."""
     if stage not in STAGES:
         raise DmaError(f"train-agent: stage={stage!r} must be one of {list(STAGES)}")
     cfg = agent_cfg
@@ -161,11 +173,15 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     total, k = stage_cfg.steps, cfg.updates_per_dispatch
     guard = LossGuard(f"agent {stage}", cfg.on_nonfinite, cfg.max_loss_spike, setting="agent")
     loss_key = "bc_nll" if stage == "sft" else "critic_loss"  # the loss whose spikes count
-    bar = tqdm(total=total, initial=start, desc=f"agent {stage}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    loop = StageLoop(f"agent {stage}", ckpt, total // k, "step", progress, bar_scale=k,
+                     due=lambda d: (d * k) % cfg.checkpoint_every == 0, event_before_save="agent.dispatch",
+                     describe_stop=lambda d: f"at step {d * k}/{total}")
     t0 = time.perf_counter()
     record: dict = {}
-    for done in range(start + k, total + 1, k):
+
+    def unit(j: int) -> None:  # dispatch j: updates j*k+1 .. (j+1)*k
+        nonlocal state, record
+        done = (j + 1) * k
         t_last = time.perf_counter()
         max_loss = guard.max_loss()
         state, metrics = step_fn(state, data, max_loss)
@@ -181,27 +197,19 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
                         int(record["skipped"]), k, done)
         record = dict(record, step=done, stage=stage, updates_per_s=k / max(time.perf_counter() - t_last, 1e-9))
         metrics_log.append(record)
-        bar.update(k)
         shown = ("bc_nll", "entropy") if stage == "sft" else ("q_data", "q_random", "cql_gap", "entropy")
-        bar.set_postfix({name: f"{record[name]:.3g}" for name in shown})
-        maybe_fault("agent.dispatch")
-        stop = stop_requested()  # SIGTERM: checkpoint this step, then stop
-        if done % cfg.checkpoint_every == 0 or done == total or stop:
-            if not bool(_all_finite(state)):
-                raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {done}; last good checkpoint: "
-                               f"step {ckpt.latest_step()} in {ckpt.directory}")
-            metrics_log.flush()
-            ckpt.save(done, state, meta=meta, check_finite=False)  # checked above in one compiled program
-        if stop:
-            bar.close()
-            ckpt.close()
-            raise Preempted(f"agent {stage}: stopped by SIGTERM at step {done}/{total} (checkpoint in "
-                            f"{ckpt.directory}); re-run the same command to resume")
+        loop.bar.set_postfix({name: f"{record[name]:.3g}" for name in shown})
+
+    def save(d: int) -> None:
+        if not bool(_all_finite(state)):
+            raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {d * k}; last good checkpoint: "
+                           f"step {ckpt.latest_step()} in {ckpt.directory}")
+        metrics_log.flush()
+        ckpt.save(d * k, state, meta=meta, check_finite=False)  # checked above in one compiled program
+
+    loop.run(start // k, unit, save)
     metrics_log.flush()
-    bar.close()
-    ckpt.close()
-    return dict(extra, stage=stage, out_dir=str(out), steps=total, resumed_from=start,
-                seconds=time.perf_counter() - t0, final_metrics=record)
+    return AgentTrainResult(stage, out, total, start, time.perf_counter() - t0, record, extra)
 
 
 def _find_checkpoints(path: Path) -> Path:

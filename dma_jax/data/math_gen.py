@@ -18,10 +18,7 @@ from fractions import Fraction
 from typing import Callable
 
 from dma_jax.data.math_common import frac, ints3, operand, pick3, poly, terms
-from dma_jax.data.math_gen_discrete import (
-    _nt_factorize, _nt_gcd, _nt_lcm, _nt_modpow, _nt_remainder, _nt_smallest_prime_factor, _wp_ages, _wp_average,
-    _wp_change, _wp_distance, _wp_fence, _wp_reading, _wp_sharing, _wp_sum_difference,
-)
+from dma_jax.data.math_gen_discrete import NUMBER_THEORY, WORD_PROBLEMS
 from dma_jax.errors import DmaError
 
 KINDS = ("arithmetic", "algebra", "number_theory", "word_problems")
@@ -264,11 +261,8 @@ _GENERATORS: dict[str, tuple[tuple[str, Callable], ...]] = {
                    ("divmod", _arith_divmod), ("multiply", _arith_multiply)),
     "algebra": (("linear", lambda r: _alg_linear(r, False)), ("linear_two_sided", lambda r: _alg_linear(r, True)),
                 ("expand", _alg_expand), ("factor", _alg_factor), ("evaluate", _alg_evaluate), ("system", _alg_system)),
-    "number_theory": (("gcd", _nt_gcd), ("lcm", _nt_lcm), ("factorize", _nt_factorize), ("modpow", _nt_modpow),
-                      ("remainder", _nt_remainder), ("smallest_prime_factor", _nt_smallest_prime_factor)),
-    "word_problems": (("change", _wp_change), ("distance", _wp_distance), ("sharing", _wp_sharing),
-                      ("sum_difference", _wp_sum_difference), ("reading", _wp_reading), ("fence", _wp_fence),
-                      ("average", _wp_average), ("ages", _wp_ages)),
+    "number_theory": NUMBER_THEORY,
+    "word_problems": WORD_PROBLEMS,
 }
 
 

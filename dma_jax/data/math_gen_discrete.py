@@ -1,8 +1,13 @@
-"""Number-theory and word problems of the generated math corpus (see `math_gen`)."""
+"""Number-theory and word problems of the generated math corpus (see `math_gen`).
+
+`NUMBER_THEORY` and `WORD_PROBLEMS` list (subkind, generator) pairs; a generator takes a
+`random.Random` and returns (question, steps, answer, three distractors).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from dma_jax.data.math_common import PRIMES, ints3, operand, pick3
 
@@ -219,3 +224,12 @@ def _wp_ages(rng):
     q = f"{older} is {d} years older than {younger}. Together they are {s} years old. How old is {younger}?"
     steps = [f"Twice {younger}'s age: {s} - {d} = {2 * age}.", f"{younger}'s age: {2 * age} / 2 = {age}."]
     return q, steps, str(age), ints3(rng, age, age + d, s - d, s // 2)
+
+
+NUMBER_THEORY: tuple[tuple[str, Callable], ...] = (
+    ("gcd", _nt_gcd), ("lcm", _nt_lcm), ("factorize", _nt_factorize), ("modpow", _nt_modpow),
+    ("remainder", _nt_remainder), ("smallest_prime_factor", _nt_smallest_prime_factor))
+WORD_PROBLEMS: tuple[tuple[str, Callable], ...] = (
+    ("change", _wp_change), ("distance", _wp_distance), ("sharing", _wp_sharing),
+    ("sum_difference", _wp_sum_difference), ("reading", _wp_reading), ("fence", _wp_fence),
+    ("average", _wp_average), ("ages", _wp_ages))

@@ -112,13 +112,14 @@ def sweep_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
     return dict(out, **_verdict(total, hbm))
 
 
-def plan(cfg: Config, slices: dict[str, tuple[int, int]] | None = None) -> dict:
+def memory_plan(cfg: Config, slices: dict[str, tuple[int, int]] | None = None) -> dict:
     """{slice name: {"target": target_plan, "sweep": sweep_plan}} for each slice (default `SLICES`)."""
     return {name: {"chips": n, "target": target_plan(cfg, n, hbm), "sweep": sweep_plan(cfg, n, hbm)}
             for name, (n, hbm) in (slices or SLICES).items()}
 
 
-def format_plan(cfg: Config, result: dict) -> str:
+def format_memory_plan(cfg: Config, result: dict) -> str:
+    """`memory_plan`'s result as the two tables `dma plan` prints: the target's train step, the sweep's stage."""
     gib = lambda n: "?" if n is None else f"{n / 2**30:.2f}"  # noqa: E731
     first = next(iter(result.values()))
     t, s = first["target"], first["sweep"]

@@ -1,9 +1,9 @@
 """`dma bench`: what the pipeline's hot paths cost on this machine, measured in one run (table + JSON).
 
-1. Sweep throughput: N proxies trained by the vmapped, scanned sweep step vs the same N
+1. Sweep throughput: N proxies trained by the sweep's own stage (`sweep.make_stage`) vs the same N
    proxies trained (a) by the project's plain per-step loop (`Trainer.step` fed host
    batches, proxy after proxy, as a user without the sweep would write it) and (b) one
-   proxy at a time through the same scanned step; same tokens. Tokens/s over all proxies
+   proxy at a time through the same stage; same tokens. Tokens/s over all proxies
    and model-FLOPs utilisation (MFU) against a matmul peak measured in the same run.
 2. Cost growth: sweep time vs N (table 1) and vs T; compiled bytes per proxy from the AOT
    memory analysis, fitted over N, and the largest N that fits a memory budget. Sweeps
@@ -14,7 +14,7 @@
 4. Agent: latency of one decision and its share of a re-weighting step.
 5. Target training: train-step MFU.
 Synthetic data (random tokens) throughout: nothing needs `dma prepare`. The measurements
-live in `dma_jax.measure`; this module plans them, checks the goals and prints the table.
+live in `dma_jax.perf.measure` and `dma_jax.perf.proxies`; this module plans them, checks the goals and prints the table.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Sequence
 import jax
 from tqdm.auto import tqdm
 
-from dma_jax import measure
+from dma_jax.perf import measure, proxies
 from dma_jax.config import Config, ModelConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_json
@@ -39,7 +39,7 @@ DEMO_PROXY, LARGE_PROXY = "demo proxy", "large proxy"
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class BenchPlan:
     """What one bench run measures; `plan_for` derives it from a config and the mode."""
 
     proxies: tuple[tuple[str, ModelConfig, int], ...]  # (name, model, S optimizer steps per timed stage)
@@ -52,7 +52,7 @@ class Plan:
     agent_decisions: int
 
 
-def plan_for(cfg: Config, quick: bool, ns: Sequence[int] | None = None) -> Plan:
+def plan_for(cfg: Config, quick: bool, ns: Sequence[int] | None = None) -> BenchPlan:
     """The demo sizes of `cfg`; full mode adds a >= 6M-parameter proxy and a >= 50M-parameter target."""
     vocab = cfg.proxy.vocab_size
     large_proxy = ModelConfig(vocab_size=vocab, d_model=384, n_layers=4, n_heads=6, d_ff=1024,
@@ -60,9 +60,9 @@ def plan_for(cfg: Config, quick: bool, ns: Sequence[int] | None = None) -> Plan:
     large_target = ModelConfig(vocab_size=vocab, d_model=768, n_layers=8, n_heads=12, d_ff=2048, max_seq_len=256)
     demo_target = ("demo target", cfg.target, cfg.cpt.batch_size, cfg.data.record_len - 1)
     if quick:
-        return Plan(proxies=((DEMO_PROXY, cfg.proxy, 2),), targets=(demo_target,), ns=tuple(ns or (1, 4)),
+        return BenchPlan(proxies=((DEMO_PROXY, cfg.proxy, 2),), targets=(demo_target,), ns=tuple(ns or (1, 4)),
                     t_values=(1, 2), min_seconds=0.2, loader_batches=30, agent_domains=52, agent_decisions=10)
-    return Plan(proxies=((DEMO_PROXY, cfg.proxy, 5), (LARGE_PROXY, large_proxy, 1)),
+    return BenchPlan(proxies=((DEMO_PROXY, cfg.proxy, 5), (LARGE_PROXY, large_proxy, 1)),
                 targets=(demo_target, ("large target", large_target, 4, 256)), ns=tuple(ns or (1, 4, 16, 64)),
                 t_values=(1, 2, 4, 8), min_seconds=1.0, loader_batches=400, agent_domains=52, agent_decisions=50)
 
@@ -77,7 +77,7 @@ def run_bench(quick: bool, memory_budget_gb: float | None, out_json: str | Path,
     plan = plan_for(cfg, quick, sorted(set(ns)) if ns else None)
     devices = list(devices if devices is not None else jax.devices())
     n_dev, dev0 = len(devices), devices[0]
-    budget, budget_source = measure.memory_budget(memory_budget_gb, dev0)
+    budget, budget_source = proxies.memory_budget(memory_budget_gb, dev0)
     t_start = time.perf_counter()
     r: dict = {"meta": {"quick": quick, "platform": dev0.platform, "device_kind": dev0.device_kind,
                         "n_devices": n_dev, "jax": jax.__version__, "machine": platform.machine(),
@@ -108,21 +108,21 @@ def run_bench(quick: bool, memory_budget_gb: float | None, out_json: str | Path,
                                      cfg.cpt.steps_per_stage * demo_step_s)
     bar.update()
     for name, model, steps in plan.proxies:
-        pb = measure.ProxyBench(model, cfg.optim, steps, cfg.sweep.batch_size, cfg.sweep.seq_len, devices,
+        pb = proxies.ProxyBench(model, cfg.optim, steps, cfg.sweep.batch_size, cfg.sweep.seq_len, devices,
                                 cfg.run.seed)
         task(f"{name}: compiled memory")
-        mem = dict(measure.memory_fit(pb, plan.ns, budget, n_dev, dev0.platform == "cpu"), proxy=name)
+        mem = dict(proxies.memory_fit(pb, plan.ns, budget, n_dev, dev0.platform == "cpu"), proxy=name)
         r["memory"].append(mem)
         bar.update()
         for n in plan.ns:
             task(f"{name}: N={n}")
-            r["sweep"].append(measure.bench_sweep(pb, name, n, measure.chunk_for(n, mem, n_dev), peak,
+            r["sweep"].append(proxies.bench_sweep(pb, name, n, proxies.chunk_for(n, mem, n_dev), peak,
                                                   plan.min_seconds))
             bar.update()
         if name == DEMO_PROXY:
             task(f"{name}: time vs T")
             n = min([k for k in plan.ns if k > 1], default=plan.ns[0])
-            r["time_vs_t"] = measure.time_vs_t(pb, n, measure.chunk_for(n, mem, n_dev), plan.t_values)
+            r["time_vs_t"] = proxies.time_vs_t(pb, n, proxies.chunk_for(n, mem, n_dev), plan.t_values)
             bar.update()
         del pb
     bar.close()

@@ -1,0 +1,28 @@
+"""`dma study` (`make study`): a CPU-scale check of the paper's claims (issue 10), written up in RESULTS.md.
+
+  main/           (1, 2) pretrain proxy + target, sample + sweep (math), agent SFT then CQL,
+                  CPT under every policy of `cpt.policies` x `cpt.seeds`, report
+  wide-sweep/     (2b) a second sweep whose trajectories drift faster toward the target field
+                  (`sweep.sampler.drift_rate_range` of the plan), agents trained on it, and the
+                  policies that read a sweep, compared with main's other baselines (the same runs)
+  (2c)            main's and wide-sweep's final models re-scored on every benchmark item
+                  (rescore-<items>x<windows>.json next to each CPT history)
+  gen-code/       (3a) the math-trained agent, unchanged, on the code field (source + code domains)
+  gen-domains/    (3b) ... on a space without every second source domain (another D)
+  gen-large/      (3c) ... on a larger target model (pre-trained there)
+  cql-alpha-<a>/  (4) CQL retrained from main's SFT actor with penalty weight a
+  no-feedback/    (4) SFT + CQL with the feedback features masked (mixture history only)
+  fidelity/       (5) proxies trained along static mixtures and sampled trajectories, and the target
+                  CPT'd along the same ones (policy `replay-K`): do their rankings agree?
+  RESULTS.md, study.json (wall time per part, summed over invocations)
+
+Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
+its stages and links), `run` (the runner), `fidelity` (part 5's trajectories and section), `rescore` (2c),
+`stats` (ranks, Spearman, bootstrap, paired differences), `results` (RESULTS.md from a `StudyView`).
+`--quick` runs `plan.QUICK` on the `tiny` variant.
+"""
+
+from dma_jax.study.plan import FULL, QUICK, StudyPlan, SubRun, sub_runs
+from dma_jax.study.run import STUDY_CONFIG, run_study
+
+__all__ = ["FULL", "QUICK", "STUDY_CONFIG", "StudyPlan", "SubRun", "run_study", "sub_runs"]

@@ -1,0 +1,124 @@
+"""What the study runs: its knobs (`StudyPlan`, `FULL`, `QUICK`) and its sub-runs (`SubRun`, `sub_runs`).
+
+A sub-run declares everything the runner needs: the pipeline stages it runs itself (in order), the
+outputs of `main/` it reads through symlinks, the domain space its CPT runs on and the CPT runs it owns.
+The runner (`study/run.py`) has no case per sub-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from dma_jax.config import Config
+from dma_jax.io_utils import AnyPath
+from dma_jax.runs import RunDir
+
+# Stages a sub-run can declare, in the order the runner would meet them. "fidelity-trajectories" writes the
+# fidelity sub-run's own trajectories (static mixtures + some of main's) in place of "sample".
+STAGES = ("prepare", "pretrain-proxy", "pretrain-target", "sample", "fidelity-trajectories", "sweep", "agent-sft",
+          "agent-cql", "cpt", "report", "rescore")
+# Outputs of main/ a sub-run can share: a relative symlink from this folder of its own run to main's.
+LINKS: dict[str, Callable[[RunDir], AnyPath]] = {
+    "pretrain-proxy": lambda run: run.pretrain("proxy"),
+    "pretrain-target": lambda run: run.pretrain("target"),
+    "sweep": lambda run: run.sweep,  # trajectories and offline data
+    "agent": lambda run: run.agent,  # both stages and their exports
+    "agent-sft": lambda run: run.agent_stage("sft"),  # the SFT actor CQL starts from
+}
+SPACES = ("full", "source-subset")  # the CPT domain space: the config's, or source domains 0, k, 2k, ... only
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPlan:
+    """The study beyond the config. `overrides` apply to every sub-run (after the command line's)."""
+
+    gen_policies: tuple[str, ...] = ("source-only", "fixed-0.3", "fixed-0.7", "curriculum", "agent-cql")
+    large_target: tuple[str, ...] = ("target.d_model=192", "target.n_layers=8", "target.d_ff=512")
+    source_keep_every: int = 2  # 3b keeps source domains 0, k, 2k, ... (and every target-field domain)
+    cql_alphas: tuple[float, ...] = (0.0, 3.0)  # besides agent.cql.alpha of the config (main's agent)
+    n_static: int = 8  # fidelity: static mixtures, target share evenly spaced in [0, 1]
+    n_sampled: int = 4  # fidelity: sweep trajectories at evenly spaced return quantiles
+    fidelity_seeds: tuple[int, ...] = (0,)
+    # 2b: the main sweep's drift (0, 0.1) per step was set for long horizons; in T=5 steps its trajectories
+    # end at a median 21% target share, below the fixed-0.3 baseline. The wide sweep's reach 52% (q90 74%).
+    wide_drift: tuple[float, float] | None = (0.0, 0.3)
+    wide_policies: tuple[str, ...] = ("regmix", "replay-best", "agent-sft", "agent-cql")
+    # 2c: main's and wide-sweep's final models re-scored on all benchmark items (CPT's feedback uses 16 per field:
+    # one item = 0.016 of the balanced score) and more held-out windows (dma_jax/study/rescore.py)
+    rescore_items: int | None = 200
+    rescore_windows: int = 16
+    side_seeds: tuple[int, ...] | None = None  # seeds of the generalisation and ablation runs (None: cpt.seeds)
+    no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
+    overrides: tuple[str, ...] = ()
+
+
+FULL = StudyPlan()
+# The pulse test: every part, as few CPT runs and distinct compiled programs as that allows (each CPT run
+# traces its train step and evaluation anew, seconds each; a new CQL alpha or model size compiles anew).
+QUICK = StudyPlan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
+                  cql_alphas=(0.0,), n_static=3, n_sampled=1, side_seeds=(0,), no_feedback_policies=("agent-cql",),
+                  wide_policies=("agent-cql",), rescore_items=8, rescore_windows=4,
+                  overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]",))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubRun:
+    """One sub-run: a folder under the root, its config overrides, the stages it runs and the CPT runs it owns."""
+
+    name: str
+    part: str  # "main", "coverage", "gen", "ablation", "fidelity"
+    title: str
+    overrides: tuple[str, ...]
+    policies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    stages: tuple[str, ...]  # of STAGES, run in this order (each skipped when its output is there)
+    links: tuple[str, ...] = ()  # of LINKS: main/'s outputs this sub-run reads instead of making its own
+    space: str = "full"  # of SPACES
+
+    def __post_init__(self):
+        for what, given, known in (("stage", self.stages, STAGES), ("link", self.links, LINKS),
+                                   ("space", (self.space,), SPACES)):
+            unknown = [x for x in given if x not in known]
+            if unknown:
+                raise ValueError(f"sub-run {self.name}: unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
+
+
+def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
+    """Every sub-run of the study, in the order they run."""
+    alpha = cfg.agent.cql.alpha
+    seeds, side = tuple(cfg.cpt.seeds), tuple(plan.side_seeds or cfg.cpt.seeds)
+    rescore = ("rescore",) if plan.rescore_items else ()
+    cpt = ("cpt", "report")
+    shared = ("pretrain-target", "sweep", "agent")
+    runs = [
+        SubRun("main", "main", "Main comparison", (), tuple(cfg.cpt.policies), seeds,
+               ("prepare", "pretrain-proxy", "pretrain-target", "sample", "sweep", "agent-sft", "agent-cql", *cpt,
+                *rescore)),
+        SubRun("gen-code", "gen", "(a) code target field", ("cpt.target_field=code",), plan.gen_policies, side,
+               cpt, shared),
+        SubRun("gen-domains", "gen", f"(b) fewer domains: source domains 0, {plan.source_keep_every}, "
+               f"{2 * plan.source_keep_every}, ... only", (), plan.gen_policies, side, cpt, shared,
+               space="source-subset"),
+        SubRun("gen-large", "gen", "(c) larger target model", plan.large_target, plan.gen_policies, side,
+               ("pretrain-target", *cpt), ("sweep", "agent")),
+    ]
+    if plan.wide_drift is not None:
+        lo, hi = plan.wide_drift
+        runs.insert(1, SubRun("wide-sweep", "coverage", f"Wider sweep: drift_rate_range [{lo:g}, {hi:g}] per step",
+                              (f"sweep.sampler.drift_rate_range=[{lo}, {hi}]",
+                               f"cpt.policies=[{', '.join(plan.wide_policies)}]"),
+                              plan.wide_policies, seeds, ("sample", "sweep", "agent-sft", "agent-cql", *cpt, *rescore),
+                              ("pretrain-proxy", "pretrain-target")))
+    for a in plan.cql_alphas:
+        if a != alpha:
+            runs.append(SubRun(f"cql-alpha-{a:g}", "ablation", f"CQL, alpha={a:g}", (f"agent.cql.alpha={a}",),
+                               ("agent-cql",), side, ("agent-cql", *cpt), ("pretrain-target", "sweep", "agent-sft")))
+    runs.append(SubRun("no-feedback", "ablation", "no feedback features (mixture history only)",
+                       ("agent.model.use_feedback=false",), plan.no_feedback_policies, side,
+                       ("agent-sft", "agent-cql", *cpt), ("pretrain-target", "sweep")))
+    n = plan.n_static + plan.n_sampled
+    runs.append(SubRun("fidelity", "fidelity", "Proxy fidelity", (f"sweep.num_trajectories={n}",),
+                       tuple(f"replay-{k}" for k in range(n)), plan.fidelity_seeds,
+                       ("fidelity-trajectories", "sweep", *cpt), ("pretrain-proxy", "pretrain-target")))
+    return runs

@@ -1,0 +1,336 @@
+"""RESULTS.md of `dma study`: tables, paired differences with bootstrap CIs, rank correlations, plots.
+
+Everything is read back from the sub-runs' files (CPT histories, the sweeps' offline data, agent
+metrics, re-scores), so RESULTS.md can be rewritten at any point; a section whose sub-run has not
+finished says so ("not run yet") instead of showing partial numbers. The runner hands over a
+`StudyView`: what the study is, where its sub-runs live and how long they took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dma_jax.config import Config
+from dma_jax.errors import DmaError
+from dma_jax.history import RunHistory, collect
+from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_jsonl
+from dma_jax.runs import AGENT_STAGES, RunDir
+from dma_jax.study import fidelity, rescore
+from dma_jax.study.plan import StudyPlan, SubRun
+from dma_jax.study.stats import paired, paired_scores
+
+AGENT = "agent-cql"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyView:
+    """What RESULTS.md is written from. `dirs`: every sub-run's RunDir (its own config), by name."""
+
+    root: Path
+    results: Path
+    base: Config
+    plan: StudyPlan
+    runs: tuple[SubRun, ...]
+    dirs: Mapping[str, RunDir]
+    timings: Mapping[str, float]  # seconds per sub-run, summed over invocations
+    command: str
+    config: Path
+    variant: str | None
+
+    def sub(self, name: str) -> SubRun | None:
+        return next((s for s in self.runs if s.name == name), None)
+
+    def rel(self, path: AnyPath) -> str:
+        """`path` as RESULTS.md links it (relative to its folder)."""
+        return os.path.relpath(Path(path).absolute(), self.results.parent.absolute())
+
+
+# ---------------------------------------------------------------------------------- reading sub-runs
+def sub_status(view: StudyView, sub: SubRun) -> tuple[list[RunHistory], int, int]:
+    """(complete runs of the sub-run's policies x seeds, how many, how many expected)."""
+    want = {(p, s) for p in sub.policies for s in sub.seeds}
+    try:
+        runs = [r for r in collect(view.dirs[sub.name].cpt) if r.complete and (r.policy, r.seed) in want]
+    except DmaError:
+        runs = []
+    return runs, len(runs), len(want)
+
+
+def best_baseline(runs) -> str | None:
+    """The non-agent policy with the best mean final balanced score."""
+    from dma_jax.report import summary_table
+
+    rows = [r for r in summary_table(runs) if not r["policy"].startswith("agent-")]
+    return rows[0]["policy"] if rows else None
+
+
+def _verdict(p: dict) -> str:
+    return "ahead" if p["lo"] > 0 else "behind" if p["hi"] < 0 else "not distinguishable from zero"
+
+
+def _paired_line(p: dict | None) -> str:
+    if p is None:
+        return "no paired comparison (no common seeds)."
+    return (f"{p['a']} − {p['b']}: {p['mean']:+.4f} (95% bootstrap CI [{p['lo']:+.4f}, {p['hi']:+.4f}], seeds "
+            f"{p['seeds']}, ahead on {p['wins']} of {len(p['seeds'])}): {_verdict(p)}.")
+
+
+def _cell(m: float, s: float, n: int) -> str:
+    return f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
+
+
+def policy_table(runs) -> list[str]:
+    from dma_jax.report import summary_table
+
+    rows = summary_table(runs)
+    fields = [*runs[0].fields, "balanced"]
+    lines = ["| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
+    for row in rows:
+        lines.append(f"| {row['policy']} | {row['n']} | "
+                     + " | ".join(_cell(row["mean"][f], row["std"][f], row["n"]) for f in fields) + " |")
+    return lines
+
+
+def _plots(view: StudyView, name: str) -> str:
+    rep = view.dirs[name].report
+    return (f"Plots: [mixtures over time per policy]({view.rel(rep / 'mixtures.png')}), "
+            f"[score curves]({view.rel(rep / 'scores.png')}); [dma report]({view.rel(rep / 'report.md')}).")
+
+
+def _not_run(n: int, want: int) -> list[str]:
+    return [f"Not run yet ({n} of {want} CPT runs finished)." if n else "Not run yet.", ""]
+
+
+# ---------------------------------------------------------------------------------- sections
+def _setup(view: StudyView) -> list[str]:
+    from dma_jax.models.lm import param_count_formula
+
+    c = view.base
+    p, t = param_count_formula(c.proxy), param_count_formula(c.target)
+    large = param_count_formula(view.dirs["gen-large"].cfg.target)
+    total = sum(view.timings.values())
+    return [f"Command: `{view.command}`" + (" (`make study`)" if view.command == "dma study" else "")
+            + f"; config `{os.path.relpath(view.config)}`" + (f", variant `{view.variant}`" if view.variant else "")
+            + ".",
+            f"Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time so far {total / 60:.1f} min ("
+            + ", ".join(f"{k} {v / 60:.1f}" for k, v in view.timings.items()) + ").", "",
+            f"Setup: proxy {p / 1e6:.2f}M parameters, target {t / 1e6:.2f}M ({t / p:.1f}x), larger target (3c) "
+            f"{large / 1e6:.2f}M; sweep N={c.sweep.num_trajectories} trajectories x T={c.sweep.num_stages} "
+            f"re-weighting steps x S={c.sweep.steps_per_stage} steps (batch {c.sweep.batch_size} x "
+            f"{c.sweep.seq_len} tokens), target field {c.sweep.target_field}; CPT T={c.cpt.num_stages} x "
+            f"S={c.cpt.steps_per_stage} (batch {c.cpt.batch_size} x {c.data.record_len - 1}); balanced score: "
+            f"{c.eval.balanced} of the field scores (base model = 1). Cells are mean ± std (ddof=1) over seeds of "
+            "the final scores.", ""]
+
+
+def _sweep_agent(view: StudyView) -> list[str]:
+    from dma_jax import offline_data
+
+    main = view.dirs["main"]
+    lines = ["## 1. Sweep and agent", ""]
+    if not main.swept():
+        return lines + ["Not run yet.", ""]
+    r = offline_data.load(main.offline).returns
+    lines += [f"Sweep: {r.size} proxy trajectories; return (final − initial balanced score) min {r.min():+.4f}, "
+              f"median {np.median(r):+.4f}, max {r.max():+.4f}, std {r.std():.4f}. "
+              f"[Sampled trajectories]({view.rel(main.trajectories.with_suffix('.png'))}).", ""]
+    for stage in AGENT_STAGES:
+        path = main.agent_stage(stage) / "metrics.jsonl"
+        last = read_jsonl(path)[-1] if path.is_file() and read_jsonl(path) else None
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in (last or {}).items()
+                          if isinstance(v, float) and k != "updates_per_s")
+        lines.append(f"- Agent {stage}: " + (f"{last['step']} updates; last metrics: {shown}." if last else
+                                              "not run yet."))
+    return lines + [""]
+
+
+def _comparison(view: StudyView, sub: SubRun) -> tuple[list[str], dict | None]:
+    """The sub-run's policy table and its agent against its best baseline (no heading)."""
+    runs, n, want = sub_status(view, sub)
+    if n < want:
+        return _not_run(n, want), None
+    best = best_baseline(runs)
+    p = paired(runs, AGENT, runs, best) if best and AGENT in sub.policies else None
+    lines = policy_table(runs) + [""]
+    if p:
+        lines += [f"Paired by seed, final balanced score: {_paired_line(p)}", ""]
+    return lines + [_plots(view, sub.name), ""], p
+
+
+def _wide(view: StudyView) -> tuple[list[str], list[str]]:
+    """2b: the wider sweep's policies next to main's sweep-independent baselines (the same CPT runs)."""
+    sub = next((s for s in view.runs if s.part == "coverage"), None)
+    if sub is None:
+        return [], []
+    runs, n, want = sub_status(view, sub)
+    main_runs, m, m_want = sub_status(view, view.sub("main"))
+    lines = ["### 2b. " + sub.title, "",
+             "The same comparison with a second sweep (same proxies, seeds and N) whose trajectories drift faster "
+             f"toward the {view.base.cpt.target_field} field; the policies that read a sweep (RegMix, replay-best, "
+             "the agents) use it, the other baselines are main's runs.", ""]
+    if n < want or m < m_want:
+        return lines + _not_run(n, want), []
+    both = runs + [r for r in main_runs if r.policy not in sub.policies]
+    best = best_baseline(both)
+    p = paired(runs, AGENT, both, best) if best and AGENT in sub.policies else None
+    p_main = paired(runs, AGENT, main_runs, AGENT) if AGENT in sub.policies else None
+    lines += policy_table(both) + [""]
+    reading = []
+    if p:
+        lines.append(f"Paired by seed, final balanced score: {_paired_line(p)}")
+        reading.append(f"- Wider sweep (2b): {_paired_line(p)}")
+    if p_main:
+        lines.append(f"Against main's agent (narrow sweep): {_paired_line(p_main)}")
+        reading.append(f"- Wider sweep (2b) vs narrow sweep, same agent recipe: {_paired_line(p_main)}")
+    return lines + ["", _plots(view, sub.name), "", *_coverage(view, sub), ""], reading
+
+
+def _rescored(view: StudyView) -> tuple[list[str], list[str]]:
+    """2c: the final models of the sub-runs that re-score (main, wide-sweep) on every benchmark item."""
+    items, windows = view.plan.rescore_items, view.plan.rescore_windows
+    if not items:
+        return [], []
+    ec = view.base.eval
+    lines = [f"### 2c. Re-scored on up to {items} benchmark items per field", "",
+             f"CPT's scores use {ec.benchmark_items_per_field} items per field (one item = "
+             f"{ec.acc_weight / ec.benchmark_items_per_field:.3f} of a field score); here "
+             f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
+             f"{windows} held-out windows per domain (`dma_jax/study/rescore.py`). The agents chose their mixtures "
+             "from feedback on the first of these items; the rest they never saw.", ""]
+    docs = {}
+    for sub in (s for s in view.runs if "rescore" in s.stages):
+        tag = "" if sub.name == "main" else " (wide)"
+        for p in sub.policies:
+            for s in sub.seeds:
+                path = rescore.path(view.dirs[sub.name].cpt_run(p, s), items, windows)
+                if not path.is_file():
+                    return lines + ["Not run yet.", ""], []
+                docs[(p + tag, s)] = read_json_file(path, "missing")
+    fields = [*next(iter(docs.values()))["fields"], "balanced"]
+    value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
+    policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
+                                                                      if q == p]))
+    n_items = next(iter(docs.values()))["items"]
+    lines += [f"Items per field: {', '.join(f'{f} {n}' for f, n in n_items.items())}.", "",
+              "| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
+    for p in policies:
+        rows = [d for (q, _), d in docs.items() if q == p]
+        cells = [np.array([value(d, f) for d in rows]) for f in fields]
+        lines.append(f"| {p} | {len(rows)} | " + " | ".join(
+            _cell(c.mean(), c.std(ddof=1) if c.size > 1 else 0.0, c.size) for c in cells) + " |")
+    best = next((p for p in policies if not p.startswith("agent-")), None)
+    balanced = {name: {s: d["balanced"] for (q, s), d in docs.items() if q == name} for name in policies}
+    reading = []
+    for agent in (p for p in policies if p.startswith(AGENT)):
+        p = paired_scores(balanced[agent], balanced[best], agent, best) if best else None
+        if p is None:
+            continue
+        lines += ["", f"Paired by seed: {_paired_line(p)}"]
+        reading.append(f"- Re-scored on all items (2c): {_paired_line(p)}")
+    return lines + [""], reading
+
+
+def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
+    from dma_jax.report import summary_table
+
+    main_runs, n, want = sub_status(view, view.sub("main"))
+    alpha = view.base.agent.cql.alpha
+    rows = [("SFT only (main)", main_runs if n == want else None, "agent-sft"),
+            (f"CQL, alpha={alpha:g} (main)", main_runs if n == want else None, AGENT)]
+    for sub in (s for s in view.runs if s.part == "ablation"):
+        runs, k, w = sub_status(view, sub)
+        for policy in sub.policies:
+            label = f"{sub.title}, {'SFT' if policy == 'agent-sft' else 'CQL'}" if len(sub.policies) > 1 else sub.title
+            rows.append((label, runs if k == w else None, policy))
+    tf = view.base.cpt.target_field
+    lines = ["## 4. Ablations", "", f"Δ: final balanced score minus main's {AGENT}, paired by seed, with a 95% "
+             "bootstrap CI.", "", f"| agent | seeds | {tf} | source | balanced | Δ balanced [95% CI] |",
+             "|---|---:|---:|---:|---:|---|"]
+    reading = []
+    for label, runs, policy in rows:
+        row = next((r for r in summary_table(runs) if r["policy"] == policy), None) if runs is not None else None
+        if row is None:
+            lines.append(f"| {label} | – | not run yet | | | |")
+            continue
+        p = paired(runs, policy, main_runs, AGENT) if n == want and (runs is not main_runs or policy != AGENT) else None
+        delta = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else "–"
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(row["mean"][f], row["std"][f], row["n"])
+                                                             for f in (tf, "source", "balanced")) + f" | {delta} |")
+        if p:
+            reading.append(f"- Ablation {label} vs main {AGENT}: {p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}], "
+                           f"{_verdict(p)}.")
+    return lines + [""], reading
+
+
+def _fidelity(view: StudyView) -> tuple[list[str], list[str]]:
+    sub = next(s for s in view.runs if s.part == "fidelity")
+    runs, n, want = sub_status(view, sub)
+    lines = ["## 5. Proxy fidelity", ""]
+    if n < want:
+        return lines + _not_run(n, want), []
+    body, reading = fidelity.section(view.dirs[sub.name], runs, sub.policies, sub.seeds, view.rel,
+                                     _plots(view, sub.name))
+    return lines + body, reading
+
+
+def _coverage(view: StudyView, sub: SubRun) -> list[str]:
+    """Where the agent's target share sits relative to the sweep's trajectories, step by step."""
+    from dma_jax import offline_data
+
+    runs, n, want = sub_status(view, sub)
+    mine = [r for r in runs if r.policy == AGENT]
+    if n < want or not mine:
+        return []
+    ds = offline_data.load(view.dirs[sub.name].offline)
+    tf = view.base.cpt.target_field
+    sweep_NxT = ds.actions[..., [f == tf for f in ds.meta["domain_fields"]]].sum(-1)
+    lo_T, hi_T = np.quantile(sweep_NxT, 0.05, axis=0), np.quantile(sweep_NxT, 0.95, axis=0)
+    inside, total, shares = 0, 0, []
+    for r in mine:
+        share_T = r.weights_TxD[:, [f == tf for f in r.domain_fields]].sum(-1)
+        at_T = np.minimum(np.arange(share_T.size) * ds.horizon // max(share_T.size, 1), ds.horizon - 1)
+        inside += int(((share_T >= lo_T[at_T]) & (share_T <= hi_T[at_T])).sum())
+        total += share_T.size
+        shares.append(share_T)
+    return [f"- Coverage ({sub.name}): {AGENT}'s {tf} share per step (mean over seeds: "
+            + ", ".join(f"{v:.2f}" for v in np.mean(shares, 0)) + f") lies inside the sweep's 5–95% band at that "
+            f"step in {inside} of {total} steps (sweep band: "
+            + ", ".join(f"{a:.2f}–{b:.2f}" for a, b in zip(lo_T, hi_T)) + ")."]
+
+
+def write_results(view: StudyView) -> Path:
+    """Write RESULTS.md from the sub-runs' files; returns its path."""
+    tf = view.base.cpt.target_field
+    main = view.sub("main")
+    body, p_main = _comparison(view, main)
+    lines = ["# Study: does the Data Mixing Agent beat the baselines? (CPU scale)", "", *_setup(view),
+             *_sweep_agent(view), "## 2. Main comparison", "", *body]
+    reading = [f"- Main ({tf}): " + (_paired_line(p_main) if p_main else "not run yet.")]
+    for section in (_wide, _rescored):
+        body, more = section(view)
+        lines += body
+        reading += more
+    lines += ["## 3. Generalisation without retraining", "",
+              "The main run's agent, unchanged, against the baselines that need no sweep of the new setting.", ""]
+    for sub in (s for s in view.runs if s.part == "gen"):
+        body, p = _comparison(view, sub)
+        lines += [f"### {sub.title}", "", *body]
+        reading.append(f"- Generalisation {sub.title}: " + (_paired_line(p) if p else "not run yet."))
+    for section in (_ablations, _fidelity):
+        body, more = section(view)
+        lines += body
+        reading += more
+    reading += _coverage(view, main)
+    lines += ["## 6. Reading", "", *reading, "",
+              "Caveats: the best baseline is picked on the same runs it is compared on (this favours the baseline); "
+              f"with {len(view.base.cpt.seeds)} seeds the percentile bootstrap is coarse (for 3 seeds its 95% "
+              "interval is exactly [min, max] of the paired differences), so an interval that excludes zero says the "
+              "sign agreed on every seed, not that the difference is significant.", ""]
+    atomic_write_text(view.results, "\n".join(lines))
+    return view.results
