@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dma_jax.config import MeshConfig, load_config
-from dma_jax.models.lm import flops_per_token
-from dma_jax.models.lm import LMDef
+from dma_jax.models.lm import LMDef, flops_per_token
 from dma_jax.perf import measure
 from dma_jax.train import Trainer, batch_from_tokens, loss_fn
 

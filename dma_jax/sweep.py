@@ -47,7 +47,7 @@ from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
 from dma_jax.train import (TrainState, batch_from_tokens, guarded_train_step, load_base_params, make_optimizer,
                            train_step)
-from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
+from dma_jax.trajectories import plot_trajectories, sample_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_sample(cfg: Config) -> Path:
     space = sweep_space(cfg)
     weights_NxTxD = sample_trajectories(
         sc.num_trajectories, sc.num_stages, space.fields_of_domain, space.train_tokens.astype(float),
-        sc.target_field, SamplerParams(**sc.sampler.model_dump()), cfg.run.seed,
+        sc.target_field, sc.sampler, cfg.run.seed,
     )
     run = RunDir(cfg)
     if not shd.is_primary():  # every process samples the same trajectories; process 0 writes them

@@ -9,7 +9,6 @@ behaviour data the agent learns from. Biases (DESIGN.md step 3):
 Every domain outside `target_field` counts as source. Deterministic per seed.
 """
 
-import dataclasses
 import io
 from typing import Sequence
 
@@ -18,52 +17,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from dma_jax.config import SamplerConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_bytes
 
 _FIELD_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerParams:
-    """Inductive biases of the trajectory sampler.
-
-    init_concentration: Dirichlet concentration of the t=0 mixture around the start mean.
-    init_target_share: total weight of the target field in the start mean (split by size).
-    step_concentration: concentration c of a step: next ~ Dirichlet(c * mean).
-    drift_rate_range: (lo, hi); each trajectory draws r ~ U(lo, hi) and a step's mean is
-        (1 - r) * current + r * target_distribution (target domains by size).
-    wide_share: fraction of trajectories that explore with `wide_concentration` instead.
-    wide_concentration: step concentration of the wide-exploration trajectories.
-    min_weight: floor on every domain weight, applied before renormalising.
-    """
-
-    init_concentration: float = 200.0
-    init_target_share: float = 0.02
-    step_concentration: float = 300.0
-    drift_rate_range: tuple[float, float] = (0.0, 0.1)
-    wide_share: float = 0.25
-    wide_concentration: float = 30.0
-    min_weight: float = 1e-4
-
-    def __post_init__(self):
-        for name in ("init_concentration", "step_concentration", "wide_concentration"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value > 0):
-                raise DmaError(f"SamplerParams.{name}={value} must be a finite number > 0")
-        if not 0.0 <= self.init_target_share < 1.0:
-            raise DmaError(f"SamplerParams.init_target_share={self.init_target_share} must be in [0, 1)")
-        if not 0.0 <= self.wide_share <= 1.0:
-            raise DmaError(f"SamplerParams.wide_share={self.wide_share} must be in [0, 1]")
-        if not 0.0 <= self.min_weight < 1.0:
-            raise DmaError(f"SamplerParams.min_weight={self.min_weight} must be in [0, 1)")
-        rates = tuple(self.drift_rate_range)
-        if len(rates) != 2 or not 0.0 <= rates[0] <= rates[1] <= 1.0:
-            raise DmaError(
-                f"SamplerParams.drift_rate_range={self.drift_rate_range} must be (lo, hi) "
-                "with 0 <= lo <= hi <= 1"
-            )
-        object.__setattr__(self, "drift_rate_range", (float(rates[0]), float(rates[1])))
 
 
 def _field_distributions(field_of_domain, domain_sizes, target_field, params):
@@ -83,7 +41,7 @@ def _field_distributions(field_of_domain, domain_sizes, target_field, params):
         raise DmaError(f"trajectories: every domain is in target_field={target_field!r}; no source domain")
     if params.min_weight * sizes_D.size >= 1.0:
         raise DmaError(
-            f"SamplerParams.min_weight={params.min_weight} times {sizes_D.size} domains must be < 1"
+            f"sweep.sampler.min_weight={params.min_weight} times {sizes_D.size} domains must be < 1"
         )
     source_D = np.where(is_target_D, 0.0, sizes_D)
     target_D = np.where(is_target_D, sizes_D, 0.0)
@@ -108,7 +66,7 @@ def sample_trajectories(
     field_of_domain: Sequence[str],
     domain_sizes: Sequence[float],
     target_field: str,
-    params: SamplerParams,
+    params: SamplerConfig,
     seed: int,
 ) -> np.ndarray:
     """Draw n trajectories of t mixtures over D domains: float32 [N, T, D] on the simplex."""

@@ -16,8 +16,8 @@ import yaml
 
 from dma_jax.cli import main
 from dma_jax.config import dump_config, load_config
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 OVERRIDES = [
     "run.out_dir=run", "data.demo_fields=[source, math]", "data.demo_max_docs_per_domain=6", "mesh.data=1",
     "pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",

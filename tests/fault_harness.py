@@ -18,8 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dma_jax.faults import PREEMPTED_EXIT_CODE
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SIGKILLED = -signal.SIGKILL
 
 

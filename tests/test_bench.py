@@ -169,6 +169,7 @@ def test_format_table_shows_the_jsons_numbers(quick):
     for cell, p in zip(at_n.split(" / "), mem["points"]):
         assert abs(_number(cell) * 2**20 - p["bytes"]) <= 0.05 * 2**20
     assert abs(_number(per_proxy) * 2**20 - mem["per_proxy_bytes"]) <= 0.05 * 2**20
+    assert abs(_number(fixed) * 2**20 - mem["fixed_bytes"]) <= 0.05 * 2**20
     assert int(max_n) == mem["max_n"]
     (target_row,) = cells("  demo target ")
     t = r["target"][0]

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 
 from dma_jax import cpt as cpt_mod
-from dma_jax import export, policies
+from dma_jax import export, offline_data, policies
 from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.models import hf
-from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import run_pretrain
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
 from dma_jax.sweep import run_sweep
 from tests.mixer_ref import carried_counts
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 INFO = policies.SpaceInfo(("s1", "s2", "m1", "m2", "m3"), ("source", "source", "math", "math", "math"), "math",
                           (100.0, 300.0, 10.0, 30.0, 60.0))
 
@@ -62,8 +60,6 @@ def test_regmix_finds_the_best_mixture_of_a_linear_world():
 def test_safe_policy_never_lets_a_bad_mixture_through():
     outs = iter([np.array([0.5, 0.5, 0, 0, 0]), np.array([np.nan, 1, 0, 0, 0]), np.array([0.2] * 4),
                  np.array([-0.1, 0.6, 0.5, 0, 0]), np.array([0.3] * 5)])
-    bad = policies.Static("bad", None)
-    bad.__call__ = None
     safe = policies.SafePolicy(type("P", (), {"name": "bad", "__call__": lambda self, h: next(outs)})(), 5,
                                np.array([0.25, 0.75, 0, 0, 0]))
     h = _hist(0)
@@ -75,14 +71,11 @@ def test_safe_policy_never_lets_a_bad_mixture_through():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cpt")
-    over = [f"run.out_dir={root}", "data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.num_stages=3",
-            "mesh.data=1"]
+def run(prepared_world, tmp_path_factory):
+    """A run folder of its own (the world's base models linked in) holding a sweep; CPT runs 3 re-weighting steps."""
+    root = prepared_world.link_base(tmp_path_factory.mktemp("cpt"))
+    over = prepared_world.run_overrides(root, "cpt.num_stages=3", "mesh.data=1")
     cfg = load_config(DEMO, over, variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
     run_sweep(cfg, devices=jax.devices()[:1], progress=False)
     return cfg, over
 
@@ -106,8 +99,7 @@ def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monk
     cfg, over = run
     ref = cpt_mod.run_cpt(cfg, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
     ref_recs = (RunDir(cfg).cpt_run("fixed-0.5", 0) / "records.jsonl").read_text()
-    cfg2 = load_config(DEMO, over + [f"data.dir={cfg.data_dir}"], variant="tiny")
-    cfg2 = cfg2.model_copy(update={"run": cfg2.run.model_copy(update={"out_dir": str(tmp_path)})})
+    cfg2 = load_config(DEMO, over + [f"run.out_dir={tmp_path}"], variant="tiny")
     for sub in ("pretrain-target", "sweep"):
         (tmp_path / sub).symlink_to(Path(cfg.run.out_dir) / sub)
     from dma_jax.train import Trainer
@@ -130,9 +122,23 @@ def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monk
 
 def test_sweep_based_baselines_run_and_foreign_data_is_refused(run):
     cfg, _ = run
-    for name in ("regmix", "replay-best"):
-        doc = cpt_mod.run_cpt(cfg, name, 0, devices=jax.devices()[:1], progress=False)
-        assert doc.complete
+    sweep = offline_data.load(RunDir(cfg).offline)
+    T = cfg.cpt.num_stages
+    regmix = cpt_mod.run_cpt(cfg, "regmix", 0, devices=jax.devices()[:1], progress=False)
+    # RegMix: the static mixture fit_regmix finds on the sweep's offline data (its candidate draw seeded by the
+    # CPT seed, 0), at every re-weighting step
+    best_D, _ = policies.fit_regmix(sweep.actions, sweep.returns, seed=0)
+    assert regmix.complete and regmix.weights_TxD.shape == (T, sweep.n_domains)
+    np.testing.assert_array_equal(regmix.weights_TxD, np.tile(best_D, (T, 1)))
+    # replay-best: the sweep's highest-return trajectory (Ts steps), stretched to CPT's T steps: CPT step t
+    # replays the sweep step nearest to t * (Ts - 1) / (T - 1) (a tie to the even one), first and last kept
+    replay = cpt_mod.run_cpt(cfg, "replay-best", 0, devices=jax.devices()[:1], progress=False)
+    k = max(range(sweep.n), key=lambda i: sweep.returns[i])
+    Ts = sweep.horizon
+    rows = np.rint(np.linspace(0, Ts - 1, T)).astype(int)
+    assert rows[0] == 0 and rows[-1] == Ts - 1 and T != Ts  # a real stretch (tiny: 2 sweep steps, 3 CPT steps)
+    assert replay.complete
+    np.testing.assert_array_equal(replay.weights_TxD, sweep.actions[k][rows])
     other = policies.SpaceInfo(("a", "b"), ("source", "math"), "math", (1.0, 1.0))
     with pytest.raises(DmaError, match=r"built for another domain space \(only there: .*only here: \['a', 'b'\]"):
         policies.make_policy("regmix", other, sweep_dir=Path(cfg.run.out_dir) / "sweep" / "offline")

@@ -2,7 +2,8 @@
 CPT histories (but for wall-clock timings), records and report across two runs of the CLI, on 1 device and
 on 8 fake devices; and the sweep's offline arrays on 1 device equal those on 8 up to float32 rounding.
 
-The data dir and the base proxy/target are prepared once per module; every run links them in.
+The data dir and the base proxy/target are the session's prepared world (tests/conftest.py); every run links
+them in.
 """
 
 import json
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from base_world import prepared_base
 
 from dma_jax import offline_data
 from dma_jax.config import load_config
 from dma_jax.sweep import run_sweep
+from tests.base_world import World
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.batch_size=8", "mesh.data=-1"]
+OVER = ["cpt.batch_size=8", "mesh.data=-1"]  # on top of the prepared world's
 POLICIES = ["regmix"]  # regmix reads the sweep's offline dataset: the stages chain
 
 DRIVER = """
@@ -37,25 +38,12 @@ for cmd in (["sample"], ["sweep"], ["cpt", *pol, "--seed", "0"], ["report"]):
 """
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepared_base(tmp_path_factory.mktemp("determinism"), OVER)
-
-
-def _run_dir(root: Path, name: str) -> Path:
-    out = root / name
-    out.mkdir()
-    for which in ("proxy", "target"):
-        (out / f"pretrain-{which}").symlink_to(root / "base" / f"pretrain-{which}")
-    return out
-
-
-def _cli_run(root: Path, out: Path, n_devices: int) -> dict[str, bytes]:
+def _cli_run(world: World, out: Path, n_devices: int) -> dict[str, bytes]:
     """One pipeline run (sample, sweep, cpt, report) in a fresh process; returns its output files' bytes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
                DMA_JAX_CACHE=os.environ.get("DMA_TEST_JAX_CACHE", "/tmp/dma_jax_test_jax_cache"))
-    over = OVER + [f"data.dir={root}/data", f"run.out_dir={out}"]
+    over = world.run_overrides(out, *OVER)
     r = subprocess.run([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), json.dumps(POLICIES)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -71,9 +59,9 @@ def _cli_run(root: Path, out: Path, n_devices: int) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_devices", [1, pytest.param(8, marks=pytest.mark.nightly)])
-def test_two_runs_give_identical_files(base, n_devices):
-    out = _run_dir(base, f"twice-{n_devices}")  # the same out_dir both times: the configs are identical
-    first, second = _cli_run(base, out, n_devices), _cli_run(base, out, n_devices)
+def test_two_runs_give_identical_files(prepared_world, tmp_path, n_devices):
+    out = prepared_world.link_base(tmp_path / "run")  # the same out_dir both times: the configs are identical
+    first, second = _cli_run(prepared_world, out, n_devices), _cli_run(prepared_world, out, n_devices)
     assert sorted(first) == sorted(second)
     expected = {"sweep/trajectories.npz", "sweep/offline/data.npz", "sweep/offline/meta.json", "report/report.md"}
     expected |= {f"cpt/{p}/seed0/{f}" for p in POLICIES for f in ("history.json", "records.jsonl")}
@@ -89,7 +77,7 @@ def test_two_runs_give_identical_files(base, n_devices):
 
 @pytest.mark.slow
 @pytest.mark.nightly
-def test_sweep_on_one_device_equals_eight_devices(base, tmp_path):
+def test_sweep_on_one_device_equals_eight_devices(prepared_world, tmp_path):
     """8 proxies in one chunk: all on one device vs one per device (sweep.devices) -> the same arrays.
 
     Same batches, same trajectories; not bitwise: XLA compiles other kernels for 8 proxies on one device than
@@ -98,9 +86,9 @@ def test_sweep_on_one_device_equals_eight_devices(base, tmp_path):
     """
     results = {}
     for n_dev in (1, 8):
-        out = _run_dir(base, f"devices-{n_dev}")
-        cfg = load_config(DEMO, OVER + [f"data.dir={base}/data", f"run.out_dir={out}", "sweep.chunk_size=8",
-                                        f"sweep.devices={n_dev}"], variant="tiny")
+        out = prepared_world.link_base(tmp_path / f"devices-{n_dev}")
+        cfg = load_config(DEMO, prepared_world.run_overrides(out, *OVER, "sweep.chunk_size=8", f"sweep.devices={n_dev}"),
+                          variant="tiny")
         results[n_dev] = offline_data.load(run_sweep(cfg, progress=False).out_dir)
     one, eight = results[1], results[8]
     np.testing.assert_array_equal(one.actions, eight.actions)

@@ -3,10 +3,11 @@ same command, and check the outputs equal an uninterrupted run's, bit for bit.
 
 Each stage runs as a CLI subprocess; `DMA_FAULT_AT` (dma_jax/faults.py) places every kill at the same event on
 every run. The kills of a stage are chained (kill, re-run killed later, ..., re-run to the end), so each re-run
-also resumes from the state the previous kill left. Inputs (data, base models, an offline dataset) are made once,
-in-process. What is not compared bit for bit, and why: wall-clock fields (prepare_seconds, CPT timings, agent
-updates_per_s) and the offline dataset's data.npz bytes / sha256 (np.savez stamps the zip entries with the
-time); the arrays inside are compared bit for bit.
+also resumes from the state the previous kill left. Inputs are made once, in-process: the data and base models
+are the session's prepared world (tests/conftest.py), the offline dataset this module's. What is not compared
+bit for bit, and why: wall-clock fields (prepare_seconds, CPT timings, agent updates_per_s) and the offline
+dataset's data.npz bytes / sha256 (np.savez stamps the zip entries with the time); the arrays inside are
+compared bit for bit.
 """
 
 import io
@@ -14,40 +15,28 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from dma_jax.config import load_config
-from tests.mixer_ref import carried_counts
 from dma_jax.faults import PREEMPTED_EXIT_CODE as PREEMPTED
 from dma_jax.prepare import run_prepare
 from dma_jax.pretrain import run_pretrain
 from dma_jax.sweep import run_sweep
-from fault_harness import DEMO, SIGKILLED, arrays, assert_same_arrays, dma, expect, files, jsonl, steps, uncommitted
+from tests.mixer_ref import carried_counts
+from tests.fault_harness import SIGKILLED, arrays, assert_same_arrays, dma, expect, files, jsonl, steps, uncommitted
+from tests.paths import DEMO
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Prepared tiny data and pre-trained base proxy + target, made in-process; `common` overrides for CLI runs."""
-    root = tmp_path_factory.mktemp("faults")
-    common = [f"data.dir={root / 'data'}", "data.demo_fields=[source, math]", "pretrain.steps=2", "mesh.data=1"]
-    cfg = load_config(DEMO, common + [f"run.out_dir={root / 'base'}"], variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
-    return root, common
-
-
-def _run_dir(base, out: Path, *linked: str) -> list[str]:
-    """A fresh run.out_dir whose `linked` stage outputs point at the shared base run; returns its overrides."""
-    root, common = base
+def _run_dir(world, out: Path, *linked: str) -> list[str]:
+    """A fresh run.out_dir whose `linked` stage outputs point at the prepared world's base run (tests/conftest.py);
+    returns the overrides of every run here (the CLI's too)."""
     out.mkdir(parents=True)
     for name in linked:
-        (out / name).symlink_to(root / "base" / name)
-    return common + [f"run.out_dir={out}"]
+        (out / name).symlink_to(world.base_dir / name)
+    return world.run_overrides(out, "mesh.data=1")
 
 
 def _cfg(over: list[str]):
@@ -55,10 +44,10 @@ def _cfg(over: list[str]):
 
 
 @pytest.fixture(scope="module")
-def sweep_ref(base, tmp_path_factory):
+def sweep_ref(prepared_world, tmp_path_factory):
     """An uninterrupted sweep, run in-process as the CLI runs it: the sweep test's reference, the agent's input."""
     out = tmp_path_factory.mktemp("sweep_ref")
-    run_sweep(_cfg(_run_dir(base, out / "run", "pretrain-proxy")), progress=False)
+    run_sweep(_cfg(_run_dir(prepared_world, out / "run", "pretrain-proxy")), progress=False)
     return out / "run"
 
 
@@ -121,9 +110,9 @@ def _offline(run: Path) -> tuple[dict, dict]:
     return arrs, meta
 
 
-def test_sweep_survives_three_sigkills_and_a_sigterm(base, sweep_ref, tmp_path):
+def test_sweep_survives_three_sigkills_and_a_sigterm(prepared_world, sweep_ref, tmp_path):
     run = tmp_path / "killed"
-    over = _run_dir(base, run, "pretrain-proxy")
+    over = _run_dir(prepared_world, run, "pretrain-proxy")
     ck = run / "sweep" / "checkpoints"  # tiny: 2 chunks x 2 re-weighting steps = checkpoint steps 1..4
     expect(dma(["sweep"], over, "sweep.stage_done:1"), SIGKILLED)  # mid-chunk
     assert steps(ck) == [1]
@@ -153,13 +142,13 @@ def _agent_outputs(run: Path) -> dict:
 
 
 @pytest.mark.nightly
-def test_train_agent_survives_three_sigkills_and_a_sigterm(base, sweep_ref, tmp_path):
+def test_train_agent_survives_three_sigkills_and_a_sigterm(prepared_world, sweep_ref, tmp_path):
     from dma_jax.agent.runner import export_agent, run_train_agent
 
     extra = ["agent.checkpoint_every=10", "agent.sft.steps=20", "agent.cql.steps=20"]  # 5 updates per dispatch
 
     def run_dir(out):
-        over = _run_dir(base, out) + extra
+        over = _run_dir(prepared_world, out) + extra
         (out / "sweep").symlink_to(sweep_ref / "sweep")
         return over
 
@@ -196,15 +185,15 @@ def _cpt_outputs(run: Path, T: int) -> tuple[dict, str, dict]:
     return hist, (d / "records.jsonl").read_text(), arrays(d / "checkpoints", T)
 
 
-def test_cpt_survives_three_sigkills_and_a_sigterm_without_repeating_records(base, tmp_path):
+def test_cpt_survives_three_sigkills_and_a_sigterm_without_repeating_records(prepared_world, tmp_path):
     from dma_jax.cpt import run_cpt
 
     extra = ["cpt.num_stages=3", "cpt.steps_per_stage=2"]
     cmd = ["cpt", "--policy", "curriculum", "--seed", "0"]
     ref = tmp_path / "ref"
-    run_cpt(_cfg(_run_dir(base, ref, "pretrain-target") + extra), "curriculum", 0, progress=False)
+    run_cpt(_cfg(_run_dir(prepared_world, ref, "pretrain-target") + extra), "curriculum", 0, progress=False)
     run = tmp_path / "killed"
-    over = _run_dir(base, run, "pretrain-target") + extra
+    over = _run_dir(prepared_world, run, "pretrain-target") + extra
     ck = run / "cpt" / "curriculum" / "seed0" / "checkpoints"
     expect(dma(cmd, over, "cpt.step:3"), SIGKILLED)  # first step of re-weighting step 2
     assert steps(ck) == [1]
@@ -232,12 +221,12 @@ def test_cpt_survives_three_sigkills_and_a_sigterm_without_repeating_records(bas
     assert len(set(ids)) == len(ids) == 3 * S * B
 
 
-def test_pretrain_sigterm_exits_143_and_resumes_bitwise(base, tmp_path):
+def test_pretrain_sigterm_exits_143_and_resumes_bitwise(prepared_world, tmp_path):
     extra = ["pretrain.steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_every=2"]
     ref = tmp_path / "ref"
-    run_pretrain(_cfg(_run_dir(base, ref) + extra), "proxy", progress=False)
+    run_pretrain(_cfg(_run_dir(prepared_world, ref) + extra), "proxy", progress=False)
     run = tmp_path / "killed"
-    over = _run_dir(base, run) + extra
+    over = _run_dir(prepared_world, run) + extra
     ck = run / "pretrain-proxy" / "checkpoints"
     expect(dma(["pretrain", "--model", "proxy"], over, "ckpt.save_begin:1:TERM"), PREEMPTED)  # during the step-2 save
     assert steps(ck) == [2]

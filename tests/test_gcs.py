@@ -16,22 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fake_gcs
-from base_world import prepared_base
 from dma_jax.config import load_config
 from dma_jax.data import sources
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, read_jsonl, upath
+from tests import fake_gcs
+from tests.base_world import World
+from tests.paths import DEMO, REPO
 
-TESTS = Path(__file__).resolve().parent
-DEMO = TESTS.parent / "configs" / "demo.yaml"
-OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "cpt.batch_size=8", "mesh.data=-1"]
+OVER = ["cpt.batch_size=8", "mesh.data=-1"]  # on top of the prepared world's (tests/conftest.py)
 
 DRIVER = """
 import contextlib, json, sys
-sys.path.insert(0, sys.argv[4])
-import fake_gcs
-from base_world import prepared_base
+sys.path.insert(0, sys.argv[4])  # the repository: tests/ is a package
+from tests import fake_gcs
 from dma_jax.cli import main
 config, over, gcs_root = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 cfg = ["--config", config, "--variant", "tiny", *over]
@@ -47,17 +45,12 @@ with fake_gcs.install(gcs_root) if gcs_root else contextlib.nullcontext():
 """
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepared_base(tmp_path_factory.mktemp("gcs"), OVER)
-
-
-def _run(base: Path, out: str, gcs_root: str, cwd: Path) -> subprocess.CompletedProcess:
+def _run(world: World, out: str, gcs_root: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                DMA_JAX_CACHE=os.environ.get("DMA_TEST_JAX_CACHE", "/tmp/dma_jax_test_jax_cache"))
-    over = OVER + [f"data.dir={base}/data", f"run.out_dir={out}", "agent.sft.steps=5"]
-    r = subprocess.run([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), gcs_root, str(TESTS)],
+    over = world.run_overrides(out, *OVER, "agent.sft.steps=5")
+    r = subprocess.run([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), gcs_root, str(REPO)],
                        env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -69,18 +62,13 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_pipeline_on_gcs_equals_local(base, tmp_path):
-    local = tmp_path / "local"
-    local.mkdir()
-    bucket = tmp_path / "gcs" / "bkt" / "run"
-    bucket.mkdir(parents=True)
-    for which in ("proxy", "target"):
-        (local / f"pretrain-{which}").symlink_to(base / "base" / f"pretrain-{which}")
-        shutil.copytree(base / "base" / f"pretrain-{which}", bucket / f"pretrain-{which}")  # objects, no links
+def test_pipeline_on_gcs_equals_local(prepared_world, tmp_path):
+    local = prepared_world.link_base(tmp_path / "local")
+    bucket = prepared_world.copy_base(tmp_path / "gcs" / "bkt" / "run")  # objects, no links
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    _run(base, str(local), "", cwd)
-    r = _run(base, "gs://bkt/run", str(tmp_path / "gcs"), cwd)
+    _run(prepared_world, str(local), "", cwd)
+    r = _run(prepared_world, "gs://bkt/run", str(tmp_path / "gcs"), cwd)
     assert "gs://bkt/run/report/report.md" in r.stdout
     assert fake_gcs.stray_local_paths(cwd) == []  # nothing took gs://... for a local path
 

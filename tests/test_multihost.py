@@ -1,8 +1,8 @@
 """Multi-host: two processes on this machine (CPU backend, gloo collectives over localhost) run `dma sweep`
 and `dma cpt` through the CLI and get the numbers of one process on the same number of devices (4).
 
-The data dir and the base proxy/target are prepared once, in this process, which also runs the
-single-process reference on 4 of its 8 fake devices; each run links the base models in.
+The data dir and the base proxy/target are the session's prepared world (tests/conftest.py); this process
+runs the single-process reference on 4 of its 8 fake devices; each run links (or copies) the base models in.
 Process i gets DMA_COORDINATOR/DMA_NUM_PROCESSES/DMA_PROCESS_ID (the CLI's `jax.distributed.initialize`)
 and 2 fake CPU devices, so the sweep's `traj` mesh and CPT's `data` mesh span both processes.
 The two processes write to `run.out_dir=gs://bkt/multi`, a fake bucket (tests/fake_gcs.py) both reach
@@ -11,7 +11,6 @@ as hosts of a pod slice reach a real one: checkpoints, logs and outputs all go t
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,26 +20,23 @@ import jax
 import numpy as np
 import pytest
 
-import fake_gcs
 from dma_jax import offline_data
 from dma_jax.config import load_config
 from dma_jax.cpt import run_cpt
-from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import run_pretrain
 from dma_jax.sweep import run_sweep
+from tests import fake_gcs
+from tests.base_world import World
+from tests.paths import DEMO, REPO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 POLICY = "fixed-0.3"
 
 # sweep: 8 trajectories in chunks of 4 (one mesh of 4 devices); cpt: batch 4 over a data axis of 4 devices
-OVER = ["data.demo_fields=[source, math]", "pretrain.steps=2", "sweep.chunk_size=4", "cpt.batch_size=4",
-        "mesh.data=-1"]
+OVER = ["sweep.chunk_size=4", "cpt.batch_size=4", "mesh.data=-1"]
 
-TESTS = Path(__file__).resolve().parent
 DRIVER = """
 import json, sys
-sys.path.insert(0, sys.argv[4])
-import fake_gcs
+sys.path.insert(0, sys.argv[4])  # the repository: tests/ is a package
+from tests import fake_gcs
 from dma_jax.cli import main
 config, over = sys.argv[1], json.loads(sys.argv[2])
 common = ["--no-progress"]
@@ -51,38 +47,23 @@ sys.exit(rc)
 """ % POLICY
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
-    over = OVER + [f"data.dir={root}/data", f"run.out_dir={root}/base"]
-    cfg = load_config(DEMO, over, variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
-    return root
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
-def _run_dir(root: Path, name: str) -> tuple[Path, list[str]]:
-    out = root / name
-    out.mkdir()
-    for which in ("proxy", "target"):
-        (out / f"pretrain-{which}").symlink_to(root / "base" / f"pretrain-{which}")
-    return out, OVER + [f"data.dir={root}/data", f"run.out_dir={out}"]
+def _run_dir(world: World, root: Path, name: str) -> tuple[Path, list[str]]:
+    out = world.link_base(root / name)
+    return out, world.run_overrides(out, *OVER)
 
 
-def _launch(root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
-    """Run the driver in `n_proc` processes on `gs://bkt/<name>` (a fake bucket); returns its local folder."""
+def _launch(world: World, root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
+    """Run the driver in `n_proc` processes (working folder `root`) on `gs://bkt/<name>` (a fake bucket under
+    `root`); returns its local folder."""
     gcs = root / "gcs"
-    out = gcs / "bkt" / name
-    for which in ("proxy", "target"):  # objects, not links
-        shutil.copytree(root / "base" / f"pretrain-{which}", out / f"pretrain-{which}")
-    over = OVER + [f"data.dir={root}/data", f"run.out_dir=gs://bkt/{name}"]
+    out = world.copy_base(gcs / "bkt" / name)  # objects, not links
+    over = world.run_overrides(f"gs://bkt/{name}", *OVER)
     port = _free_port()
     procs = []
     for i in range(n_proc):
@@ -93,7 +74,7 @@ def _launch(root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
             env.pop(k, None)
         if n_proc > 1:
             env.update(DMA_COORDINATOR=f"localhost:{port}", DMA_NUM_PROCESSES=str(n_proc), DMA_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), str(gcs), str(TESTS)],
+        procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), str(gcs), str(REPO)],
                                       env=env, cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -111,13 +92,13 @@ def _launch(root: Path, name: str, n_proc: int, devices_per_proc: int) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(base):
-    single, over = _run_dir(base, "single")
+def test_two_processes_match_one_process(prepared_world, tmp_path):
+    single, over = _run_dir(prepared_world, tmp_path, "single")
     cfg = load_config(DEMO, over, variant="tiny")
     run_sweep(cfg, devices=jax.devices()[:4], progress=False)
     run_cpt(cfg, POLICY, 0, devices=jax.devices()[:4], progress=False)
-    multi = _launch(base, "multi", 2, 2)
-    assert fake_gcs.stray_local_paths(base) == []  # nothing took gs://... for a local path
+    multi = _launch(prepared_world, tmp_path, "multi", 2, 2)
+    assert fake_gcs.stray_local_paths(tmp_path) == []  # nothing took gs://... for a local path
 
     a = offline_data.load(single / "sweep" / "offline")
     b = offline_data.load(multi / "sweep" / "offline")

@@ -7,8 +7,9 @@ device), writing to a local out_dir (every process saves its shards through Orba
 other files). Only process 0 gets `DMA_FAULT_AT=pretrain.step:3:TERM`: it sends itself SIGTERM right after
 step 3 is dispatched. Expected: both processes finish step 3, save checkpoint 3 together, print the one
 `dma: ... stopped by SIGTERM at step 3 ...` line and exit with 143. If each process reads only its own
-flag, process 0 saves alone while process 1 goes on to step 4: a hang in a collective (or a gloo timeout),
-which this test turns into a failure with both processes' stderr, never a stuck CI job.
+flag, process 0 saves alone (and waits in Orbax's cross-process barrier) while process 1 goes on to step 4
+(and waits in its collective): both hang, which this test turns into a failure after TIMEOUT_S with each
+process's Python stack, never a stuck CI job.
 Then the same command without the fault resumes both processes from step 3 to the end.
 """
 
@@ -107,12 +108,12 @@ def _launch(out: Path, data: Path, tag: str, fault_in_0: str | None) -> list[tup
             procs[i].wait()
     if hung:
         waited = time.monotonic() - start
+        since = f"{waited - (first_exit - start):.0f} s after the first exit" if first_exit else "none exited"
         report = "\n".join(
             f"--- process {i}: {'still running, killed' if i in hung else f'exited {p.returncode}'}; "
-            f"stderr tail:\n{_tail(files[i][1])}" for i, p in enumerate(procs))
-        pytest.fail(f"{tag}: process(es) {hung} still running after {waited:.0f} s "
-                    f"({'%.0f s after the first exit' % (time.monotonic() - first_exit) if first_exit else 'none exited'}"
-                    f"; a process stopping alone leaves the others in a collective)\n{report}")
+            f"stderr tail (a stack dump if killed):\n{_tail(files[i][1])}" for i, p in enumerate(procs))
+        pytest.fail(f"{tag}: process(es) {hung} still running after {waited:.0f} s ({since}); processes that "
+                    f"stop after different steps wait for each other in a collective\n{report}")
     return [(p.returncode, o.read_text(), e.read_text()) for p, (o, e) in zip(procs, files)]
 
 

@@ -23,37 +23,19 @@ from dma_jax.cli import main
 from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import read_jsonl
+from tests.base_world import World
+from tests.paths import DEMO
 from tests.toy_env import ToyEnv
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 OVER = ["data.demo_fields=[source, math]", "mesh.data=1", "sweep.devices=1", "sweep.num_trajectories=4",
         "sweep.chunk_size=4", "sweep.num_stages=2", "sweep.steps_per_stage=2", "cpt.num_stages=2",
         "cpt.steps_per_stage=2"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Prepared data and base proxy/target models (2 steps each), shared by the stage tests."""
-    from dma_jax.prepare import run_prepare
-    from dma_jax.pretrain import run_pretrain
-
-    root = tmp_path_factory.mktemp("numerics")
-    cfg = load_config(DEMO, [f"run.out_dir={root}/run", f"data.dir={root}/data", *OVER, "pretrain.steps=2"],
-                      variant="tiny")
-    run_prepare(cfg, progress=False)
-    for which in ("proxy", "target"):
-        run_pretrain(cfg, which, devices=jax.devices()[:1], progress=False)
-    return root
-
-
-def _argv(base: Path, out: Path, cmd: list[str], *extra: str) -> list[str]:
+def _argv(world: World, out: Path, cmd: list[str], *extra: str) -> list[str]:
+    """A CLI run on the prepared world's data (tests/conftest.py); pretrain.steps is the tiny variant's 6."""
     return ["--no-progress", *cmd, "--config", str(DEMO), "--variant", "tiny", f"run.out_dir={out}",
-            f"data.dir={base}/data", *OVER, *extra]
-
-
-def _link_base(base: Path, out: Path, which: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"pretrain-{which}").symlink_to(base / "run" / f"pretrain-{which}")
+            f"data.dir={world.data_dir}", *OVER, *extra]
 
 
 def _run(argv, capsys) -> tuple[int, str]:
@@ -143,9 +125,9 @@ def _abstract_state(model_cfg, optim_cfg):
                         jax.eval_shape(lambda: train_mod.init_state(lm, tx, 0)))
 
 
-def test_pretrain_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch, capsys):
+def test_pretrain_nan_stops_and_keeps_the_last_good_checkpoint(prepared_world, tmp_path, monkeypatch, capsys):
     _poison_steps(monkeypatch, {5})  # tiny: 6 steps, checkpoints at 3 and 6
-    rc, err = _run(_argv(base, tmp_path, ["pretrain"]), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["pretrain"]), capsys)
     line = _one_line(err)
     assert rc == 2
     ckpt_dir = tmp_path / "pretrain-proxy" / "checkpoints"
@@ -153,22 +135,23 @@ def test_pretrain_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, m
     assert Checkpointer(ckpt_dir).all_steps() == [3]
 
 
-def test_pretrain_loss_spike_stops(base, tmp_path, monkeypatch, capsys):
+def test_pretrain_loss_spike_stops(prepared_world, tmp_path, monkeypatch, capsys):
     _loss_scaled_by_mask(monkeypatch)
     _poison_steps(monkeypatch, {5}, value=50.0)
-    rc, err = _run(_argv(base, tmp_path, ["pretrain"], "optim.max_loss_spike=3"), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["pretrain"], "optim.max_loss_spike=3"), capsys)
     line = _one_line(err)
     assert rc == 2 and "pretrain proxy: loss spike:" in line and "at step 5" in line
     assert "optim.max_loss_spike=3" in line and "last good checkpoint: step 3" in line
     assert Checkpointer(tmp_path / "pretrain-proxy" / "checkpoints").all_steps() == [3]
 
 
-def test_pretrain_skip_keeps_the_previous_state_for_a_bad_step(base, tmp_path, monkeypatch, capsys):
+def test_pretrain_skip_keeps_the_previous_state_for_a_bad_step(prepared_world, tmp_path, monkeypatch, capsys):
     _poison_steps(monkeypatch, {2})
     extra = ["optim.on_nonfinite=skip"]
-    assert main(_argv(base, tmp_path, ["pretrain"], *extra)) == 0
+    assert main(_argv(prepared_world, tmp_path, ["pretrain"], *extra)) == 0
     capsys.readouterr()
-    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={base}/data", *OVER, *extra], variant="tiny")
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER, *extra],
+                      variant="tiny")
     state = _restored(tmp_path / "pretrain-proxy" / "checkpoints", _abstract_state(cfg.proxy, cfg.optim))
     assert int(state.step) == 5  # 6 steps ran, one was skipped: the state's own counter did not move
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
@@ -179,8 +162,8 @@ def test_pretrain_skip_keeps_the_previous_state_for_a_bad_step(base, tmp_path, m
 # ------------------------------------------------------------------------------------------ sweep
 
 
-def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch, capsys):
-    _link_base(base, tmp_path, "proxy")
+def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(prepared_world, tmp_path, monkeypatch, capsys):
+    prepared_world.link_base(tmp_path, ("proxy",))
     real = sweep_mod.Sweep.stage
 
     def stage(self, state, w, ids, t, max_loss_n=None):
@@ -189,7 +172,7 @@ def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monk
         return real(self, state, w, ids, t, max_loss_n)
 
     monkeypatch.setattr(sweep_mod.Sweep, "stage", stage)
-    rc, err = _run(_argv(base, tmp_path, ["sweep"]), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["sweep"]), capsys)
     line = _one_line(err)
     ckpt_dir = tmp_path / "sweep" / "checkpoints"
     assert rc == 2 and f"sweep proxy 0: loss is nan at step 3; stopped, last good checkpoint: step 1 in {ckpt_dir}" \
@@ -198,11 +181,12 @@ def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monk
     assert not (tmp_path / "sweep" / "offline").exists()
 
 
-def test_sweep_skip_is_per_proxy(base):
+def test_sweep_skip_is_per_proxy(prepared_world, tmp_path):
     from dma_jax.runs import RunDir
     from dma_jax.train import load_base_params
 
-    cfg = load_config(DEMO, [f"run.out_dir={base}/run", f"data.dir={base}/data", *OVER,
+    prepared_world.link_base(tmp_path, ("proxy",))
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER,
                              "optim.on_nonfinite=skip"], variant="tiny")
     sw = sweep_mod.Sweep(cfg, sweep_mod.sweep_space(cfg), jax.devices()[:1])
     params = load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy"))
@@ -223,10 +207,10 @@ def test_sweep_skip_is_per_proxy(base):
 # ------------------------------------------------------------------------------------------ cpt
 
 
-def test_cpt_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch, capsys):
-    _link_base(base, tmp_path, "target")
+def test_cpt_nan_stops_and_keeps_the_last_good_checkpoint(prepared_world, tmp_path, monkeypatch, capsys):
+    prepared_world.link_base(tmp_path, ("target",))
     _poison_steps(monkeypatch, {3})  # the first step of the second re-weighting step
-    rc, err = _run(_argv(base, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"]), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"]), capsys)
     line = _one_line(err)
     run = tmp_path / "cpt" / "fixed-0.3" / "seed0"
     assert rc == 2 and (f"cpt fixed-0.3 seed 0: loss is nan at step 3; stopped, last good checkpoint: step 1 in "
@@ -235,15 +219,16 @@ def test_cpt_nan_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkey
     assert not (run / "history.json").exists()
 
 
-def test_cpt_skip_finishes_with_finite_parameters(base, tmp_path, monkeypatch, capsys):
-    _link_base(base, tmp_path, "target")
+def test_cpt_skip_finishes_with_finite_parameters(prepared_world, tmp_path, monkeypatch, capsys):
+    prepared_world.link_base(tmp_path, ("target",))
     _poison_steps(monkeypatch, {3})
     extra = ["optim.on_nonfinite=skip"]
-    assert main(_argv(base, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"], *extra)) == 0
+    assert main(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"], *extra)) == 0
     capsys.readouterr()
     run = tmp_path / "cpt" / "fixed-0.3" / "seed0"
     assert json.loads((run / "history.json").read_text())["complete"]
-    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={base}/data", *OVER, *extra], variant="tiny")
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER, *extra],
+                      variant="tiny")
     state = _restored(run / "checkpoints", _abstract_state(cfg.target, cfg.optim))
     assert int(state.step) == 3  # 4 steps, one skipped
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

@@ -38,22 +38,6 @@ def test_toy_env_matches_hand_computation():
     np.testing.assert_allclose(ds.returns, [(src2 + tgt2) / 2 - 1], atol=1e-6)
 
 
-def test_best_schedule_is_the_maximum_of_every_balanced_score():
-    rng = np.random.default_rng(1)
-    others = rng.dirichlet(np.ones(3), size=(200, 2))
-    for how in od.BALANCED:
-        env = _env(how)
-        assert env.returns(BEST_TxD[None])[0] == pytest.approx(0.0, abs=1e-6)
-        assert (env.returns(others) < 0).all()
-
-
-def test_balanced_scores():
-    s = np.array([[0.5, 2.0]])
-    assert od.balanced(s, "mean")[0] == pytest.approx(1.25)
-    assert od.balanced(s, "min")[0] == pytest.approx(0.5)
-    assert od.balanced(s, "harmonic")[0] == pytest.approx(2 / (1 / 0.5 + 1 / 2.0))
-
-
 def test_save_load_roundtrip(tmp_path):
     ds = _dataset()
     od.save(ds, tmp_path / "d")

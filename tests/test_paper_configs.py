@@ -9,9 +9,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from dma_jax.perf import memory as plan_mod
 from dma_jax.cli import main
 from dma_jax.config import ModelConfig, load_config
+from dma_jax.perf import memory as plan_mod
 from dma_jax.perf.measure import POOL_DOMAINS, POOL_TOKENS
 from dma_jax.perf.proxies import ProxyBench
 from dma_jax.train import Trainer
@@ -92,6 +92,6 @@ def test_plan_matches_xla_on_the_production_mesh_shape(path):
     xla = exe.memory_analysis()
     n = s["proxies_per_device"]
     pools = (POOL_DOMAINS * POOL_TOKENS + 2 * POOL_DOMAINS) * 4  # synthetic pools: tokens, starts, lengths (int32)
-    inputs = n * POOL_DOMAINS * 4 + n * 4 + 4 + n * 4  # weights, trajectory ids, stage, spike thresholds
+    inputs = n * POOL_DOMAINS * 4 + n * 4 + 4  # weights, trajectory ids, stage (spike thresholds: unused, dropped)
     assert xla.argument_size_in_bytes == s["state"] + pools + inputs
     assert math.isfinite(s["activations"]) and s["activations"] > 0

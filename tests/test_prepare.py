@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import ByteTokenizer
 from dma_jax.errors import DmaError
 from dma_jax.prepare import run_prepare
+from tests.paths import DEMO
 from tests.test_sources import tfds_dir  # noqa: F401  (fixture)
-
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _decode_docs(space, d, split):

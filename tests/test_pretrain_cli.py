@@ -15,8 +15,8 @@ from dma_jax.cli import main
 from dma_jax.faults import Preempted
 from dma_jax.config import load_config
 from dma_jax.pretrain import run_pretrain
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _cfg(out, *extra):
@@ -29,12 +29,9 @@ _DATA = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prepared(tmp_path_factory):
-    from dma_jax.prepare import run_prepare
-
-    _DATA["dir"] = str(tmp_path_factory.mktemp("data"))
-    run_prepare(load_config(DEMO, [f"data.dir={_DATA['dir']}", "data.demo_fields=[source]"], variant="tiny"),
-                progress=False)
+def prepared(prepared_world):
+    """The data of the session's prepared world (tests/conftest.py); the proxy trains on its source field."""
+    _DATA["dir"] = str(prepared_world.data_dir)
 
 
 def _final_params(cfg):

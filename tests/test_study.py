@@ -256,6 +256,26 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
                 "fidelity/fidelity.png"):
         assert (tmp_path / png).is_file() and f"]({png})" in text
+    # The numbers in RESULTS.md, recomputed from the raw history.json and rescore files (not through dma_jax).
+    final = {(d["policy"], d["seed"]): d["balanced"][-1]
+             for d in (json.loads(p.read_text()) for p in tmp_path.glob("main/cpt/*/seed*/history.json"))}
+    for policy in ("fixed-0.3", "agent-sft", "agent-cql"):
+        b = np.array([final[(policy, s)] for s in (0, 1)])
+        assert f" | {b.mean():.4f} ± {b.std(ddof=1):.4f} |\n" in text.split("### 2b.")[0].split(f"| {policy} | 2 |")[1]
+    d = np.array([final[("agent-cql", s)] - final[("fixed-0.3", s)] for s in (0, 1)])
+    # two seeds: every resample has probability 1/4 > 2.5%, so the percentile interval is [min, max]
+    assert (f"- Main (math): agent-cql − fixed-0.3: {d.mean():+.4f} (95% bootstrap CI [{d.min():+.4f}, "
+            f"{d.max():+.4f}], seeds [0, 1], ahead on {int((d > 0).sum())} of 2)") in text
+    rescored = [json.loads(p.read_text())["balanced"] for p in tmp_path.glob("main/cpt/agent-cql/seed*/rescore-8x4.json")]
+    section = text.split("### 2c.")[1].split("## 3.")[0]
+    assert f" | {np.mean(rescored):.4f} ± {np.std(rescored, ddof=1):.4f} |\n" in section.split("| agent-cql | 2 |")[1]
+    # 5: Spearman's rho of the proxies' and the target's final balanced scores, by scipy
+    meta = json.loads((tmp_path / "fidelity" / "sweep" / "offline" / "meta.json").read_text())
+    proxy = od.load(tmp_path / "fidelity" / "sweep" / "offline").returns + 1.0
+    target = [json.loads((tmp_path / "fidelity" / "cpt" / f"replay-{k}" / "seed0" / "history.json").read_text())
+              ["balanced"][-1] for k in range(len(proxy))]
+    rho = scipy.stats.spearmanr(proxy, target).statistic
+    assert len(proxy) == 4 and meta["fields"] and f"Spearman ρ = {rho:+.3f} between proxy and target" in text
     # 2b: the wider sweep drifts further toward the target field, and its agent learned from it, not from main's.
     shares = {}
     for name in ("main", "wide-sweep"):

@@ -12,40 +12,26 @@ from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
 from dma_jax.data.device_sampler import sample_batch
 from dma_jax.evaluation import balanced_score
-from dma_jax.prepare import run_prepare
-from dma_jax.pretrain import run_pretrain
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
 from dma_jax.train import TrainState, batch_from_tokens, train_step
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    over = [f"run.out_dir={root}/run", f"data.dir={root}/data", "data.demo_fields=[source, math]",
-            "pretrain.steps=2", "sweep.num_trajectories=8", "sweep.num_stages=2", "sweep.steps_per_stage=3"]
-    cfg = load_config(DEMO, over, variant="tiny")
-    run_prepare(cfg, progress=False)
-    run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
-    return root, over
+SWEEP = ["sweep.num_trajectories=8", "sweep.num_stages=2", "sweep.steps_per_stage=3"]
 
 
-def _cfg(base, out, *extra):
-    root, over = base
-    return load_config(DEMO, over + [f"run.out_dir={out}", *extra], variant="tiny")
+def _cfg(world, out, *extra):
+    """A run in `out` on the prepared world (tests/conftest.py) with this module's sweep settings."""
+    return load_config(DEMO, world.run_overrides(out, *SWEEP, *extra), variant="tiny")
 
 
-def _link_pretrain(base, out):
-    (Path(out)).mkdir(parents=True, exist_ok=True)
-    src = Path(base[0]) / "run" / "pretrain-proxy"
-    (Path(out) / "pretrain-proxy").symlink_to(src)
+def _link_pretrain(world, out):
+    world.link_base(out, ("proxy",))
 
 
-def test_sample_writes_simplex_trajectories_and_a_picture(base, tmp_path):
-    _link_pretrain(base, tmp_path)
-    cfg = _cfg(base, tmp_path)
+def test_sample_writes_simplex_trajectories_and_a_picture(prepared_world, tmp_path):
+    _link_pretrain(prepared_world, tmp_path)
+    cfg = _cfg(prepared_world, tmp_path)
     path = sweep_mod.run_sample(cfg)
     with np.load(path, allow_pickle=False) as z:
         w = z["weights_NxTxD"]
@@ -59,10 +45,10 @@ def test_sample_writes_simplex_trajectories_and_a_picture(base, tmp_path):
         np.testing.assert_array_equal(z["weights_NxTxD"], w)
 
 
-def test_vmapped_sharded_sweep_equals_the_plain_loop(base, tmp_path):
+def test_vmapped_sharded_sweep_equals_the_plain_loop(prepared_world, tmp_path):
     """Proxy 2 of a vmapped sweep sharded over 4 devices == the same proxy trained alone on the same batches."""
-    cfg = _cfg(base, tmp_path, "sweep.chunk_size=4", "sweep.num_trajectories=4")
-    _link_pretrain(base, tmp_path)
+    cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=4", "sweep.num_trajectories=4")
+    _link_pretrain(prepared_world, tmp_path)
     space = sweep_mod.sweep_space(cfg)
     sw = sweep_mod.Sweep(cfg, space)
     assert sw.mesh.shape["traj"] == 4
@@ -90,10 +76,10 @@ def test_vmapped_sharded_sweep_equals_the_plain_loop(base, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(base, tmp_path_factory):
+def reference(prepared_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    _link_pretrain(base, out)
-    cfg = _cfg(base, out, "sweep.chunk_size=8")
+    _link_pretrain(prepared_world, out)
+    cfg = _cfg(prepared_world, out, "sweep.chunk_size=8")
     s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
     return offline_data.load(s.out_dir)
 
@@ -111,18 +97,18 @@ def test_offline_dataset_is_consistent(reference):
     assert not np.allclose(ds.feedback[:, 1:], 1.0)  # training moved the proxies
 
 
-def test_eight_devices_and_chunks_give_the_same_numbers(base, reference, tmp_path):
-    _link_pretrain(base, tmp_path)
-    cfg = _cfg(base, tmp_path, "sweep.chunk_size=4")
+def test_eight_devices_and_chunks_give_the_same_numbers(prepared_world, reference, tmp_path):
+    _link_pretrain(prepared_world, tmp_path)
+    cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=4")
     s = sweep_mod.run_sweep(cfg, progress=False)  # 4 devices per chunk, 2 chunks
     ds = offline_data.load(s.out_dir)
     np.testing.assert_allclose(ds.feedback, reference.feedback, atol=1e-5)
     np.testing.assert_array_equal(ds.actions, reference.actions)
 
 
-def test_a_crashed_sweep_resumes_and_ends_equal(base, reference, tmp_path, monkeypatch):
-    _link_pretrain(base, tmp_path)
-    cfg = _cfg(base, tmp_path, "sweep.chunk_size=8")
+def test_a_crashed_sweep_resumes_and_ends_equal(prepared_world, reference, tmp_path, monkeypatch):
+    _link_pretrain(prepared_world, tmp_path)
+    cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=8")
     real = sweep_mod.Sweep.stage
     calls = {"n": 0}
 

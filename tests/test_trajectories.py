@@ -1,12 +1,13 @@
 """Tests for the trajectory sampler, checked against Dirichlet moments and the drift recursion."""
 
-import dataclasses
 
 import numpy as np
+import pydantic
 import pytest
 
 from dma_jax.errors import DmaError
-from dma_jax.trajectories import SamplerParams, plot_trajectories, sample_trajectories
+from dma_jax.config import SamplerConfig
+from dma_jax.trajectories import plot_trajectories, sample_trajectories
 
 FIELDS = ["general"] * 4 + ["math"] * 3
 SIZES = [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 2.0]
@@ -17,7 +18,7 @@ TARGET = np.array([0, 0, 0, 0, 0.25, 0.25, 0.5])
 
 
 def _sample(n, t, seed=0, **overrides):
-    params = dataclasses.replace(SamplerParams(), **overrides)
+    params = SamplerConfig(**overrides)
     return sample_trajectories(n, t, FIELDS, SIZES, "math", params, seed).astype(np.float64)
 
 
@@ -26,9 +27,9 @@ def _l1_steps(traj_NxTxD):
 
 
 def test_shape_and_simplex():
-    traj = sample_trajectories(50, 12, FIELDS, SIZES, "math", SamplerParams(), seed=0)
+    traj = sample_trajectories(50, 12, FIELDS, SIZES, "math", SamplerConfig(), seed=0)
     assert traj.shape == (50, 12, 7) and traj.dtype == np.float32
-    assert np.all(traj >= SamplerParams().min_weight * 0.99)
+    assert np.all(traj >= SamplerConfig().min_weight * 0.99)
     np.testing.assert_allclose(traj.sum(axis=2), 1.0, atol=1e-6)
 
 
@@ -101,18 +102,18 @@ def test_wide_trajectories_take_larger_steps():
     ],
 )
 def test_params_validation(overrides, match):
-    with pytest.raises(DmaError, match=match):
-        SamplerParams(**overrides)
+    with pytest.raises(pydantic.ValidationError, match=match):
+        SamplerConfig(**overrides)
 
 
 @pytest.mark.parametrize(
     "fields, sizes, target, params, match",
     [
-        (FIELDS, SIZES[:-1], "math", SamplerParams(), "domain_sizes has 6"),
-        (FIELDS, [0.0] + SIZES[1:], "math", SamplerParams(), "domain_sizes must be"),
-        (FIELDS, SIZES, "code", SamplerParams(), "target_field='code'"),
-        (["math"] * 7, SIZES, "math", SamplerParams(), "no source domain"),
-        (FIELDS, SIZES, "math", SamplerParams(min_weight=0.2), "min_weight"),
+        (FIELDS, SIZES[:-1], "math", SamplerConfig(), "domain_sizes has 6"),
+        (FIELDS, [0.0] + SIZES[1:], "math", SamplerConfig(), "domain_sizes must be"),
+        (FIELDS, SIZES, "code", SamplerConfig(), "target_field='code'"),
+        (["math"] * 7, SIZES, "math", SamplerConfig(), "no source domain"),
+        (FIELDS, SIZES, "math", SamplerConfig(min_weight=0.2), "min_weight"),
     ],
 )
 def test_sampler_input_validation(fields, sizes, target, params, match):
@@ -121,7 +122,7 @@ def test_sampler_input_validation(fields, sizes, target, params, match):
 
 
 def test_plot_writes_png(tmp_path):
-    traj = sample_trajectories(10, 12, FIELDS, SIZES, "math", SamplerParams(), seed=0)
+    traj = sample_trajectories(10, 12, FIELDS, SIZES, "math", SamplerConfig(), seed=0)
     path = tmp_path / "plots" / "trajectories.png"
     names = [f"{f}_{i}" for i, f in enumerate(FIELDS)]
     plot_trajectories(traj, names, FIELDS, str(path), n_show=4)

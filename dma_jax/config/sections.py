@@ -208,17 +208,34 @@ class EvalConfig(Section):
 
 
 class SamplerConfig(Section):
-    """Inductive biases of the trajectory sampler (see `dma_jax.trajectories.SamplerParams`)."""
+    """Inductive biases of the trajectory sampler (`dma_jax.trajectories.sample_trajectories`).
 
-    init_concentration: PosFloat = 200.0
+    init_concentration: Dirichlet concentration of the t=0 mixture around the start mean.
+    init_target_share: total weight of the target field in the start mean (split by size).
+    step_concentration: concentration c of a step: next ~ Dirichlet(c * mean).
+    drift_rate_range: (lo, hi); each trajectory draws r ~ U(lo, hi) and a step's mean is
+        (1 - r) * current + r * target_distribution (target domains by size).
+    wide_share: fraction of trajectories that explore with `wide_concentration` instead.
+    wide_concentration: step concentration of the wide-exploration trajectories.
+    min_weight: floor on every domain weight, applied before renormalising.
+    """
+
+    init_concentration: PosFloat = pydantic.Field(200.0, allow_inf_nan=False)
     init_target_share: float = pydantic.Field(0.02, ge=0.0, lt=1.0)
-    step_concentration: PosFloat = 300.0
+    step_concentration: PosFloat = pydantic.Field(300.0, allow_inf_nan=False)
     # per re-weighting step: a trajectory drifting at r ends near 1-(1-r)^(T-1) of the target field, so with
     # T=5 steps (demo, study) the default reaches 1-37% (RESULTS.md 2b tried (0, 0.3): no better agent)
     drift_rate_range: tuple[float, float] = (0.0, 0.1)
     wide_share: float = pydantic.Field(0.25, ge=0.0, le=1.0)
-    wide_concentration: PosFloat = 30.0
+    wide_concentration: PosFloat = pydantic.Field(30.0, allow_inf_nan=False)
     min_weight: float = pydantic.Field(1e-4, ge=0.0, lt=1.0)
+
+    @pydantic.field_validator("drift_rate_range")
+    @classmethod
+    def _check_rates(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"{list(v)} must be [lo, hi] with 0 <= lo <= hi <= 1")
+        return v
 
 
 class SweepConfig(Section):

@@ -13,8 +13,8 @@
    target train step's consumption.
 4. Agent: latency of one decision and its share of a re-weighting step.
 5. Target training: train-step MFU.
-Synthetic data (random tokens) throughout: nothing needs `dma prepare`. The measurements
-live in `dma_jax.perf.measure` and `dma_jax.perf.proxies`; this module plans them, checks the goals and prints the table.
+Synthetic data (random tokens) throughout: nothing needs `dma prepare`. The measurements live in
+`dma_jax.perf.measure` and `dma_jax.perf.proxies`; this module plans them, checks the goals and prints the table.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Sequence
 import jax
 from tqdm.auto import tqdm
 
-from dma_jax.perf import measure, proxies
 from dma_jax.config import Config, ModelConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_json
+from dma_jax.perf import measure, proxies
 
 DEMO_PROXY, LARGE_PROXY = "demo proxy", "large proxy"
 

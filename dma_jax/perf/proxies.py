@@ -19,8 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
 from dma_jax.data.device_sampler import make_pools
 from dma_jax.models.lm import LMDef, flops_per_token, param_count_formula
-from dma_jax.perf.measure import (POOL_DOMAINS, POOL_TOKENS, best_seconds, fresh_state, peak_for, random_params,
-                                  rate)
+from dma_jax.perf.measure import POOL_DOMAINS, POOL_TOKENS, best_seconds, fresh_state, peak_for, random_params, rate
 from dma_jax.sweep import make_stage
 from dma_jax.train import Trainer, TrainState, make_optimizer, memory_estimate
 
