@@ -33,7 +33,7 @@ from dma_jax.agent import distributions as dist
 from dma_jax.config import CqlConfig
 from dma_jax.agent.features import Trajectories
 from dma_jax.agent.model import AgentDef, Params
-from dma_jax.agent.sft import adam, flat_init, flat_step, sample_batch
+from dma_jax.agent.optim import adam, flat_init, flat_step, sample_batch
 
 _LOG_ALPHA_CQL_MAX = math.log(1e6)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pydantic
 
 from dma_jax import offline_data
-from dma_jax.agent import cql, distributions as dist, sft
+from dma_jax.agent import cql, distributions as dist, optim, sft
 from dma_jax.config import AgentConfig, AgentModelConfig
 from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEATURES, FeatureStats, FeedbackLayout,
                                     History, history_features, trajectories)
@@ -72,7 +72,7 @@ def _abstract(init_fn) -> Any:
 
 def _sft_init(cfg: AgentConfig, agent: AgentDef, seed: int):
     """A function building the initial SFT state: parameters drawn on the host, the rest in one jitted program."""
-    tx = sft.adam(cfg.sft.lr, cfg.grad_clip)
+    tx = optim.adam(cfg.sft.lr, cfg.grad_clip)
     make = jax.jit(lambda actor: sft.init_state(actor, tx, seed))
     return lambda: make(jax.device_put(agent.init(seed)[0], _device()))
 
@@ -144,7 +144,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     if stage == "sft":
         keep_N = sft.top_trajectories(ds.returns, cfg.sft.top_percent)
         init_fn = _sft_init(cfg, agent, seed)
-        step_fn = sft.make_sft_step(agent, sft.adam(cfg.sft.lr, cfg.grad_clip), cfg.sft.batch_size,
+        step_fn = sft.make_sft_step(agent, optim.adam(cfg.sft.lr, cfg.grad_clip), cfg.sft.batch_size,
                                     cfg.updates_per_dispatch, skip_bad=cfg.on_nonfinite == "skip")
         extra = {"n_trajectories": int(keep_N.size), "min_return_kept": float(ds.returns[keep_N].min())}
     else:

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from dma_jax import numerics
 from dma_jax.agent import distributions as dist
 from dma_jax.agent.features import Trajectories
 from dma_jax.agent.model import AgentDef, Params
+from dma_jax.agent.optim import flat_init, flat_step, sample_batch
 
 
 class SftState(NamedTuple):
@@ -34,29 +34,6 @@ def top_trajectories(returns_N: np.ndarray, top_percent: float) -> np.ndarray:
     """Indices of the ceil(N * q / 100) highest-return trajectories (at least one), best first."""
     k = max(1, math.ceil(len(returns_N) * top_percent / 100.0 - 1e-9))
     return np.argsort(-np.asarray(returns_N), kind="stable")[:k]
-
-
-def adam(lr: float, grad_clip: float) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(lr))
-
-
-# Optimizers run on the parameters raveled into one vector: the same arithmetic as per leaf,
-# but one fused update instead of one per leaf (a quarter of the compile time on CPU).
-def flat_init(tx: optax.GradientTransformation, params: Params) -> Any:
-    return tx.init(ravel_pytree(params)[0])
-
-
-def flat_step(tx: optax.GradientTransformation, grads: Params, opt_state: Any, params: Params) -> tuple[Params, Any]:
-    """One optimizer step on raveled parameters; returns (new params, new optimizer state)."""
-    params_P, unravel = ravel_pytree(params)
-    updates_P, opt_state = tx.update(ravel_pytree(grads)[0], opt_state, params_P)
-    return unravel(params_P + updates_P), opt_state
-
-
-def sample_batch(key: jax.Array, data: Trajectories, batch_size: int) -> Trajectories:
-    """`batch_size` whole trajectories drawn uniformly with replacement (inside jit)."""
-    idx_B = jax.random.randint(key, (batch_size,), 0, data.actions_NxTxD.shape[0])
-    return jax.tree.map(lambda x: jnp.take(x, idx_B, axis=0), data)
 
 
 def bc_loss(actor: Params, agent: AgentDef, batch: Trajectories) -> tuple[jax.Array, dict]:
