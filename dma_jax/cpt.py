@@ -35,7 +35,7 @@ from dma_jax.history import RunHistory
 from dma_jax.faults import maybe_fault, stop_on_sigterm
 from dma_jax.io_utils import JsonlLog, NullLog
 from dma_jax.numerics import LossGuard, last_good
-from dma_jax.policies import History, SafePolicy, SpaceInfo, make_policy
+from dma_jax.policies import PolicyInput, SafePolicy, SpaceInfo, make_policy
 from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
 from dma_jax.train import Trainer, TrainState, load_base_params, shared_trainer
@@ -82,7 +82,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     current = _CurrentWeights()
     mixer = DomainMixer([space.records(d) for d in range(space.num_domains)], space.names, cc.batch_size,
                         current, seed, num_threads=cc.num_threads, decode=_decode)
-    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    ckpt = Checkpointer(run.cpt_checkpoints(policy_name, seed), keep=2)
     records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else NullLog()  # process 0 writes files
 
     def raw_of(params):
@@ -97,7 +97,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         mixer.set_state(data_state)
         hist = meta["history"]
         # float32 as computed (JSON gives float64): same bits into normalise and the policy as without the restart
-        history = History([np.array(w) for w in hist["weights"]],
+        history = PolicyInput([np.array(w) for w in hist["weights"]],
                           [np.array(f, np.float32) for f in hist["feedback"]], T)
         base_raw = {k: np.array(v, np.float32) for k, v in meta["base_raw"].items()}
         raws = [{k: np.array(v, np.float32) for k, v in r.items()} for r in meta["raws"]]
@@ -109,7 +109,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p)),
                         out_shardings=trainer.state_sharding)(params)
         base_raw = raw_of(state.params)
-        history = History([], [np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, ec)))], T)
+        history = PolicyInput([], [np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, ec)))], T)
         raws = [base_raw]
         timings = {"policy_s": [], "stage_s": []}
         start = 0

@@ -26,7 +26,7 @@ from dma_jax.train import check_model_meta, init_state, make_optimizer
 
 
 def _cpt_params(cfg: Config, policy: str, seed: int):
-    ckpt_dir = RunDir(cfg).cpt_run(policy, seed) / "checkpoints"
+    ckpt_dir = RunDir(cfg).cpt_checkpoints(policy, seed)
     ck = Checkpointer(ckpt_dir)
     if ck.latest_step() is None:
         raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class History:
+class PolicyInput:
     """What a policy sees: the mixtures used so far and the feedback after each step (row 0: base)."""
 
     weights: list[np.ndarray]  # t entries of [D]
@@ -65,7 +65,7 @@ class SpaceInfo:
 class Policy(Protocol):
     name: str
 
-    def __call__(self, history: History) -> np.ndarray: ...
+    def __call__(self, history: PolicyInput) -> np.ndarray: ...
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ class Static:
     name: str
     weights: np.ndarray
 
-    def __call__(self, history: History) -> np.ndarray:
+    def __call__(self, history: PolicyInput) -> np.ndarray:
         return self.weights
 
 
@@ -87,7 +87,7 @@ class Curriculum:
     end: float = 1.0
     how: str = "size"
 
-    def __call__(self, history: History) -> np.ndarray:
+    def __call__(self, history: PolicyInput) -> np.ndarray:
         frac = history.stage / max(history.num_stages - 1, 1)
         return self.info.target_share(self.start + (self.end - self.start) * frac, self.how)
 
@@ -99,7 +99,7 @@ class Schedule:
     name: str
     weights_TxD: np.ndarray
 
-    def __call__(self, history: History) -> np.ndarray:
+    def __call__(self, history: PolicyInput) -> np.ndarray:
         T = len(self.weights_TxD)
         i = round(history.stage * (T - 1) / max(history.num_stages - 1, 1)) if history.num_stages > 1 else 0
         return self.weights_TxD[min(i, T - 1)]
@@ -144,7 +144,7 @@ class SafePolicy:
     def name(self) -> str:
         return self.inner.name
 
-    def __call__(self, history: History) -> np.ndarray:
+    def __call__(self, history: PolicyInput) -> np.ndarray:
         try:
             w = np.asarray(self.inner(history), np.float64)
         except Exception as e:  # noqa: BLE001 - a failing policy must not stop the run
@@ -219,7 +219,7 @@ class AgentPolicy:
     info: SpaceInfo
     layout_meta: dict
 
-    def __call__(self, history: History) -> np.ndarray:
+    def __call__(self, history: PolicyInput) -> np.ndarray:
         from dma_jax.agent.features import FeedbackLayout, History as AgentHistory
 
         D = len(self.info.domain_names)

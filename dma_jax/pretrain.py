@@ -71,7 +71,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         "LM %.2fM params on mesh %s; compiled train step needs %s per device (temp %s)",
         n_params / 1e6, dict(trainer.mesh.shape), format_bytes(mem.get("total", 0)), format_bytes(mem.get("temp", 0)),
     )
-    ckpt = Checkpointer(out / "checkpoints", keep=pc.keep_checkpoints)
+    ckpt = Checkpointer(RunDir(cfg).pretrain_checkpoints(which), keep=pc.keep_checkpoints)
     metrics_log = JsonlLog(out / "metrics.jsonl") if primary else NullLog()
     start = ckpt.latest_step()
     if start is not None:

@@ -100,6 +100,9 @@ class RunDir:
     def cpt_run(self, policy: str, seed: int) -> AnyPath:
         return self.cpt / policy / f"seed{seed}"
 
+    def cpt_checkpoints(self, policy: str, seed: int) -> AnyPath:
+        return self.cpt_run(policy, seed) / "checkpoints"
+
     @property
     def report(self) -> AnyPath:
         return self.root / "report"

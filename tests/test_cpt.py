@@ -23,7 +23,7 @@ INFO = policies.SpaceInfo(("s1", "s2", "m1", "m2", "m3"), ("source", "source", "
 
 
 def _hist(t, T=5):
-    return policies.History([np.ones(5) / 5] * t, [np.ones(3)] * (t + 1), T)
+    return policies.PolicyInput([np.ones(5) / 5] * t, [np.ones(3)] * (t + 1), T)
 
 
 def test_static_baselines_match_their_definitions():

@@ -15,7 +15,7 @@ from dma_jax import offline_data as od
 from dma_jax.config import AgentModelConfig
 from dma_jax.agent.features import FeatureStats, FeedbackLayout, History, history_features
 from dma_jax.agent.model import AgentDef
-from dma_jax.agent.runner import AgentPolicy
+from dma_jax.agent.runner import LoadedAgent
 from dma_jax.errors import DmaError
 from dma_jax.policies import SpaceInfo, make_policy
 from dma_jax.study.stats import bootstrap_ci, paired, rankdata, spearman
@@ -209,9 +209,9 @@ def _agent_and_histories():
 
 def test_masked_feedback_makes_the_agent_blind_to_feedback():
     agent, actor, feats, (h_a, h_b) = _agent_and_histories()
-    seeing = AgentPolicy(agent, actor, FeatureStats.fit(*feats), {})
+    seeing = LoadedAgent(agent, actor, FeatureStats.fit(*feats), {})
     blind_stats = FeatureStats.fit(*feats, feedback_masked=True)
-    blind = AgentPolicy(agent, actor, blind_stats, {})
+    blind = LoadedAgent(agent, actor, blind_stats, {})
     assert not np.allclose(seeing.act(h_a), seeing.act(h_b), atol=1e-6)  # the feedback matters normally...
     np.testing.assert_array_equal(blind.act(h_a), blind.act(h_b))  # ...and not at all when masked
     assert FeatureStats.from_json(blind_stats.to_json()) == blind_stats  # the mask travels with an export
@@ -227,7 +227,7 @@ def test_replay_k_replays_that_sweep_trajectory(tmp_path):
     ds = env.dataset(actions)
     od.save(ds, tmp_path / "offline")
     info = SpaceInfo(tuple(ds.meta["domain_names"]), tuple(ds.meta["domain_fields"]), "math", (1.0, 1.0, 1.0))
-    from dma_jax.policies import History as PH
+    from dma_jax.policies import PolicyInput as PH
 
     policy = make_policy("replay-2", info, sweep_dir=tmp_path / "offline")
     for t in range(T):

@@ -242,7 +242,7 @@ def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dic
     return spec
 
 
-class AgentPolicy:
+class LoadedAgent:
     """A loaded agent: `act(history)` returns the mean of the policy's next-mixture distribution, [D]."""
 
     def __init__(self, agent: AgentDef, actor: dict, stats: FeatureStats, spec: dict):
@@ -261,7 +261,7 @@ class AgentPolicy:
         return np.asarray(self._mean_at(self.actor, dom, glob, jnp.int32(t)), np.float64)
 
 
-def load_exported_agent(export_dir: str | Path) -> AgentPolicy:
+def load_exported_agent(export_dir: str | Path) -> LoadedAgent:
     """Load an export; refuses (one-line DmaError) a spec whose format or feature layout this code does not know."""
     export_dir = upath(export_dir)
     spec_path = export_dir / SPEC_FILE
@@ -280,4 +280,4 @@ def load_exported_agent(export_dir: str | Path) -> AgentPolicy:
     ckpt = Checkpointer(export_dir / "checkpoint")
     restored, _, _ = ckpt.restore({"actor": agent.abstract_actor})
     ckpt.close()
-    return AgentPolicy(agent, restored["actor"], stats, spec)
+    return LoadedAgent(agent, restored["actor"], stats, spec)

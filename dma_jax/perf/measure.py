@@ -162,17 +162,17 @@ def _grain_fixed_mix_throughput(sources: Sequence, weights_D: np.ndarray, batch:
 
 
 def bench_agent(model_cfg, n_domains: int, horizon: int, decisions: int, stage_s: float) -> dict:
-    """Latency of one decision of an exported-agent policy (`agent.runner.AgentPolicy.act`: features, forward,
+    """Latency of one decision of an exported-agent policy (`agent.runner.LoadedAgent.act`: features, forward,
     device_get) of the `AgentModelConfig` `model_cfg`, random parameters, at the last step of an episode
     (the longest history)."""
     from dma_jax.agent.features import DOMAIN_FEATURES, GLOBAL_FEATURES, FeatureStats, FeedbackLayout, History
     from dma_jax.agent.model import AgentDef
-    from dma_jax.agent.runner import AgentPolicy
+    from dma_jax.agent.runner import LoadedAgent
 
     agent = AgentDef.build(model_cfg)
     n_dom, n_glob = len(DOMAIN_FEATURES), len(GLOBAL_FEATURES)
     stats = FeatureStats((0.0,) * n_dom, (1.0,) * n_dom, (0.0,) * n_glob, (1.0,) * n_glob)
-    policy = AgentPolicy(agent, agent.init(0)[0], stats, {})
+    policy = LoadedAgent(agent, agent.init(0)[0], stats, {})
     D, rng = n_domains, np.random.default_rng(0)
     layout = FeedbackLayout(tuple(range(D)), tuple(d >= D // 2 for d in range(D)), (D,), (D + 1,))
     history = History(rng.dirichlet(np.ones(D), horizon - 1), rng.normal(size=(horizon, D + 2)), layout, horizon)
