@@ -126,6 +126,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a model with lm-evaluation-harness (the `eval` extra) -> <run.out_dir>/eval/<what>.json."""
+    from dma_jax import eval_harness
+
+    eval_harness.import_lm_eval()  # without the extra: one line saying how to install it
+    cfg = _load(args)
+    path, res = eval_harness.run_eval(cfg, model=args.model, policy=args.policy, seed=args.seed, hf_dir=args.hf_dir,
+                                      tasks=args.tasks, include_path=args.include_path or (), limit=args.limit,
+                                      batch_size=args.batch_size, out=args.out, progress=not args.no_progress)
+    for line in eval_harness.format_results(res):
+        print(f"eval: {line}")
+    print(f"eval: results in {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dma_jax.perf.bench import format_table, run_bench
 
@@ -244,6 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("eval", help="score a model (base, CPT'd or Hugging Face) with lm-evaluation-harness on our "
+                                    "fields' benchmarks or local tasks (needs the `eval` extra)")
+    _add_config_args(p, DEMO_CONFIG)
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--model", choices=("proxy", "target"), help="a base model (default: target)")
+    who.add_argument("--policy", help="the final model of `dma cpt --policy P --seed K`")
+    who.add_argument("--hf-dir", help="a Hugging Face LLaMA checkpoint folder (scored with the config's tokenizer)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="with --policy: which seed (default: 0)")
+    p.add_argument("--tasks", action="append", metavar="TASK",
+                   help="lm-eval task name (repeatable; default: dma_<field> for every field with benchmarks)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="folder of local lm-eval task YAMLs "
+                   "(repeatable; the prepared data's dma_<field> tasks are always included)")
+    p.add_argument("--limit", type=_positive_int, help="score at most this many items per task")
+    p.add_argument("--batch-size", type=_positive_int, help="rows per forward pass (default: eval.batch_size)")
+    p.add_argument("--out", help="results JSON (default: <run.out_dir>/eval/<what>.json)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="measure the sweep, loader, agent and training throughput on this machine "
                                      "(table + JSON)")

@@ -9,7 +9,7 @@ checkpointed together (Orbax, atomic); re-running continues from there and ends
 where an uninterrupted run would, with no training record repeated or skipped.
 
 Output per run: `<run.out_dir>/cpt/<policy>/seed<k>/history.json` (format
-`dma-cpt-history-v1`, read by `dma report`), `records.jsonl` (the (domain,
+`dma-cpt-history-v2`, read by `dma report`), `records.jsonl` (the (domain,
 record id) of every training example, by step) and `checkpoints/`.
 """
 
@@ -85,7 +85,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     ckpt = Checkpointer(run.cpt_checkpoints(policy_name, seed), keep=2)
     records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else NullLog()  # process 0 writes files
 
-    def raw_of(params):
+    def raw_of(params):  # the full raw metrics, per-item / per-window arrays included (for the SEs)
         return shd.to_host(evaluate(params, eval_set))
 
     start = ckpt.latest_step()
@@ -108,8 +108,9 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         params = shd.put_global(load_base_params(cfg, "target", run.pretrain_checkpoints("target")), trainer.state_sharding.params)
         state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p)),
                         out_shardings=trainer.state_sharding)(params)
-        base_raw = raw_of(state.params)
-        history = PolicyInput([], [np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, ec)))], T)
+        base_full = raw_of(state.params)
+        base_raw = ev.summary(base_full)  # the reference every later evaluation is normalised against
+        history = PolicyInput([], [np.asarray(ev.feedback_vector(ev.normalise(base_full, base_raw, ec)))], T)
         raws = [base_raw]
         timings = {"policy_s": [], "stage_s": []}
         start = 0
@@ -139,7 +140,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         losses_S = np.asarray(jax.device_get(losses_S))
         guard.check_many(t * S + np.arange(1, S + 1), losses_S, last_good(ckpt), max_loss)
         t2 = time.perf_counter()
-        raws.append(raw)
+        raws.append(ev.summary(raw))  # per field / domain: what the history keeps
         history.feedback.append(np.asarray(ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
         timings["policy_s"].append(t1 - t0)
         timings["stage_s"].append(t2 - t1)
@@ -160,13 +161,17 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
 
 def _write_history(cfg, space, policy_name, seed, history, raws, timings, rejected, out: Path) -> RunHistory:
     idx = ev.field_score_index(space.names, space.fields)
+    se_idx = ev.field_score_se_index(space.names, space.fields)
     doc = hist_format.make(
         policy=policy_name, seed=seed, domain_names=space.names, domain_fields=space.fields_of_domain,
         fields=space.fields, target_field=cfg.cpt.target_field, steps_per_stage=cfg.cpt.steps_per_stage,
         weights_TxD=history.weights, feedback_names=ev.feedback_names(space.names, space.fields),
         field_scores_T1xF=np.stack(history.feedback)[:, idx], balanced_how=cfg.eval.balanced,
         accuracy_T1xF=[r["accuracy"] for r in raws], domain_loss_T1xD=[r["domain_loss"] for r in raws],
-        timings=timings, rejected=rejected, cpt_config=dump_config(cfg)["cpt"])
+        timings=timings, rejected=rejected, cpt_config=dump_config(cfg)["cpt"],
+        field_score_se_T1xF=np.stack(history.feedback)[:, se_idx], acc_norm_T1xF=[r["acc_norm"] for r in raws],
+        answer_bpb_T1xF=[r["answer_bpb"] for r in raws], field_loss_T1xF=[r["field_loss"] for r in raws],
+        chance_F=raws[0]["chance"])
     if shd.is_primary():
         hist_format.write(out, doc)
     return hist_format.from_doc(doc, str(out / hist_format.FILE), out / hist_format.FILE)

@@ -1,18 +1,33 @@
-"""The evaluation environment: what a model (a proxy in the sweep, the target in CPT) scores.
+"""The evaluation environment: what a model (a proxy in the sweep, the target in CPT) scores, with its error.
 
 Raw metrics (`evaluate`, pure JAX, jittable, vmappable over a leading proxy axis of params):
-- `domain_loss` [D]: mean per-token cross-entropy over each domain's held-out windows;
-- `accuracy` [F]: lm-eval-harness `acc` per field, argmax over choices of the summed
-  log-likelihood of the choice's tokens given the context, compared with the gold index;
-- `answer_ll` [F]: mean over a field's items of the gold choice's log-likelihood per token.
+- per field [F]: `answer_bpb`, the gold continuations' bits per byte, pooled over the field's items
+  (sum of -log p(gold tokens) / sum of the gold strings' UTF-8 bytes / ln 2, lm-eval `bits_per_byte` style);
+  `field_loss`, the held-out loss (nats per token) pooled over the field's domains' windows;
+  `accuracy` (lm-eval `acc`: argmax of the summed choice log-likelihood), `acc_norm` (lm-eval `acc_norm`:
+  argmax of log-likelihood / characters of the choice), `chance` (mean of 1 / number of choices);
+- per domain [D]: `domain_loss`, the held-out loss of each domain;
+- per unit (what the standard errors are computed from): `item_nll`, `item_bytes`, `item_correct`,
+  `item_correct_norm`, `item_field` [I]; `window_nll`, `window_tokens` [D, E]; `domain_field` [D].
 
-Normalised against the base model (`normalise`, 1.0 = base):
-- domain loss ratio  loss / base_loss;
-- field score  1 + a * (acc - base_acc) + (1 - a) * tanh((ll - base_ll) / s), a = `acc_weight`,
-  s = `ll_scale` (nats per token). Differences rather than ratios: a small proxy's base accuracy
-  may be near zero and a ratio of it would explode. Each term lies in [-1, 1], so the score lies
-  in [0, 2] and is exactly 1.0 for the base model; it is smooth in the log-likelihood, which moves
-  long before accuracy does on a small proxy.
+Normalised against the base model (`normalise`, 1.0 = base). The field score the agent optimises is
+    s_f = 1 + w_bpb * (1 - bpb_f / bpb0_f) + w_loss * (1 - loss_f / loss0_f) + w_acc * (c_f - c0_f),
+w = `eval.bpb_weight`, `eval.loss_weight`, `eval.acc_weight` (sum 1; defaults 0.5, 0.5, 0),
+c = centred accuracy (acc - chance) / (1 - chance) of `eval.acc_metric`. Each continuous term is a relative
+change, so its scale is the field's own base value: 1% less bits per byte on the source benchmark counts
+as much as 1% less on the math one (no constant shared by the fields).
+
+Standard error of s_f (`field_score_se`), the delta method with the base values held fixed (the base is the
+reference every model is compared to): items and held-out windows are the sampled units, independent of
+each other. For the items i of field f (n of them), with nll_i, bytes_i, a_i (0/1 correct) and the pooled
+Y = sum nll / sum bytes (nats per byte; Y0 the base's), the influence of an item is
+    phi_i = -w_bpb * (nll_i - Y * bytes_i) / (mean bytes * Y0) + w_acc * (a_i - mean a) / (1 - chance),
+and for the windows w of the field's domains (W of them) with nll_w, tokens_w, Z = sum nll / sum tokens,
+    psi_w = -w_loss * (nll_w - Z * tokens_w) / (mean tokens * Z0);
+then se_f^2 = sum phi^2 / (n (n - 1)) + sum psi^2 / (W (W - 1)) (0 for a term with a single unit).
+Two models scored on the same items are positively correlated, so sqrt(se_a^2 + se_b^2) is a conservative
+standard error of their difference. `balanced_se` carries the SEs through B (delta method).
+
 The feedback vector of the offline format is `feedback_vector(norm)`, named by `feedback_names`;
 the balanced score B aggregates field scores (mean, min or harmonic mean) and the reward of
 re-weighting step t is B(o_t) - B(o_{t-1}), so the return telescopes to B(o_T) - B(o_0).
@@ -21,7 +36,7 @@ re-weighting step t is B(o_t) - B(o_{t-1}), so the return telescopes to B(o_T) -
 from __future__ import annotations
 
 import functools
-import warnings
+import random
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -30,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dma_jax.config import BALANCED_HOW, EvalConfig
+from dma_jax.data.demo_corpora import check_choices_fit
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import Tokenizer
 from dma_jax.errors import DmaError
@@ -38,6 +54,7 @@ from dma_jax.train import batch_from_tokens, token_losses
 
 BALANCED = BALANCED_HOW
 _HARMONIC_EPS = 1e-6
+LN2 = float(np.log(2.0))
 
 
 class EvalSet(NamedTuple):
@@ -47,7 +64,8 @@ class EvalSet(NamedTuple):
     not scored), other ids mark documents (a token attends only within its own, as in training).
     Benchmarks: I items x C choice slots; a row is [eos] + context + choice, left-truncated to
     Lb+1 tokens and right-padded. `answer_mask` marks the targets (row[1:]) that are choice tokens;
-    slots at or beyond an item's `n_choices` are empty rows.
+    slots at or beyond an item's `n_choices` are empty rows. `choice_bytes` / `choice_chars`: the UTF-8 bytes /
+    characters of each choice string (0 for empty slots); `field_of_domain`: each held-out domain's field.
     """
 
     heldout_tokens_DxExL1: np.ndarray  # int32
@@ -58,25 +76,51 @@ class EvalSet(NamedTuple):
     gold_of_item_I: np.ndarray  # int32
     field_of_item_I: np.ndarray  # int32, index into field_names
     items_per_field_F: np.ndarray  # int32
+    choice_bytes_IxC: np.ndarray  # float32
+    choice_chars_IxC: np.ndarray  # float32
+    field_of_domain_D: np.ndarray  # int32, index into field_names
 
     @classmethod
     def for_space(cls, space: DomainSpace, ec: EvalConfig) -> EvalSet:
         """The eval set of a domain space, the one way the sweep, CPT and the re-scoring build it:
-        `ec.heldout_windows_per_domain` evenly spaced held-out windows per domain, and per field the first
-        `ec.benchmark_items_per_field` benchmark items whose longest choice leaves >= 8 tokens of context
-        (the others are skipped, with a warning once per process)."""
+        `ec.heldout_windows_per_domain` evenly spaced held-out windows per domain, and per field
+        `select_items(items, ec.benchmark_items_per_field, SUBSET_SEED)`: a fixed subset stratified over the
+        field's domains. No item is skipped: contexts are left-truncated to fit `ec.max_len`; a choice longer
+        than `ec.max_len` tokens (which `dma prepare` refuses) is an error naming the field, item and domain."""
         tok = space.tokenizer()
         windows = [cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
                    for d in range(space.num_domains)]
         benches = {}
         for f in space.fields:
             items = space.benchmarks(f)
-            fits = [it for it in items if max(len(tok.encode(c)) for c in it["choices"]) <= ec.max_len - 8]
-            if len(fits) < len(items):  # the default warnings filter shows each distinct message once
-                warnings.warn(f"field {f}: {len(items) - len(fits)} of {len(items)} benchmark items have a choice "
-                              f"too long for eval.max_len={ec.max_len}: skipped", stacklevel=2)
-            benches[f] = fits[: ec.benchmark_items_per_field]
-        return build_eval_set(windows, benches, tok, space.fields, ec.max_len)
+            check_choices_fit(items, tok.encode, ec.max_len, f"benchmarks of field {f!r}")
+            benches[f] = select_items(items, ec.benchmark_items_per_field, SUBSET_SEED)
+        return build_eval_set(windows, benches, tok, space.fields, ec.max_len, domain_fields=space.fields_of_domain)
+
+
+SUBSET_SEED = 0  # a constant, not run.seed: every run and seed of a study scores the same items
+
+
+def select_items(items: Sequence[Mapping], n: int, seed: int) -> list[Mapping]:
+    """The first `n` items of a fixed order that takes them round-robin over their `domain` (domains in order
+    of first appearance; items without one share the domain ""), each domain's items in a fixed shuffle
+    (`random.Random(f"{seed}/{domain}")`). So any n covers min(n, #domains) domains, each domain gives
+    n // #domains or one more item while it has some, a smaller subset is a prefix of a larger one, and the
+    same (items, n, seed) always give the same subset."""
+    if n < 1:
+        raise DmaError(f"select_items: n={n} must be >= 1")
+    by_domain: dict[str, list[Mapping]] = {}
+    for item in items:
+        by_domain.setdefault(str(item.get("domain", "")), []).append(item)
+    queues = []
+    for domain, its in by_domain.items():
+        its = list(its)
+        random.Random(f"{seed}/{domain}").shuffle(its)
+        queues.append(its)
+    out: list[Mapping] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        out += [q[rank] for q in queues if rank < len(q)]
+    return out[:n]
 
 
 # ---------------------------------------------------------------------------- building (host)
@@ -143,7 +187,8 @@ def _row(tokenizer: Tokenizer, context: str, choice: str, max_len: int, where: s
 
 
 def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str, Sequence[Mapping]],
-                   tokenizer: Tokenizer, field_names: Sequence[str], max_len: int) -> EvalSet:
+                   tokenizer: Tokenizer, field_names: Sequence[str], max_len: int, *,
+                   domain_fields: Sequence[str]) -> EvalSet:
     """Tokenize and pad once on the host.
 
     `heldout_windows_per_domain`: D entries, each an int array [E, L+1] (contiguous text) or a dict
@@ -151,13 +196,25 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
     `benchmarks`: field -> items {"context", "choices", "gold", ...}; only `field_names` are used,
     in that order, and each needs at least one item. Contexts are truncated from the left so that
     [eos] + context + choice fits max_len + 1 tokens; a choice longer than max_len is an error.
+    `domain_fields`: the field of each held-out domain (D entries, each in `field_names`); every field needs
+    at least one held-out domain (its held-out loss is part of its score).
     """
     if max_len < 1:
         raise DmaError(f"build_eval_set: max_len={max_len} must be >= 1")
     if len(field_names) == 0 or len(set(field_names)) != len(field_names):
         raise DmaError(f"build_eval_set: field_names {list(field_names)} must be non-empty and distinct")
     heldout_tokens, heldout_segments = _heldout_arrays(heldout_windows_per_domain, tokenizer.vocab_size)
-    rows, fields, golds = [], [], []
+    domain_fields = list(domain_fields)
+    if len(domain_fields) != heldout_tokens.shape[0]:
+        raise DmaError(f"build_eval_set: domain_fields has {len(domain_fields)} entries for "
+                       f"{heldout_tokens.shape[0]} held-out domains")
+    unknown = sorted(set(domain_fields) - set(field_names))
+    if unknown:
+        raise DmaError(f"build_eval_set: domain_fields name field(s) {unknown} not in field_names {list(field_names)}")
+    no_domain = [f for f in field_names if f not in domain_fields]
+    if no_domain:
+        raise DmaError(f"build_eval_set: field(s) {no_domain} have no held-out domain (their score needs one)")
+    rows, fields, golds, sizes = [], [], [], []
     for f, field in enumerate(field_names):
         items = benchmarks.get(field, ())
         if len(items) == 0:
@@ -166,12 +223,15 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
             where = f"benchmarks[{field!r}] item {i}"
             _check_item(item, where)
             rows.append([_row(tokenizer, item["context"], c, max_len, where) for c in item["choices"]])
+            sizes.append([(len(c.encode("utf-8")), len(c)) for c in item["choices"]])
             fields.append(f)
             golds.append(item["gold"])
     n_items, n_slots = len(rows), max(len(r) for r in rows)
     tokens_IxCxL1 = np.full((n_items, n_slots, max_len + 1), tokenizer.pad_id, np.int32)
     answer_IxCxL = np.zeros((n_items, n_slots, max_len), np.float32)
+    sizes_IxCx2 = np.zeros((n_items, n_slots, 2), np.float32)
     for i, item_rows in enumerate(rows):
+        sizes_IxCx2[i, : len(item_rows)] = sizes[i]
         for c, (ids, n_answer) in enumerate(item_rows):
             tokens_IxCxL1[i, c, : len(ids)] = ids
             answer_IxCxL[i, c, len(ids) - 1 - n_answer: len(ids) - 1] = 1.0
@@ -179,6 +239,8 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
         heldout_tokens, heldout_segments, tokens_IxCxL1, answer_IxCxL,
         np.array([len(r) for r in rows], np.int32), np.array(golds, np.int32), np.array(fields, np.int32),
         np.bincount(fields, minlength=len(field_names)).astype(np.int32),
+        sizes_IxCx2[..., 0], sizes_IxCx2[..., 1],
+        np.array([list(field_names).index(f) for f in domain_fields], np.int32),
     )
 
 
@@ -207,8 +269,13 @@ def _target_ll(lm: LMDef, params: Params, tokens_RxL1: jax.Array, segments_RxL1:
     return ll_NxB.reshape(n_batches * B)[:R]
 
 
+SUMMARY_KEYS = ("domain_loss", "field_loss", "answer_bpb", "accuracy", "acc_norm", "chance")  # [D] or [F]
+UNIT_KEYS = ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field",
+             "window_nll", "window_tokens", "domain_field")  # per item / window: what the SEs come from
+
+
 def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> dict[str, jax.Array]:
-    """Raw metrics {"domain_loss" [D], "accuracy" [F], "answer_ll" [F]} of one model.
+    """Raw metrics of one model: `SUMMARY_KEYS` per field / domain and `UNIT_KEYS` per item / window (module doc).
 
     Pure: jit it with `eval_set` as an argument (not a closed-over constant) and vmap it over a
     leading proxy axis of `params` (`in_axes=(0, None)`); memory is bounded by `batch_size` rows.
@@ -226,57 +293,125 @@ def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> d
     segments_RxL1 = es.heldout_segments_DxExL1.reshape(D * E, L1)
     scored_RxL = (segments_RxL1[:, 1:] != 0).astype(jnp.float32)
     ll_R = _target_ll(lm, params, es.heldout_tokens_DxExL1.reshape(D * E, L1), segments_RxL1, scored_RxL, batch_size)
-    domain_loss_D = -ll_R.reshape(D, E).sum(axis=1) / scored_RxL.reshape(D, E * (L1 - 1)).sum(axis=1)
+    window_nll_DxE = -ll_R.reshape(D, E)
+    window_tokens_DxE = scored_RxL.sum(axis=1).reshape(D, E)
+    domain_loss_D = window_nll_DxE.sum(axis=1) / window_tokens_DxE.sum(axis=1)
+    field_nll_F = jax.ops.segment_sum(window_nll_DxE.sum(axis=1), es.field_of_domain_D, num_segments=F)
+    field_tokens_F = jax.ops.segment_sum(window_tokens_DxE.sum(axis=1), es.field_of_domain_D, num_segments=F)
 
     answer_RxL = es.answer_mask_IxCxL.reshape(I * C, Lb1 - 1)
     ll_IxC = _target_ll(lm, params, es.tokens_IxCxL1.reshape(I * C, Lb1), None, answer_RxL, batch_size).reshape(I, C)
     valid_IxC = jnp.arange(C)[None, :] < es.n_choices_I[:, None]
     correct_I = jnp.argmax(jnp.where(valid_IxC, ll_IxC, -jnp.inf), axis=1) == es.gold_of_item_I
-    gold_ll_I = jnp.take_along_axis(ll_IxC, es.gold_of_item_I[:, None], axis=1)[:, 0]
-    gold_len_I = jnp.take_along_axis(answer_RxL.reshape(I, C, Lb1 - 1).sum(-1), es.gold_of_item_I[:, None], axis=1)
+    per_char_IxC = ll_IxC / jnp.maximum(es.choice_chars_IxC, 1.0)
+    correct_norm_I = jnp.argmax(jnp.where(valid_IxC, per_char_IxC, -jnp.inf), axis=1) == es.gold_of_item_I
+    gold = es.gold_of_item_I[:, None]
+    nll_I = -jnp.take_along_axis(ll_IxC, gold, axis=1)[:, 0]
+    bytes_I = jnp.take_along_axis(es.choice_bytes_IxC, gold, axis=1)[:, 0]
     n_items_F = es.items_per_field_F.astype(jnp.float32)
 
-    def field_mean(x_I):
-        return jax.ops.segment_sum(x_I, es.field_of_item_I, num_segments=F) / n_items_F
+    def field_sum(x_I):
+        return jax.ops.segment_sum(x_I, es.field_of_item_I, num_segments=F)
 
     return {
         "domain_loss": domain_loss_D,
-        "accuracy": field_mean(correct_I.astype(jnp.float32)),
-        "answer_ll": field_mean(gold_ll_I / gold_len_I[:, 0]),
+        "field_loss": field_nll_F / field_tokens_F,
+        "answer_bpb": field_sum(nll_I) / field_sum(bytes_I) / LN2,
+        "accuracy": field_sum(correct_I.astype(jnp.float32)) / n_items_F,
+        "acc_norm": field_sum(correct_norm_I.astype(jnp.float32)) / n_items_F,
+        "chance": field_sum(1.0 / es.n_choices_I.astype(jnp.float32)) / n_items_F,
+        "item_nll": nll_I, "item_bytes": bytes_I, "item_correct": correct_I.astype(jnp.float32),
+        "item_correct_norm": correct_norm_I.astype(jnp.float32), "item_field": es.field_of_item_I,
+        "window_nll": window_nll_DxE, "window_tokens": window_tokens_DxE, "domain_field": es.field_of_domain_D,
     }
+
+
+def summary(raw: Mapping) -> dict:
+    """The per-field / per-domain entries of a raw metrics dict (`SUMMARY_KEYS`): what a base reference needs."""
+    return {k: raw[k] for k in SUMMARY_KEYS}
+
+
+def centred(acc, chance):
+    """Centred accuracy (acc - chance) / (1 - chance): 0 = guessing, 1 = all correct."""
+    return (acc - chance) / (1.0 - chance)
 
 
 # ---------------------------------------------------------------------------- feedback and reward
 
 
+def _ratio_influence(num_U: jax.Array, den_U: jax.Array, seg_U: jax.Array, n_seg: int):
+    """Pooled ratios R_g = sum num / sum den per segment g [G], each unit's influence (num - R_g den) / mean den
+    [U] (sums to 0 per segment), and the unit counts [G]."""
+    n_G = jax.ops.segment_sum(jnp.ones_like(num_U), seg_U, num_segments=n_seg)
+    num_G = jax.ops.segment_sum(num_U, seg_U, num_segments=n_seg)
+    den_G = jax.ops.segment_sum(den_U, seg_U, num_segments=n_seg)
+    ratio_G = num_G / den_G
+    return ratio_G, (num_U - ratio_G[seg_U] * den_U) / (den_G / n_G)[seg_U], n_G
+
+
+def _var_of_mean(infl_U: jax.Array, seg_U: jax.Array, n_G: jax.Array, n_seg: int) -> jax.Array:
+    """sum over a segment's units of influence^2 / (n (n - 1)): the squared SE of its mean (0 with one unit)."""
+    return jax.ops.segment_sum(infl_U * infl_U, seg_U, num_segments=n_seg) / (n_G * jnp.maximum(n_G - 1.0, 1.0))
+
+
 def normalise(raw: Mapping[str, jax.Array], base_raw: Mapping[str, jax.Array],
               cfg: EvalConfig = EvalConfig()) -> dict[str, jax.Array]:
-    """Raw metrics relative to the base model's (module doc): 1.0 (losses, scores) or 0.0 (deltas) = base.
+    """Raw metrics relative to the base model's (module doc): 1.0 (losses, ratios, scores) or 0.0 (deltas) = base.
 
-    Per model; vmap it (`in_axes=(0, None)`) for a proxy axis.
+    `raw` is `evaluate`'s full output (its per-unit arrays give `field_score_se`); of `base_raw` only the
+    `SUMMARY_KEYS` are read. Per model; vmap it (`in_axes=(0, None)`) for a proxy axis.
     """
-    acc_delta_F = raw["accuracy"] - base_raw["accuracy"]
-    ll_delta_F = raw["answer_ll"] - base_raw["answer_ll"]
-    a = cfg.acc_weight
+    base_raw = {k: jnp.asarray(base_raw[k]) for k in SUMMARY_KEYS}  # host arrays: indexed by traced ids below
+    F = raw["answer_bpb"].shape[-1]
+    acc_key = "accuracy" if cfg.acc_metric == "acc" else "acc_norm"
+    item_field = raw["item_field"].astype(jnp.int32)
+    domain_field = raw["domain_field"].astype(jnp.int32)
+    chance_F = raw["chance"]
+
+    # items: the pooled nats per byte and the accuracy's per-item influences
+    _, y_infl_I, n_items_F = _ratio_influence(raw["item_nll"], raw["item_bytes"], item_field, F)
+    y0_F = base_raw["answer_bpb"] * LN2
+    a_I = raw["item_correct" if cfg.acc_metric == "acc" else "item_correct_norm"]
+    a_infl_I = a_I - raw[acc_key][item_field]
+    phi_I = (-cfg.bpb_weight * y_infl_I / y0_F[item_field]
+             + cfg.acc_weight * a_infl_I / (1.0 - chance_F[item_field]))
+    # windows: the pooled held-out loss of each field's domains
+    W = raw["window_nll"].shape[-1]
+    win_field = jnp.repeat(domain_field, W)
+    _, z_infl_W, n_windows_F = _ratio_influence(raw["window_nll"].reshape(-1), raw["window_tokens"].reshape(-1),
+                                                win_field, F)
+    psi_W = -cfg.loss_weight * z_infl_W / base_raw["field_loss"][win_field]
+    var_F = _var_of_mean(phi_I, item_field, n_items_F, F) + _var_of_mean(psi_W, win_field, n_windows_F, F)
+
+    bpb_ratio_F = raw["answer_bpb"] / base_raw["answer_bpb"]
+    loss_ratio_F = raw["field_loss"] / base_raw["field_loss"]
+    centred_delta_F = centred(raw[acc_key], chance_F) - centred(base_raw[acc_key], base_raw["chance"])
+    score_F = (1.0 + cfg.bpb_weight * (1.0 - bpb_ratio_F) + cfg.loss_weight * (1.0 - loss_ratio_F)
+               + cfg.acc_weight * centred_delta_F)
     return {
         "domain_loss": raw["domain_loss"] / base_raw["domain_loss"],
-        "field_score": 1.0 + a * acc_delta_F + (1.0 - a) * jnp.tanh(ll_delta_F / cfg.ll_scale),
-        "accuracy_delta": acc_delta_F,
-        "answer_ll_delta": ll_delta_F,
+        "field_score": score_F,
+        "field_score_se": jnp.sqrt(var_F),
+        "bpb_ratio": bpb_ratio_F,
+        "field_loss_ratio": loss_ratio_F,
+        "accuracy_delta": raw["accuracy"] - base_raw["accuracy"],
+        "acc_norm_delta": raw["acc_norm"] - base_raw["acc_norm"],
     }
 
 
-_FEEDBACK_PARTS = (("domain_loss", "loss"), ("field_score", "score"), ("accuracy_delta", "acc_delta"),
-                   ("answer_ll_delta", "ll_delta"))
+_FEEDBACK_PARTS = (("domain_loss", "loss"), ("field_score", "score"), ("field_score_se", "score_se"),
+                   ("bpb_ratio", "bpb_ratio"), ("field_loss_ratio", "loss_ratio"), ("accuracy_delta", "acc_delta"),
+                   ("acc_norm_delta", "acc_norm_delta"))
 
 
 def feedback_vector(norm: Mapping[str, jax.Array]) -> jax.Array:
-    """Normalised metrics -> the flat feedback [..., M], M = D + 3F, in `feedback_names` order."""
+    """Normalised metrics -> the flat feedback [..., M], M = D + 6F, in `feedback_names` order."""
     return jnp.concatenate([jnp.asarray(norm[key], jnp.float32) for key, _ in _FEEDBACK_PARTS], axis=-1)
 
 
 def feedback_names(domain_names: Sequence[str], field_names: Sequence[str]) -> list[str]:
-    """[M] names: loss/<domain> (D), score/<field>, acc_delta/<field>, ll_delta/<field> (F each)."""
+    """[M] names: loss/<domain> (D); score/, score_se/, bpb_ratio/, loss_ratio/, acc_delta/, acc_norm_delta/<field>
+    (F each)."""
     return [f"{prefix}/{name}" for key, prefix in _FEEDBACK_PARTS
             for name in (domain_names if key == "domain_loss" else field_names)]
 
@@ -293,6 +428,12 @@ def field_score_index(domain_names: Sequence[str], field_names: Sequence[str]) -
     return [names.index(f"score/{f}") for f in field_names]
 
 
+def field_score_se_index(domain_names: Sequence[str], field_names: Sequence[str]) -> list[int]:
+    """Indices into the feedback vector of each field score's standard error."""
+    names = feedback_names(domain_names, field_names)
+    return [names.index(f"score_se/{f}") for f in field_names]
+
+
 def balanced_score(field_scores_F: jax.Array, how: str) -> jax.Array:
     """B over the last axis: mean, min, or harmonic mean (scores clipped at 1e-6 so it stays finite)."""
     scores = jnp.asarray(field_scores_F, jnp.float32)
@@ -302,6 +443,23 @@ def balanced_score(field_scores_F: jax.Array, how: str) -> jax.Array:
         return scores.min(axis=-1)
     if how == "harmonic":
         return scores.shape[-1] / (1.0 / jnp.maximum(scores, _HARMONIC_EPS)).sum(axis=-1)
+    raise DmaError(f"balanced score: how={how!r} is not one of {', '.join(BALANCED)}")
+
+
+def balanced_se(field_scores_F: jax.Array, field_se_F: jax.Array, how: str) -> jax.Array:
+    """Standard error of B over the last axis, by the delta method with fields independent (separate items and
+    windows): mean sqrt(sum se^2) / F; harmonic, dB/ds_f = B^2 / (F s_f^2); min, the SE of the lowest field."""
+    scores = jnp.asarray(field_scores_F, jnp.float32)
+    se = jnp.asarray(field_se_F, jnp.float32)
+    F = scores.shape[-1]
+    if how == "mean":
+        return jnp.sqrt((se * se).sum(axis=-1)) / F
+    if how == "min":
+        return jnp.take_along_axis(se, scores.argmin(axis=-1)[..., None], axis=-1)[..., 0]
+    if how == "harmonic":
+        b = balanced_score(scores, how)
+        grad = b[..., None] ** 2 / (F * jnp.maximum(scores, _HARMONIC_EPS) ** 2)
+        return jnp.sqrt(((grad * se) ** 2).sum(axis=-1))
     raise DmaError(f"balanced score: how={how!r} is not one of {', '.join(BALANCED)}")
 
 

@@ -22,27 +22,12 @@ from dma_jax.io_utils import rmtree, upath
 from dma_jax.models import hf
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
-from dma_jax.train import check_model_meta, init_state, make_optimizer
-
-
-def _cpt_params(cfg: Config, policy: str, seed: int):
-    ckpt_dir = RunDir(cfg).cpt_checkpoints(policy, seed)
-    ck = Checkpointer(ckpt_dir)
-    if ck.latest_step() is None:
-        raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
-    lm = LMDef.build(cfg.target)
-    tx = make_optimizer(cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
-    state, _, _ = ck.restore(abstract)
-    ck.close()
-    return state.params
+from dma_jax.train import check_model_meta, init_state, load_cpt_params, make_optimizer
 
 
 def export_target(cfg: Config, policy: str, seed: int, out: str | None) -> Path:
     out_dir = upath(out) if out else RunDir(cfg).export_target(policy, seed)
-    params = _cpt_params(cfg, policy, seed)
+    params = load_cpt_params(cfg, policy, seed, RunDir(cfg).cpt_checkpoints(policy, seed))
     rmtree(out_dir / "orbax")  # a re-run re-exports (the CPT run's final params; derived, cheap to redo)
     ck = Checkpointer(out_dir / "orbax", keep=1)
     ck.save(0, params, meta={"model": dump_config(cfg)["target"], "policy": policy, "seed": seed})

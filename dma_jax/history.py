@@ -1,16 +1,20 @@
-"""The CPT history format (`dma-cpt-history-v1`): one `history.json` per CPT run, written by `dma cpt`, read
+"""The CPT history format (`dma-cpt-history-v2`): one `history.json` per CPT run, written by `dma cpt`, read
 by `dma report`, `dma study` and the re-scoring. This module is its only reader and writer.
 
 `<cpt dir>/<policy>/seed<k>/history.json`: T re-weighting steps, D domains, F fields; per-step lists
 have T+1 rows, row 0 the base model.
 - `weights` [T, D]: the mixture used during re-weighting step t (rows on the simplex);
-- `field_scores` [T+1, F]: normalised field scores, base model = 1.0, higher is better;
+- `field_scores` [T+1, F]: normalised field scores, base model = 1.0, higher is better (`evaluation.normalise`);
+- `field_score_se` [T+1, F]: their standard errors (>= 0; the balanced score's follows, `evaluation.balanced_se`);
 - `balanced` [T+1]: B of each row of field_scores (`balanced_how`: mean, min or harmonic;
   `evaluation.balanced_score`);
 - `accuracy` [T+1, F]: raw benchmark accuracy in [0, 1];
 - `domain_loss` [T+1, D]: raw held-out loss in nats;
+- optional raw metrics: `acc_norm` [T+1, F] (length-normalised accuracy), `answer_bpb` [T+1, F] (gold
+  continuations' bits per byte), `field_loss` [T+1, F] (held-out loss of the field's domains), `chance` [F];
 - `timings` (wall clock), `rejected_policy_outputs`, `config` (the `cpt` section that made it).
-Runs with `complete: false` are still training.
+Runs with `complete: false` are still training. v1 histories (no standard errors, the old field score)
+are refused with an error naming the version.
 """
 
 from __future__ import annotations
@@ -25,20 +29,27 @@ from dma_jax import evaluation as ev
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_json, upath
 
-FORMAT = "dma-cpt-history-v1"
+FORMAT = "dma-cpt-history-v2"
 FILE = "history.json"
 _TOL = 1e-4  # on simplex sums, the base row (= 1.0) and the recorded balanced score
 _KEYS = ("format", "policy", "seed", "domain_names", "domain_fields", "fields", "target_field",
          "steps_per_stage", "weights", "feedback_names", "field_scores", "balanced", "balanced_how",
-         "accuracy", "domain_loss", "complete")
+         "accuracy", "domain_loss", "complete", "field_score_se")
+_OPTIONAL_T1xF = ("acc_norm", "answer_bpb", "field_loss")
 
 
 def make(*, policy: str, seed: int, domain_names, domain_fields, fields, target_field: str, steps_per_stage: int,
          weights_TxD, feedback_names, field_scores_T1xF: np.ndarray, balanced_how: str, accuracy_T1xF,
-         domain_loss_T1xD, timings: dict, rejected: int, cpt_config: dict) -> dict:
+         domain_loss_T1xD, timings: dict, rejected: int, cpt_config: dict, field_score_se_T1xF,
+         acc_norm_T1xF=None, answer_bpb_T1xF=None, field_loss_T1xF=None, chance_F=None) -> dict:
     """The JSON document of a finished run (the balanced score computed here, the one way)."""
     balanced = np.asarray(ev.balanced_score(field_scores_T1xF, balanced_how))
-    return {
+    extra = {key: [np.asarray(x).tolist() for x in value] for key, value in
+             (("acc_norm", acc_norm_T1xF), ("answer_bpb", answer_bpb_T1xF), ("field_loss", field_loss_T1xF))
+             if value is not None}
+    if chance_F is not None:
+        extra["chance"] = np.asarray(chance_F).tolist()
+    return extra | {
         "format": FORMAT, "policy": policy, "seed": seed,
         "domain_names": list(domain_names), "domain_fields": list(domain_fields), "fields": list(fields),
         "target_field": target_field, "steps_per_stage": steps_per_stage,
@@ -46,6 +57,7 @@ def make(*, policy: str, seed: int, domain_names, domain_fields, fields, target_
         "field_scores": np.asarray(field_scores_T1xF).tolist(), "balanced": balanced.tolist(),
         "balanced_how": balanced_how, "accuracy": [np.asarray(a).tolist() for a in accuracy_T1xF],
         "domain_loss": [np.asarray(x).tolist() for x in domain_loss_T1xD],
+        "field_score_se": [np.asarray(x).tolist() for x in field_score_se_T1xF],
         "timings": timings, "rejected_policy_outputs": rejected, "complete": True, "config": cpt_config,
     }
 
@@ -84,6 +96,12 @@ class RunHistory:
     accuracy_T1xF: np.ndarray
     domain_loss_T1xD: np.ndarray
     config: dict | None = None  # the `cpt` config section that made the run
+    field_score_se_T1xF: np.ndarray | None = None  # always set by `from_doc`
+    balanced_se_T1: np.ndarray | None = None  # `evaluation.balanced_se` of the field scores and their SEs
+    acc_norm_T1xF: np.ndarray | None = None  # optional raw metrics (None when the history has none)
+    answer_bpb_T1xF: np.ndarray | None = None
+    field_loss_T1xF: np.ndarray | None = None
+    chance_F: np.ndarray | None = None
 
     @property
     def n_steps(self) -> int:
@@ -119,7 +137,8 @@ def _check_header(obj: dict, where: str) -> None:
     if missing:
         raise DmaError(f"{where}: missing key(s) {', '.join(missing)}")
     if obj["format"] != FORMAT:
-        raise DmaError(f"{where}: format is {obj['format']!r}, this version reads {FORMAT!r}")
+        raise DmaError(f"{where}: format is {obj['format']!r}, this version reads {FORMAT!r} (field scores with "
+                       "standard errors): delete this run's folder and re-run `dma cpt`")
     if not isinstance(obj["policy"], str) or not obj["policy"]:
         raise DmaError(f"{where}: policy must be a non-empty string, got {obj['policy']!r}")
     for key in ("seed", "steps_per_stage"):
@@ -149,6 +168,9 @@ def from_doc(obj, where: str, path: Path | None = None) -> RunHistory:
     """Validates a history document (as `make` returns it or as read from JSON)."""
     if not isinstance(obj, dict):
         raise DmaError(f"{where}: must hold a JSON object, got {type(obj).__name__}")
+    if obj.get("format", FORMAT) != FORMAT:  # before the keys: an old file lacks the new ones
+        raise DmaError(f"{where}: format is {obj['format']!r}, this version reads {FORMAT!r} (field scores with "
+                       "standard errors): delete this run's folder and re-run `dma cpt`")
     _check_header(obj, where)
     names, doms, fields = (_strings(obj, k, where) for k in ("domain_names", "domain_fields", "fields"))
     feedback_names = _strings(obj, "feedback_names", where)
@@ -177,6 +199,12 @@ def from_doc(obj, where: str, path: Path | None = None) -> RunHistory:
     balanced = _array(obj, "balanced", (t1,), "T+1: one per evaluation", where)
     accuracy = _array(obj, "accuracy", (t1, f), "T+1 x F: evaluations x fields", where)
     loss = _array(obj, "domain_loss", (t1, d), "T+1 x D: evaluations x domains", where)
+    se = _array(obj, "field_score_se", (t1, f), "T+1 x F: evaluations x fields", where)
+    if (se < 0).any():
+        raise DmaError(f"{where}: field_score_se must be non-negative, got minimum {se.min():.4g}")
+    extra = {key: _array(obj, key, (t1, f), "T+1 x F: evaluations x fields", where) if key in obj else None
+             for key in _OPTIONAL_T1xF}
+    chance = _array(obj, "chance", (f,), "F: one per field", where) if "chance" in obj else None
     if np.abs(scores[0] - 1.0).max() > _TOL:
         raise DmaError(f"{where}: field_scores[0] (the base model) must be 1.0 in every field, got {scores[0].tolist()}")
     expect = np.asarray(ev.balanced_score(scores, obj["balanced_how"]), np.float64)
@@ -191,7 +219,9 @@ def from_doc(obj, where: str, path: Path | None = None) -> RunHistory:
         raise DmaError(f"{where}: domain_loss must be non-negative (nats), got minimum {loss.min():.4f}")
     return RunHistory(path, obj["policy"], obj["seed"], names, doms, fields, obj["target_field"],
                       obj["steps_per_stage"], feedback_names, obj["balanced_how"], obj["complete"],
-                      weights, scores, balanced, accuracy, loss, obj.get("config"))
+                      weights, scores, balanced, accuracy, loss, obj.get("config"), se,
+                      np.asarray(ev.balanced_se(scores, se, obj["balanced_how"]), np.float64),
+                      extra["acc_norm"], extra["answer_bpb"], extra["field_loss"], chance)
 
 
 def collect(cpt_dir: str | Path) -> list[RunHistory]:

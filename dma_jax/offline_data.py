@@ -1,12 +1,16 @@
-"""The offline dataset: what the sweep produces and the agent learns from (format `dma-offline-v1`).
+"""The offline dataset: what the sweep produces and the agent learns from (format `dma-offline-v2`).
 
 Arrays (N trajectories, T re-weighting steps, D domains, M feedback values):
 - `actions`  float32 [N, T, D]: the mixture used during step t (rows on the simplex);
 - `feedback` float32 [N, T+1, M]: the observation after step t; row 0 is the base model;
 - `rewards`  float32 [N, T]: B(o_{t+1}) - B(o_t), B the balanced score;
-- `returns`  float32 [N]: the sum of rewards, B(o_T) - B(o_0).
+- `returns`  float32 [N]: the sum of rewards, B(o_T) - B(o_0);
+- `field_score_se` float32 [N, T+1, F]: the standard error of each field score (`evaluation.normalise`),
+  fields in `meta.fields` order (v2; an environment whose scores are exact, like the tests' analytic one,
+  may leave it out: zeros).
 `meta` (JSON) names the domains, their fields and where each domain's normalised
 held-out loss and each field's normalised score sit in the feedback vector.
+v1 files (no standard errors, field scores from the old tanh-of-log-likelihood formula) are refused.
 
 On disk: `<dir>/data.npz` (np.savez, read with allow_pickle=False) then
 `<dir>/meta.json`, both written atomically, meta last; meta carries the sha256 of
@@ -26,9 +30,9 @@ from dma_jax.config import BALANCED_HOW
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_file, upath
 
-FORMAT = "dma-offline-v1"
+FORMAT = "dma-offline-v2"
 SIMPLEX_TOL = 1e-4
-_ARRAYS = ("actions", "feedback", "rewards", "returns")
+_ARRAYS = ("actions", "feedback", "rewards", "returns", "field_score_se")
 _LIST_KEYS = ("domain_names", "domain_fields", "fields", "feedback_names", "domain_loss_index", "field_score_index")
 
 
@@ -39,6 +43,12 @@ class OfflineDataset:
     rewards: np.ndarray  # float32 [N, T]
     returns: np.ndarray  # float32 [N]
     meta: dict
+    field_score_se: np.ndarray | None = None  # float32 [N, T+1, F]; None: zeros (exact scores)
+
+    def __post_init__(self):
+        if self.field_score_se is None and isinstance(self.meta, dict) and isinstance(self.meta.get("fields"), list):
+            n_t = tuple(np.shape(self.feedback)[:2])
+            object.__setattr__(self, "field_score_se", np.zeros((*n_t, len(self.meta["fields"])), np.float32))
 
     @property
     def n(self) -> int:
@@ -53,14 +63,19 @@ class OfflineDataset:
         return int(self.actions.shape[2])
 
 
+def _check_format(meta: dict, where: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise DmaError(f"{where}: format is {meta.get('format')!r}, this version reads {FORMAT!r} (field scores "
+                       "with standard errors): delete the sweep folder and re-run `dma sweep`")
+
+
 def _check_meta(meta: dict, where: str) -> None:
     if not isinstance(meta, dict):
         raise DmaError(f"{where}: meta must be a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("format", *_LIST_KEYS, "target_field", "balanced", "config", "config_hash") if k not in meta]
     if missing:
         raise DmaError(f"{where}: meta is missing key(s) {', '.join(missing)}")
-    if meta["format"] != FORMAT:
-        raise DmaError(f"{where}: format is {meta['format']!r}, this version reads {FORMAT!r}")
+    _check_format(meta, where)
     for key in _LIST_KEYS:
         if not isinstance(meta[key], list):
             raise DmaError(f"{where}: meta.{key} must be a list, got {type(meta[key]).__name__}")
@@ -107,6 +122,12 @@ def validate(ds: OfflineDataset, where: str = "<offline dataset>") -> None:
     for key in ("domain_names", "domain_fields", "domain_loss_index"):
         if len(ds.meta[key]) != d:
             raise DmaError(f"{where}: meta.{key} has {len(ds.meta[key])} entries but actions have D={d} domains")
+    se_shape = (n, t + 1, len(ds.meta["fields"]))
+    if ds.field_score_se.shape != se_shape:
+        raise DmaError(f"{where}: field_score_se has shape {ds.field_score_se.shape}, expected {se_shape} "
+                       "from actions and meta.fields")
+    if (ds.field_score_se < 0).any():
+        raise DmaError(f"{where}: field_score_se holds negative standard errors")
     if len(ds.meta["field_score_index"]) != len(ds.meta["fields"]):
         raise DmaError(f"{where}: meta.field_score_index has {len(ds.meta['field_score_index'])} entries "
                        f"but meta.fields has {len(ds.meta['fields'])}")
@@ -143,6 +164,7 @@ def load(directory: str | Path) -> OfflineDataset:
         raise DmaError(f"{data_path}: missing")
     if not isinstance(meta, dict):
         raise DmaError(f"{meta_path}: expected a JSON object")
+    _check_format(meta, str(directory))
     data = data_path.read_bytes()
     if meta.get("data_sha256") != hashlib.sha256(data).hexdigest():
         raise DmaError(f"{data_path}: sha256 does not match meta.json (half-written or replaced file)")

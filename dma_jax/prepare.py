@@ -6,7 +6,8 @@ are held out), tokenized, packed into `record_len`-token records
 with document boundaries marked (`segment_ids`), and written as ArrayRecord
 shards under `<data dir>/domains/<domain>/`. A domain is finished when its
 `done.json` exists; re-running skips finished domains whose inputs did not
-change and redoes a half-written one. Benchmarks go to `benchmarks/<field>.jsonl`.
+change and redoes a half-written one. Benchmarks go to `benchmarks/<field>.jsonl`, each item
+checked against the tokenizer and `eval.max_len` (a choice that cannot fit is an error here).
 The manifest is written last, atomically: a manifest always describes complete data.
 """
 
@@ -139,17 +140,26 @@ def _prepare_domain(name, field, docs_fn, fp, tok, encode, cfg: Config, data_dir
     return entry
 
 
-def _write_benchmarks(cfg: Config, fields: list[str], data_dir: Path) -> dict:
-    dc = cfg.data
+def _write_benchmarks(cfg: Config, fields: list[str], data_dir: Path, tok: Tokenizer) -> dict:
+    """Benchmarks per field to `benchmarks/<field>.jsonl`; every choice must fit `eval.max_len` tokens (checked
+    here, so that the evaluation never has to skip an item). Demo text items are drawn with choices of at most
+    max_len - max_len // 4 tokens, which leaves a quarter of the window to their context."""
+    dc, max_len = cfg.data, cfg.eval.max_len
     bdir = data_dir / "benchmarks"
     out = {}
     if dc.demo:
+        room = max_len - max_len // 4
         items = demo_corpora.demo_benchmarks(cfg.run.seed, dc.demo_benchmark_items, [f for f in fields],
-                                             dc.demo_math_docs_per_domain)
+                                             dc.demo_math_docs_per_domain,
+                                             choice_fits=lambda c: len(tok.encode(c)) <= room)
+        for field, its in items.items():
+            demo_corpora.check_choices_fit(its, tok.encode, max_len, f"demo benchmarks of field {field!r}")
     else:
         items = {}
         for b in dc.benchmarks:
-            items.setdefault(b.field, []).extend(demo_corpora.read_benchmarks_jsonl(b.path))
+            its = demo_corpora.read_benchmarks_jsonl(b.path)
+            demo_corpora.check_choices_fit(its, tok.encode, max_len, f"{b.path} (field {b.field!r})")
+            items.setdefault(b.field, []).extend(its)
     for field, its in items.items():
         path = bdir / f"{field}.jsonl"
         demo_corpora.write_benchmarks_jsonl(its, path)
@@ -188,7 +198,7 @@ def run_prepare(cfg: Config, progress: bool = True) -> DomainSpace:
         "format": FORMAT,
         **common,
         "domains": [{k: e[k] for k in ("name", "field", "train", "heldout")} for e in entries],
-        "benchmarks": _write_benchmarks(cfg, fields, data_dir),
+        "benchmarks": _write_benchmarks(cfg, fields, data_dir, tok),
         "config": dump_config(cfg)["data"],
         "prepare_seconds": round(time.perf_counter() - t0, 2),
     }

@@ -110,6 +110,10 @@ class RunDir:
     def export_target(self, policy: str, seed: int) -> AnyPath:
         return self.root / "export" / f"target-{policy}-seed{seed}"
 
+    def eval_results(self, what: str) -> AnyPath:
+        """`dma eval`'s lm-eval results JSON for one model (base-<which>, cpt-<policy>-seed<k>, hf-<dir name>)."""
+        return self.root / "eval" / f"{what}.json"
+
     def bench_json(self, quick: bool) -> AnyPath:
         return self.root / ("bench-quick.json" if quick else "bench.json")
 

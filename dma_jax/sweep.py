@@ -217,7 +217,7 @@ def pretraining_mixture(space: DomainSpace) -> list[float]:
 def _meta(cfg: Config, space: DomainSpace) -> dict:
     config = dump_config(cfg)
     return {
-        "format": "dma-offline-v1",
+        "format": offline_data.FORMAT,
         "domain_names": space.names,
         "domain_fields": space.fields_of_domain,
         "fields": space.fields,
@@ -267,10 +267,11 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     base_params = shd.put_global(base_params, sw.replicated)
     N, T, n = sc.num_trajectories, sc.num_stages, sw.chunk
     n_chunks = math.ceil(N / n)
-    base_raw = shd.to_host(sw.eval_single(base_params, sw.eval_set))
+    base_full = shd.to_host(sw.eval_single(base_params, sw.eval_set))
+    base_raw = ev.summary(base_full)  # the reference: per field / domain values only
     meta = _meta(cfg, space)
     M = len(meta["feedback_names"])
-    base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_raw, base_raw, cfg.eval)), np.float32)
+    base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_full, base_raw, cfg.eval)), np.float32)
 
     ckpt = Checkpointer(run.sweep_checkpoints, keep=2)
     feedback_NxT1xM = np.zeros((N, T + 1, M), np.float32)
@@ -332,9 +333,10 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     idx = np.asarray(meta["field_score_index"])
     balanced_NxT1 = np.asarray(ev.balanced_score(jnp.asarray(feedback_NxT1xM[..., idx]), cfg.eval.balanced))
     rewards_NxT = np.diff(balanced_NxT1, axis=1).astype(np.float32)
+    se_idx = ev.field_score_se_index(space.names, space.fields)
     ds = offline_data.OfflineDataset(
         actions=weights_NxTxD.astype(np.float32), feedback=feedback_NxT1xM, rewards=rewards_NxT,
-        returns=rewards_NxT.sum(1).astype(np.float32), meta=meta)
+        returns=rewards_NxT.sum(1).astype(np.float32), meta=meta, field_score_se=feedback_NxT1xM[..., se_idx])
     if shd.is_primary():
         offline_data.save(ds, run.offline)
     elapsed = time.perf_counter() - t_start

@@ -253,3 +253,19 @@ def load_base_params(cfg: Config, which: str, ckpt_dir) -> Params:
     state, _, _ = ckpt.restore(abstract, step)
     ckpt.close()
     return state.params
+
+
+def load_cpt_params(cfg: Config, policy: str, seed: int, ckpt_dir) -> Params:
+    """The final target parameters of `dma cpt --policy policy --seed seed`, checkpointed in `ckpt_dir`
+    (on the first device)."""
+    ck = Checkpointer(ckpt_dir)
+    if ck.latest_step() is None:
+        raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
+    lm = LMDef.build(cfg.target)
+    tx = make_optimizer(cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
+    state, _, _ = ck.restore(abstract)
+    ck.close()
+    return state.params

@@ -118,6 +118,10 @@ def test_export_of_sft_only_and_spec_checks(trained, tmp_path):
         with pytest.raises(DmaError) as e:
             load_exported_agent(tmp_path / "sft_export")
         assert key in str(e.value) and "\n" not in str(e.value)
+    # an agent exported before the feature layout changed (version 2: the tanh field score) names both versions
+    spec_path.write_text(json.dumps(dict(spec, feature_version=2)))
+    with pytest.raises(DmaError, match=r"feature_version is 2, this version understands 3$"):
+        load_exported_agent(tmp_path / "sft_export")
     spec_path.unlink()
     with pytest.raises(DmaError, match="missing"):
         load_exported_agent(tmp_path / "sft_export")

@@ -45,7 +45,8 @@ def _history_doc(scores_T1xF: np.ndarray, how: str, weights_TxD: np.ndarray) -> 
         policy="toy", seed=0, domain_names=names, domain_fields=DOMAIN_FIELDS, fields=fields, target_field="math",
         steps_per_stage=1, weights_TxD=weights_TxD, feedback_names=[f"score/{f}" for f in fields],
         field_scores_T1xF=scores_T1xF, balanced_how=how, accuracy_T1xF=np.full((t1, len(fields)), 0.5),
-        domain_loss_T1xD=np.ones((t1, len(names))), timings={}, rejected=0, cpt_config={})
+        domain_loss_T1xD=np.ones((t1, len(names))), timings={}, rejected=0, cpt_config={},
+        field_score_se_T1xF=np.full_like(scores_T1xF, 0.01))
 
 
 @pytest.mark.parametrize("how", BALANCED_HOW)
@@ -72,6 +73,16 @@ def test_every_consumer_gives_the_reference_balanced_score(how):
         doc = _history_doc(scores, how, weights)
         np.testing.assert_allclose(doc["balanced"], ref, rtol=1e-6, atol=0)
         np.testing.assert_allclose(history.from_doc(doc, "made").balanced_T1, ref, rtol=1e-6, atol=0)
+        # its SE (every field score's SE 0.01), by the delta method: numpy gradient of the reference B
+        f = scores.shape[1]
+        if how == "mean":
+            want_se = np.full(len(ref), 0.01 * np.sqrt(f) / f)
+        elif how == "min":
+            want_se = np.full(len(ref), 0.01)
+        else:
+            clipped = np.maximum(scores.astype(np.float64), 1e-6)
+            want_se = 0.01 * np.sqrt(((ref[:, None] ** 2 / (f * clipped ** 2)) ** 2).sum(1))
+        np.testing.assert_allclose(history.from_doc(doc, "made").balanced_se_T1, want_se, rtol=1e-4)
         exact = dict(doc, balanced=ref.tolist())
         np.testing.assert_array_equal(history.from_doc(exact, "exact").balanced_T1, ref)
         off = dict(doc, balanced=(ref + np.array([0.0, 1e-3, 0.0])).tolist())

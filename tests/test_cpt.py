@@ -13,8 +13,7 @@ from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.models import hf
 from dma_jax.runs import RunDir
-from dma_jax.train import load_base_params
-from dma_jax.sweep import run_sweep
+from dma_jax.train import load_base_params, load_cpt_params
 from tests.mixer_ref import carried_counts
 from tests.paths import DEMO
 
@@ -71,12 +70,12 @@ def test_safe_policy_never_lets_a_bad_mixture_through():
 
 
 @pytest.fixture(scope="module")
-def run(prepared_world, tmp_path_factory):
-    """A run folder of its own (the world's base models linked in) holding a sweep; CPT runs 3 re-weighting steps."""
-    root = prepared_world.link_base(tmp_path_factory.mktemp("cpt"))
-    over = prepared_world.run_overrides(root, "cpt.num_stages=3", "mesh.data=1")
+def run(swept_world, tmp_path_factory):
+    """A run folder of its own, the session's base models and sweep linked in (tests/conftest.py); CPT runs 3
+    re-weighting steps."""
+    root = swept_world.link_sweep(swept_world.link_base(tmp_path_factory.mktemp("cpt")))
+    over = swept_world.run_overrides(root, "cpt.num_stages=3", "mesh.data=1")
     cfg = load_config(DEMO, over, variant="tiny")
-    run_sweep(cfg, devices=jax.devices()[:1], progress=False)
     return cfg, over
 
 
@@ -150,7 +149,7 @@ def test_export_target_round_trips_through_the_hf_layout(run, tmp_path):
     out = export.export_target(cfg, "source-only", 0, str(tmp_path / "exp"))
     model_cfg, params = hf.import_hf(out / "hf")
     assert model_cfg.d_model == cfg.target.d_model
-    want = export._cpt_params(cfg, "source-only", 0)
+    want = load_cpt_params(cfg, "source-only", 0, RunDir(cfg).cpt_checkpoints("source-only", 0))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -184,7 +183,7 @@ def test_rescore_at_cpt_settings_gives_the_history_scores(run):
     assert same["balanced"] == pytest.approx(doc.balanced_T1[-1], abs=1e-6)
     (more,) = rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain)
     path = out / f"rescore-100x{2 * ec.heldout_windows_per_domain}.json"
-    assert path.is_file() and more["items"] == {"source": 5, "math": 8}  # tiny: 8 per field, 3 source ones too long
+    assert path.is_file() and more["items"] == {"source": 8, "math": 8}  # tiny: all 8 per field (nothing skipped)
     stamp = path.stat().st_mtime_ns
     assert rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain) == [more]
     assert path.stat().st_mtime_ns == stamp

@@ -189,7 +189,9 @@ def test_math_problems_are_correct(kind):
         assert _checked_steps(p.steps) >= 1, p.steps
         assert len(p.distractors) == 3 and len({p.answer, *p.distractors}) == 4, p
         assert not any(_is_correct(p.question, d) for d in p.distractors), (p.question, p.distractors)
-        assert p.document == p.prompt + " " + p.answer and p.prompt.endswith("\nAnswer:")
+        # Training documents keep the worked solution; the benchmark prompt is the question alone.
+        assert p.document == "\n".join((p.question, *p.steps, f"Answer: {p.answer}"))
+        assert p.prompt == p.question + "\nAnswer:" and "\n" not in p.question
 
 
 def test_math_determinism():
@@ -296,8 +298,8 @@ def test_text_benchmark_gold_is_true_continuation(bench, held):
 
 def test_math_benchmark_gold_is_correct(bench):
     for it in bench["math"]:
-        question, solution = it["context"].split("\n", 1)
-        assert solution.endswith("\nAnswer:")
+        question, rest = it["context"].split("\n", 1)
+        assert rest == "Answer:"
         verdicts = [_is_correct(question, c.removeprefix(" ")) for c in it["choices"]]
         assert verdicts == [i == it["gold"] for i in range(4)], it
 

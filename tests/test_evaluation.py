@@ -9,8 +9,8 @@ from dma_jax.config import ModelConfig
 from dma_jax.data.tokenizer import ByteTokenizer
 from dma_jax.errors import DmaError
 from dma_jax.evaluation import (
-    EvalConfig, balanced_score, build_eval_set, cut_windows, domain_loss_index, evaluate, feedback_names,
-    feedback_vector, field_score_index, normalise, rewards,
+    EvalConfig, balanced_score, balanced_se, build_eval_set, cut_windows, domain_loss_index, evaluate,
+    feedback_names, feedback_vector, field_score_index, field_score_se_index, normalise, rewards, summary,
 )
 from dma_jax.models.lm import LMDef
 from tests.np_lm import forward as np_forward
@@ -33,6 +33,7 @@ BENCH = {
     "code": [{"context": "unused", "choices": ["a", "b"], "gold": 0}],  # not in field_names: ignored
 }
 FIELDS = ("source", "math")
+DOMAIN_FIELDS = ["source", "source", "math", "math"]  # of setup's held-out domains: 3 x _windows + _records
 
 
 def _windows(D=3, E=2, L=16, seed=0):
@@ -75,28 +76,32 @@ def _ref_window_nll(lm, params, tokens, seg):
 
 
 def _ref_bench(lm, params, fields=FIELDS, max_len=MAX_LEN):
-    acc, ll = [], []
+    """Per field: acc, acc_norm (argmax of ll / characters), bits per byte of the gold strings, chance."""
+    acc, acc_norm, bpb, chance = [], [], [], []
     for field in fields:
-        correct, gold_ll = [], []
+        correct, correct_norm, nll, nbytes = [], [], 0.0, 0
         for item in BENCH[field]:
-            lls, lens = [], []
+            lls = []
             for choice in item["choices"]:
                 ans = [b + 3 for b in choice.encode()]
                 full = [TOK.eos_id] + [b + 3 for b in item["context"].encode()] + ans
                 lls.append(_logp(lm, params, full[-(max_len + 1):])[-len(ans):].sum())
-                lens.append(len(ans))
             correct.append(int(np.argmax(lls)) == item["gold"])
-            gold_ll.append(lls[item["gold"]] / lens[item["gold"]])
+            correct_norm.append(int(np.argmax([x / len(c) for x, c in zip(lls, item["choices"])])) == item["gold"])
+            nll -= lls[item["gold"]]
+            nbytes += len(item["choices"][item["gold"]].encode())
         acc.append(np.mean(correct))
-        ll.append(np.mean(gold_ll))
-    return np.array(acc), np.array(ll)
+        acc_norm.append(np.mean(correct_norm))
+        bpb.append(nll / nbytes / math.log(2))
+        chance.append(np.mean([1 / len(it["choices"]) for it in BENCH[field]]))
+    return np.array(acc), np.array(acc_norm), np.array(bpb), np.array(chance)
 
 
 @pytest.fixture(scope="module")
 def setup():
     lm = LMDef.build(MODEL)
     windows = _windows() + [_records()]
-    es = build_eval_set(windows, BENCH, TOK, FIELDS, MAX_LEN)
+    es = build_eval_set(windows, BENCH, TOK, FIELDS, MAX_LEN, domain_fields=DOMAIN_FIELDS)
     fn = jax.jit(lambda p, e: evaluate(lm, p, e, 4))
     return lm, windows, es, fn
 
@@ -105,15 +110,27 @@ def test_evaluate_matches_rowwise_numpy(setup):
     lm, windows, es, fn = setup
     params = lm.init(0)
     raw = jax.tree.map(np.asarray, fn(params, es))
-    want_loss = []
+    want_loss, sums_D = [], []
     for w in windows:
         tok, seg = (w["tokens"], w["segment_ids"]) if isinstance(w, dict) else (w, np.ones_like(w))
         sums = [_ref_window_nll(lm, params, t, s) for t, s in zip(tok, seg)]
         want_loss.append(sum(s for s, _ in sums) / sum(n for _, n in sums))
+        sums_D.append(np.array(sums))
     np.testing.assert_allclose(raw["domain_loss"], want_loss, rtol=1e-5)
-    want_acc, want_ll = _ref_bench(lm, params)
+    np.testing.assert_allclose(raw["window_nll"], [s[:, 0] for s in sums_D], rtol=1e-5)
+    np.testing.assert_array_equal(raw["window_tokens"], [s[:, 1] for s in sums_D])
+    field_loss = [sum(s[:, 0].sum() for s, f in zip(sums_D, DOMAIN_FIELDS) if f == g)
+                  / sum(s[:, 1].sum() for s, f in zip(sums_D, DOMAIN_FIELDS) if f == g) for g in FIELDS]
+    np.testing.assert_allclose(raw["field_loss"], field_loss, rtol=1e-5)
+    want_acc, want_acc_norm, want_bpb, want_chance = _ref_bench(lm, params)
     np.testing.assert_allclose(raw["accuracy"], want_acc, rtol=1e-6)
-    np.testing.assert_allclose(raw["answer_ll"], want_ll, rtol=1e-5)
+    np.testing.assert_allclose(raw["acc_norm"], want_acc_norm, rtol=1e-6)
+    np.testing.assert_allclose(raw["answer_bpb"], want_bpb, rtol=1e-5)
+    np.testing.assert_allclose(raw["chance"], want_chance, rtol=1e-6)
+    np.testing.assert_array_equal(raw["item_bytes"], [len(it["choices"][it["gold"]].encode())
+                                                      for f in FIELDS for it in BENCH[f]])
+    np.testing.assert_array_equal(raw["item_field"], [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(raw["domain_field"], [0, 0, 1, 1])
 
 
 def test_accuracy_forced_by_prefix_choices_and_empty_slots_never_win():
@@ -126,7 +143,7 @@ def test_accuracy_forced_by_prefix_choices_and_empty_slots_never_win():
         "g": [{"context": "qq", "choices": ["q", "qq", "qqq", "qqqq"], "gold": 3}],
     }
     lm = LMDef.build(MODEL)
-    es = build_eval_set(_windows(D=1), bench, TOK, ["f", "g"], 16)
+    es = build_eval_set(_windows(D=2), bench, TOK, ["f", "g"], 16, domain_fields=["f", "g"])
     assert es.tokens_IxCxL1.shape[1] == 4  # two-choice items carry two empty slots (log-likelihood 0)
     for seed in (0, 1):
         raw = evaluate(lm, lm.init(seed), es, 3)
@@ -137,7 +154,7 @@ def test_left_truncation_keeps_the_whole_choice():
     ctx = "0123456789abcdef"
     bench = {"s": [{"context": ctx, "choices": ["XYZ", "12345678", "no"], "gold": 0},
                    {"context": "ab", "choices": ["c", "d"], "gold": 1}]}
-    es = build_eval_set(_windows(D=1), bench, TOK, ["s"], 8)
+    es = build_eval_set(_windows(D=1), bench, TOK, ["s"], 8, domain_fields=["s"])
     enc = lambda s: [b + 3 for b in s.encode()]  # noqa: E731
     np.testing.assert_array_equal(es.tokens_IxCxL1[0, 0], enc("abcdef" + "XYZ"))
     np.testing.assert_array_equal(es.answer_mask_IxCxL[0, 0], [0, 0, 0, 0, 0, 1, 1, 1])
@@ -150,7 +167,7 @@ def test_left_truncation_keeps_the_whole_choice():
     np.testing.assert_array_equal(es.n_choices_I, [3, 2])
     with pytest.raises(DmaError, match="choice '123456789' is 9 tokens"):
         build_eval_set(_windows(D=1), {"s": [{"context": "a", "choices": ["123456789", "b"], "gold": 0}]},
-                       TOK, ["s"], 8)
+                       TOK, ["s"], 8, domain_fields=["s"])
 
 
 def test_vmap_over_proxies_equals_separate_calls(setup):
@@ -166,30 +183,153 @@ def test_vmap_over_proxies_equals_separate_calls(setup):
     assert not np.allclose(batched["domain_loss"][0], batched["domain_loss"][1])
 
 
-def test_normalise_is_one_for_the_base_model_and_feedback_layout(setup):
+def _np_score_and_se(raw, base, cfg):
+    """Independent numpy reference of the field score and its SE: the delta method in gradient form (np.cov of
+    (numerator, denominator[, accuracy]) per field and the gradient of the score), not per-unit influences."""
+    raw = {k: np.asarray(v, np.float64) for k, v in raw.items()}
+    base = {k: np.asarray(v, np.float64) for k, v in base.items()}
+    acc_key, item_acc = ("accuracy", "item_correct") if cfg.acc_metric == "acc" else ("acc_norm", "item_correct_norm")
+    scores, ses = [], []
+    for f in range(len(raw["answer_bpb"])):
+        on = raw["item_field"] == f
+        y, x, a = raw["item_nll"][on], raw["item_bytes"][on], raw[item_acc][on]
+        n, ch = on.sum(), raw["chance"][f]
+        y0 = base["answer_bpb"][f] * math.log(2)
+        yb, xb = y.mean(), x.mean()
+        # s = 1 + wb (1 - (yb / xb) / y0) + wa ((ab - ch) / (1 - ch) - c0) + wl (...): gradient in (yb, xb, ab)
+        grad = np.array([-cfg.bpb_weight / (y0 * xb), cfg.bpb_weight * yb / (y0 * xb ** 2), cfg.acc_weight / (1 - ch)])
+        var_items = grad @ np.cov(np.stack([y, x, a])) @ grad / n if n > 1 else 0.0
+        won = np.repeat(raw["domain_field"] == f, raw["window_nll"].shape[1])
+        u, t = raw["window_nll"].reshape(-1)[won], raw["window_tokens"].reshape(-1)[won]
+        z0 = base["field_loss"][f]
+        g2 = np.array([-cfg.loss_weight / (z0 * t.mean()), cfg.loss_weight * u.mean() / (z0 * t.mean() ** 2)])
+        var_win = g2 @ np.cov(np.stack([u, t])) @ g2 / len(u) if len(u) > 1 else 0.0
+        bpb, loss = y.sum() / x.sum() / math.log(2), u.sum() / t.sum()
+        c, c0 = (raw[acc_key][f] - ch) / (1 - ch), (base[acc_key][f] - ch) / (1 - ch)
+        scores.append(1 + cfg.bpb_weight * (1 - bpb / base["answer_bpb"][f])
+                      + cfg.loss_weight * (1 - loss / base["field_loss"][f]) + cfg.acc_weight * (c - c0))
+        ses.append(math.sqrt(var_items + var_win))
+    return np.array(scores), np.array(ses)
+
+
+def _known_raw(seed, n_items=(7, 5), D=3, E=4):
+    """Raw metrics from known per-item / per-window values (consistent summaries), fields 0 and 1."""
+    rng = np.random.default_rng(seed)
+    item_field = np.repeat(np.arange(2), n_items)
+    item_bytes = rng.integers(2, 9, item_field.size).astype(np.float32)
+    item_nll = (item_bytes * rng.uniform(0.5, 3.0, item_field.size)).astype(np.float32)
+    correct = (rng.uniform(size=item_field.size) < 0.5).astype(np.float32)
+    correct_norm = (rng.uniform(size=item_field.size) < 0.6).astype(np.float32)
+    domain_field = np.array([0, 0, 1])[:D]
+    tokens = rng.integers(20, 33, (D, E)).astype(np.float32)
+    nll = (tokens * rng.uniform(2.0, 4.0, (D, E))).astype(np.float32)
+    by_f = lambda x, seg: np.array([x[seg == f].sum() for f in range(2)])  # noqa: E731
+    return {
+        "domain_loss": nll.sum(1) / tokens.sum(1),
+        "field_loss": by_f(nll.sum(1), domain_field) / by_f(tokens.sum(1), domain_field),
+        "answer_bpb": by_f(item_nll, item_field) / by_f(item_bytes, item_field) / math.log(2),
+        "accuracy": by_f(correct, item_field) / np.array(n_items), "acc_norm": by_f(correct_norm, item_field) / np.array(n_items),
+        "chance": np.array([0.3, 0.25]),
+        "item_nll": item_nll, "item_bytes": item_bytes, "item_correct": correct, "item_correct_norm": correct_norm,
+        "item_field": item_field.astype(np.int32), "window_nll": nll, "window_tokens": tokens,
+        "domain_field": domain_field.astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize("cfg", [EvalConfig(), EvalConfig(bpb_weight=0.2, loss_weight=0.3, acc_weight=0.5),
+                                 EvalConfig(bpb_weight=0.0, loss_weight=0.4, acc_weight=0.6, acc_metric="acc")])
+def test_normalise_score_and_se_match_numpy_reference(cfg):
+    raw, base = _known_raw(1), _known_raw(2)
+    base = {k: np.float32(v) if np.ndim(v) == 0 else v.astype(np.float32 if v.dtype.kind == "f" else v.dtype)
+            for k, v in base.items()}
+    norm = jax.jit(lambda r, b: normalise(r, b, cfg))(jax.tree.map(jnp.asarray, raw), summary(base))
+    want_score, want_se = _np_score_and_se(raw, base, cfg)
+    np.testing.assert_allclose(norm["field_score"], want_score, rtol=1e-5)
+    np.testing.assert_allclose(norm["field_score_se"], want_se, rtol=1e-4)
+    assert (want_se > 0.01).all()
+    np.testing.assert_allclose(norm["bpb_ratio"], raw["answer_bpb"] / base["answer_bpb"], rtol=1e-6)
+    np.testing.assert_allclose(norm["field_loss_ratio"], raw["field_loss"] / base["field_loss"], rtol=1e-6)
+    np.testing.assert_allclose(norm["accuracy_delta"], raw["accuracy"] - base["accuracy"], atol=1e-7)
+    # Cross-check of the SE's meaning: a fixed-seed bootstrap over items and windows (both resampled within
+    # each field, the base fixed) gives the same spread to ~10%.
+    rng = np.random.default_rng(0)
+    boot = []
+    for _ in range(2000):
+        r = dict(raw)
+        ii = np.concatenate([rng.choice(np.flatnonzero(raw["item_field"] == f), (raw["item_field"] == f).sum())
+                             for f in range(2)])
+        for k in ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field"):
+            r[k] = raw[k][ii]
+        nll, tok = raw["window_nll"].copy(), raw["window_tokens"].copy()
+        for f in range(2):
+            ds = np.flatnonzero(raw["domain_field"] == f)
+            flat = rng.choice(len(ds) * nll.shape[1], len(ds) * nll.shape[1])
+            nll[ds], tok[ds] = (raw["window_nll"][ds].reshape(-1)[flat].reshape(len(ds), -1),
+                                raw["window_tokens"][ds].reshape(-1)[flat].reshape(len(ds), -1))
+        r["window_nll"], r["window_tokens"] = nll, tok
+        by_f = lambda x, seg: np.array([x[seg == f].sum() for f in range(2)])  # noqa: E731
+        r["answer_bpb"] = by_f(r["item_nll"], r["item_field"]) / by_f(r["item_bytes"], r["item_field"]) / math.log(2)
+        r["field_loss"] = by_f(nll.sum(1), r["domain_field"]) / by_f(tok.sum(1), r["domain_field"])
+        n_f = np.bincount(r["item_field"], minlength=2)
+        r["accuracy"] = by_f(r["item_correct"], r["item_field"]) / n_f
+        r["acc_norm"] = by_f(r["item_correct_norm"], r["item_field"]) / n_f
+        boot.append(_np_score_and_se(r, base, cfg)[0])
+    np.testing.assert_allclose(np.std(boot, axis=0, ddof=1), want_se, rtol=0.15)
+
+
+def test_base_model_scores_one_with_a_computed_se(setup):
     lm, _, es, fn = setup
     base = fn(lm.init(0), es)
-    norm = normalise(base, base)
+    norm = normalise(base, summary(base))
     assert np.all(np.asarray(norm["domain_loss"]) == 1.0) and np.all(np.asarray(norm["field_score"]) == 1.0)
-    assert not np.asarray(norm["accuracy_delta"]).any() and not np.asarray(norm["answer_ll_delta"]).any()
-    # Hand values: 1 + 0.5 * (0.6 - 0.4) + 0.5 * tanh(-1.0 - -1.5) ; loss 3 / 2.
-    raw = {"domain_loss": jnp.array([3.0, 1.0]), "accuracy": jnp.array([0.6]), "answer_ll": jnp.array([-1.0])}
-    ref = {"domain_loss": jnp.array([2.0, 4.0]), "accuracy": jnp.array([0.4]), "answer_ll": jnp.array([-1.5])}
-    n = normalise(raw, ref, EvalConfig(acc_weight=0.5, ll_scale=1.0))
-    np.testing.assert_allclose(n["field_score"], [1.1 + 0.5 * math.tanh(0.5)], rtol=1e-6)
-    np.testing.assert_allclose(n["domain_loss"], [1.5, 0.25], rtol=1e-6)
-    names = feedback_names(["s/a", "m/b"], ["source", "math"])
-    assert names == ["loss/s/a", "loss/m/b", "score/source", "score/math", "acc_delta/source",
-                     "acc_delta/math", "ll_delta/source", "ll_delta/math"]
-    raw2 = dict(raw, accuracy=jnp.array([0.6, 0.2]), answer_ll=jnp.array([-1.0, -3.0]))
-    ref2 = dict(ref, accuracy=jnp.array([0.4, 0.5]), answer_ll=jnp.array([-1.5, -2.0]))
-    n2 = normalise(raw2, ref2)
-    vec = np.asarray(feedback_vector(n2))
-    assert vec.shape == (8,)
-    np.testing.assert_allclose(vec[domain_loss_index(["s/a", "m/b"], ["source", "math"])], [1.5, 0.25])
-    np.testing.assert_allclose(vec[field_score_index(["s/a", "m/b"], ["source", "math"])],
-                               [1.1 + 0.5 * math.tanh(0.5), 1 - 0.15 + 0.5 * math.tanh(-1.0)], rtol=1e-6)
-    np.testing.assert_allclose(vec[4:], [0.2, -0.3, 0.5, -1.0], rtol=1e-6)
+    for key in ("bpb_ratio", "field_loss_ratio"):
+        assert np.all(np.asarray(norm[key]) == 1.0)
+    assert not np.asarray(norm["accuracy_delta"]).any() and not np.asarray(norm["acc_norm_delta"]).any()
+    se = np.asarray(norm["field_score_se"])
+    _, want_se = _np_score_and_se(jax.tree.map(np.asarray, base), jax.tree.map(np.asarray, base), EvalConfig())
+    assert (se > 0).all() and np.isfinite(se).all()
+    np.testing.assert_allclose(se, want_se, rtol=1e-4)
+    # Another model: the score is the reference's, and moves in the right direction.
+    other = fn(lm.init(1), es)
+    got = normalise(other, summary(base))
+    want_score, _ = _np_score_and_se(jax.tree.map(np.asarray, other), jax.tree.map(np.asarray, base), EvalConfig())
+    np.testing.assert_allclose(got["field_score"], want_score, rtol=1e-5)
+
+
+def test_feedback_layout():
+    doms, fields = ["s/a", "m/b"], ["source", "math"]
+    names = feedback_names(doms, fields)
+    assert names == ["loss/s/a", "loss/m/b", *[f"{p}/{f}" for p in ("score", "score_se", "bpb_ratio", "loss_ratio",
+                                                                     "acc_delta", "acc_norm_delta") for f in fields]]
+    norm = {"domain_loss": jnp.array([1.5, 0.25]), "field_score": jnp.array([1.1, 0.9]),
+            "field_score_se": jnp.array([0.01, 0.02]), "bpb_ratio": jnp.array([0.8, 1.2]),
+            "field_loss_ratio": jnp.array([0.9, 1.1]), "accuracy_delta": jnp.array([0.2, -0.3]),
+            "acc_norm_delta": jnp.array([0.1, 0.0])}
+    vec = np.asarray(feedback_vector(norm))
+    assert vec.shape == (len(names),) == (14,)
+    np.testing.assert_allclose(vec[domain_loss_index(doms, fields)], [1.5, 0.25])
+    np.testing.assert_allclose(vec[field_score_index(doms, fields)], [1.1, 0.9])
+    np.testing.assert_allclose(vec[field_score_se_index(doms, fields)], [0.01, 0.02])
+
+
+def test_eval_config_weights_sum_to_one():
+    assert (EvalConfig().bpb_weight, EvalConfig().loss_weight, EvalConfig().acc_weight) == (0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match="must sum to 1"):
+        EvalConfig(acc_weight=0.5)
+
+
+def test_balanced_se_is_the_delta_method():
+    s, se = np.array([[0.9, 1.2], [1.0, 1.0]]), np.array([[0.03, 0.04], [0.01, 0.02]])
+    np.testing.assert_allclose(balanced_se(s, se, "mean"), [0.025, math.sqrt(5e-4) / 2], rtol=1e-6)
+    np.testing.assert_allclose(balanced_se(s, se, "min"), [0.03, 0.01], rtol=1e-6)
+    # harmonic: numerical gradient of B
+    eps, grad = 1e-4, []
+    for f in range(2):
+        up = s[0].copy()
+        up[f] += eps
+        grad.append((float(balanced_score(up, "harmonic")) - float(balanced_score(s[0], "harmonic"))) / eps)
+    np.testing.assert_allclose(balanced_se(s[0], se[0], "harmonic"), math.sqrt(sum((g * e) ** 2 for g, e in zip(grad, se[0]))),
+                               rtol=1e-3)
 
 
 def test_balanced_score_and_rewards_telescope():
@@ -213,13 +353,17 @@ def test_cut_windows_and_bad_inputs():
     np.testing.assert_array_equal(w[2], np.arange(90, 100))
     with pytest.raises(DmaError, match="shorter than one window"):
         cut_windows(np.arange(5), 2, 9)
-    ok = _windows(D=2)
+    ok, df = _windows(D=2), ["source", "math"]
     with pytest.raises(DmaError, match="field 'math' has no items"):
-        build_eval_set(ok, {"source": BENCH["source"]}, TOK, FIELDS, MAX_LEN)
+        build_eval_set(ok, {"source": BENCH["source"]}, TOK, FIELDS, MAX_LEN, domain_fields=df)
     bad = {"source": [{"context": "a", "choices": ["b", "c"], "gold": 2}], "math": BENCH["math"]}
     with pytest.raises(DmaError, match=r"benchmarks\['source'\] item 0: 'gold' = 2"):
-        build_eval_set(ok, bad, TOK, FIELDS, MAX_LEN)
+        build_eval_set(ok, bad, TOK, FIELDS, MAX_LEN, domain_fields=df)
     with pytest.raises(DmaError, match="domain 1: token ids must lie in"):
-        build_eval_set([ok[0], ok[1] + 300], BENCH, TOK, FIELDS, MAX_LEN)
+        build_eval_set([ok[0], ok[1] + 300], BENCH, TOK, FIELDS, MAX_LEN, domain_fields=df)
     with pytest.raises(DmaError, match="domain 1: shape"):
-        build_eval_set([ok[0], ok[1][:1]], BENCH, TOK, FIELDS, MAX_LEN)
+        build_eval_set([ok[0], ok[1][:1]], BENCH, TOK, FIELDS, MAX_LEN, domain_fields=df)
+    with pytest.raises(DmaError, match=r"field\(s\) \['math'\] have no held-out domain"):
+        build_eval_set(ok, BENCH, TOK, FIELDS, MAX_LEN, domain_fields=["source", "source"])
+    with pytest.raises(DmaError, match="domain_fields has 1 entries for 2"):
+        build_eval_set(ok, BENCH, TOK, FIELDS, MAX_LEN, domain_fields=["source"])

@@ -3,11 +3,11 @@ same command, and check the outputs equal an uninterrupted run's, bit for bit.
 
 Each stage runs as a CLI subprocess; `DMA_FAULT_AT` (dma_jax/faults.py) places every kill at the same event on
 every run. The kills of a stage are chained (kill, re-run killed later, ..., re-run to the end), so each re-run
-also resumes from the state the previous kill left. Inputs are made once, in-process: the data and base models
-are the session's prepared world (tests/conftest.py), the offline dataset this module's. What is not compared
-bit for bit, and why: wall-clock fields (prepare_seconds, CPT timings, agent updates_per_s) and the offline
-dataset's data.npz bytes / sha256 (np.savez stamps the zip entries with the time); the arrays inside are
-compared bit for bit.
+also resumes from the state the previous kill left. Inputs are made once, in-process: the data, the base models
+and the reference sweep are the session's prepared world (tests/conftest.py). What is not compared bit for bit,
+and why: wall-clock fields (prepare_seconds, CPT timings, agent updates_per_s) and the offline dataset's
+data.npz bytes / sha256 (np.savez stamps the zip entries with the time); the arrays inside are compared bit
+for bit.
 """
 
 import io
@@ -22,7 +22,7 @@ from dma_jax.config import load_config
 from dma_jax.faults import PREEMPTED_EXIT_CODE as PREEMPTED
 from dma_jax.prepare import run_prepare
 from dma_jax.pretrain import run_pretrain
-from dma_jax.sweep import run_sweep
+from tests import base_world
 from tests.mixer_ref import carried_counts
 from tests.fault_harness import SIGKILLED, arrays, assert_same_arrays, dma, expect, files, jsonl, steps, uncommitted
 from tests.paths import DEMO
@@ -44,11 +44,11 @@ def _cfg(over: list[str]):
 
 
 @pytest.fixture(scope="module")
-def sweep_ref(prepared_world, tmp_path_factory):
-    """An uninterrupted sweep, run in-process as the CLI runs it: the sweep test's reference, the agent's input."""
-    out = tmp_path_factory.mktemp("sweep_ref")
-    run_sweep(_cfg(_run_dir(prepared_world, out / "run", "pretrain-proxy")), progress=False)
-    return out / "run"
+def sweep_ref(swept_world):
+    """An uninterrupted sweep, run in-process as the CLI runs it (the session's, tests/base_world.py: the same
+    overrides as `_run_dir`'s): the sweep test's reference, the agent's input; the run folder holding it."""
+    assert base_world.SWEEP_OVERRIDES == ("mesh.data=1",)
+    return swept_world.base_dir
 
 
 def test_fault_hook_is_inert_without_the_variable():
@@ -141,7 +141,6 @@ def _agent_outputs(run: Path) -> dict:
     return out
 
 
-@pytest.mark.nightly
 def test_train_agent_survives_three_sigkills_and_a_sigterm(prepared_world, sweep_ref, tmp_path):
     from dma_jax.agent.runner import export_agent, run_train_agent
 

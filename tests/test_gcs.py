@@ -1,13 +1,13 @@
 """`run.out_dir` and domain inputs on `gs://`, against a fake GCS (tests/fake_gcs.py: a local folder
 that refuses appends, reached through etils.epath and Orbax exactly as a real bucket would be).
 
-The pipeline test runs sample -> sweep -> cpt -> report once with a local `run.out_dir` and once with
-`gs://bkt/run`, each in a fresh process, and compares every output file byte for byte (CPT histories
-but for wall-clock timings): the gs:// code path is checked against the local one, not against itself.
+The pipeline test runs sample -> sweep -> cpt -> report once with a local `run.out_dir` (the session's run,
+tests/conftest.py `local_pipeline`) and once with `gs://bkt/run`, each in a fresh process, and compares every
+output file byte for byte (CPT histories but for wall-clock timings): the gs:// code path is checked against
+the local one, not against itself.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,23 +21,23 @@ from dma_jax.data import sources
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, read_jsonl, upath
 from tests import fake_gcs
-from tests.base_world import World
+from tests.base_world import PIPELINE_OVERRIDES, World, cli_env, output_files
 from tests.paths import DEMO, REPO
 
-OVER = ["cpt.batch_size=8", "mesh.data=-1"]  # on top of the prepared world's (tests/conftest.py)
-
-DRIVER = """
-import contextlib, json, sys
+# The gs:// run: the pipeline of tests/base_world.py (sample, sweep, cpt regmix, report) and the stages only the
+# gs:// run exercises, each twice (the second run finds it done).
+GCS_DRIVER = """
+import json, sys
 sys.path.insert(0, sys.argv[4])  # the repository: tests/ is a package
 from tests import fake_gcs
+from tests.base_world import PIPELINE_STAGES
 from dma_jax.cli import main
 config, over, gcs_root = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 cfg = ["--config", config, "--variant", "tiny", *over]
-commands = [["sample"], ["sweep"], ["cpt", "--policy", "regmix", "--seed", "0"], ["report"]]
-if gcs_root:  # and the stages only the gs:// run exercises, each twice (the second run finds it done)
-    commands += [["train-agent", "--stage", "sft"], ["cpt", "--policy", "agent-sft", "--seed", "0"],
-                 ["export", "target", "--policy", "agent-sft", "--seed", "0"]] * 2
-with fake_gcs.install(gcs_root) if gcs_root else contextlib.nullcontext():
+commands = [list(s) for s in PIPELINE_STAGES]
+commands += [["train-agent", "--stage", "sft"], ["cpt", "--policy", "agent-sft", "--seed", "0"],
+             ["export", "target", "--policy", "agent-sft", "--seed", "0"]] * 2
+with fake_gcs.install(gcs_root):
     for cmd in commands:
         rc = main(["--no-progress", *cmd, *cfg])
         if rc:
@@ -45,34 +45,26 @@ with fake_gcs.install(gcs_root) if gcs_root else contextlib.nullcontext():
 """
 
 
-def _run(world: World, out: str, gcs_root: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               DMA_JAX_CACHE=os.environ.get("DMA_TEST_JAX_CACHE", "/tmp/dma_jax_test_jax_cache"))
-    over = world.run_overrides(out, *OVER, "agent.sft.steps=5")
-    r = subprocess.run([sys.executable, "-c", DRIVER, str(DEMO), json.dumps(over), gcs_root, str(REPO)],
-                       env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+def _run_on_gcs(world: World, gcs_root: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """GCS_DRIVER on one device with run.out_dir=gs://bkt/run (the fake bucket under `gcs_root`)."""
+    over = world.run_overrides("gs://bkt/run", *PIPELINE_OVERRIDES)
+    r = subprocess.run([sys.executable, "-c", GCS_DRIVER, str(DEMO), json.dumps(over), str(gcs_root), str(REPO)],
+                       env=cli_env(1), cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for sub in ("sweep", "cpt", "report")
-            for p in sorted((out / sub).rglob("*")) if p.is_file() and "checkpoints" not in p.parts}
-
-
 @pytest.mark.slow
-def test_pipeline_on_gcs_equals_local(prepared_world, tmp_path):
-    local = prepared_world.link_base(tmp_path / "local")
+def test_pipeline_on_gcs_equals_local(prepared_world, local_pipeline, tmp_path):
+    local = local_pipeline.out  # the session's run of the same pipeline on one device, in a local folder
     bucket = prepared_world.copy_base(tmp_path / "gcs" / "bkt" / "run")  # objects, no links
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    _run(prepared_world, str(local), "", cwd)
-    r = _run(prepared_world, "gs://bkt/run", str(tmp_path / "gcs"), cwd)
+    r = _run_on_gcs(prepared_world, tmp_path / "gcs", cwd)
     assert "gs://bkt/run/report/report.md" in r.stdout
     assert fake_gcs.stray_local_paths(cwd) == []  # nothing took gs://... for a local path
 
-    on_gcs, on_disk = _files(bucket), _files(local)
+    on_gcs, on_disk = output_files(bucket), local_pipeline.files()
     agent_cpt = {"cpt/agent-sft/seed0/history.json", "cpt/agent-sft/seed0/records.jsonl"}
     assert "sweep/offline/data.npz" in on_disk and set(on_gcs) == set(on_disk) | agent_cpt
     for name, data in on_disk.items():

@@ -40,9 +40,14 @@ def test_toy_env_matches_hand_computation():
 
 def test_save_load_roundtrip(tmp_path):
     ds = _dataset()
+    np.testing.assert_array_equal(ds.field_score_se, np.zeros((5, 3, 2), np.float32))  # ToyEnv: exact scores
+    se = np.random.default_rng(3).uniform(0.0, 0.05, (5, 3, 2)).astype(np.float32)
+    ds = _replace(ds, field_score_se=se)
     od.save(ds, tmp_path / "d")
     back = od.load(tmp_path / "d")
-    for name in ("actions", "feedback", "rewards", "returns"):
+    np.testing.assert_array_equal(back.field_score_se, se)
+    assert od.FORMAT == "dma-offline-v2" and back.meta["format"] == od.FORMAT
+    for name in ("actions", "feedback", "rewards", "returns", "field_score_se"):
         np.testing.assert_array_equal(getattr(back, name), getattr(ds, name))
         assert getattr(back, name).dtype == np.float32
     assert {k: v for k, v in back.meta.items() if k != "data_sha256"} == ds.meta
@@ -77,7 +82,7 @@ def test_pickled_arrays_are_refused(tmp_path):
     od.save(ds, tmp_path / "d")
     buf = io.BytesIO()
     np.savez(buf, actions=np.array([object()], dtype=object), feedback=ds.feedback, rewards=ds.rewards,
-             returns=ds.returns)
+             returns=ds.returns, field_score_se=ds.field_score_se)
     data = buf.getvalue()
     (tmp_path / "d" / "data.npz").write_bytes(data)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
@@ -105,6 +110,9 @@ def _replace(ds, **changes):
     (lambda ds: _replace(ds, meta=dict(ds.meta, target_field="code")), ("target_field", "code")),
     (lambda ds: _replace(ds, meta=dict(ds.meta, balanced="max")), ("balanced",)),
     (lambda ds: _replace(ds, meta=dict(ds.meta, format="dma-offline-v0")), ("format",)),
+    (lambda ds: _replace(ds, field_score_se=ds.field_score_se[:, :, :1]), ("field_score_se", "shape")),
+    (lambda ds: _replace(ds, field_score_se=ds.field_score_se - 0.1), ("field_score_se", "negative")),
+    (lambda ds: _replace(ds, field_score_se=ds.field_score_se + np.float32(np.inf)), ("field_score_se", "Inf")),
     (lambda ds: _replace(ds, meta={k: v for k, v in ds.meta.items() if k != "fields"}), ("missing", "fields")),
 ])
 def test_invalid_datasets_are_refused_on_save_and_load(tmp_path, change, fragments):
@@ -134,3 +142,18 @@ def test_meta_is_written_after_data(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         od.save(_dataset(), tmp_path / "d")
     assert calls == ["data.npz"] and not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_v1_datasets_are_refused_naming_the_version(tmp_path):
+    """A v1 dataset (no standard errors, the old field score) is refused by a one-line error naming both versions."""
+    import hashlib
+
+    ds = _dataset()
+    buf = io.BytesIO()
+    np.savez(buf, actions=ds.actions, feedback=ds.feedback, rewards=ds.rewards, returns=ds.returns)  # v1: no SEs
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.npz").write_bytes(buf.getvalue())
+    meta = dict(ds.meta, format="dma-offline-v1", data_sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    _one_line_error(lambda: od.load(tmp_path / "d"), str(tmp_path / "d"), "'dma-offline-v1'", "'dma-offline-v2'",
+                    "dma sweep")

@@ -1,6 +1,8 @@
 """`dma prepare` and the domain space: demo and user inputs, resume, and one-line errors."""
 
+import collections
 import json
+import re
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from dma_jax.data import demo_corpora
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import ByteTokenizer
 from dma_jax.errors import DmaError
+from dma_jax.evaluation import SUBSET_SEED, select_items
 from dma_jax.prepare import run_prepare
 from tests.paths import DEMO
 from tests.test_sources import tfds_dir  # noqa: F401  (fixture)
@@ -52,6 +55,34 @@ def test_demo_space_fields_domains_and_records(tiny_space):
         assert space.train_tokens[d] == sum(len(t.encode()) + 1 for t in train)
         rec = space.records(d)[0]
         assert rec["tokens"].shape == (cfg.data.record_len,)
+
+
+def test_demo_benchmarks_fit_eval_max_len_and_the_in_loop_subset_covers_every_domain(tiny_space):
+    cfg, space = tiny_space
+    tok, max_len = space.tokenizer(), cfg.eval.max_len
+    for field in space.fields:
+        items = space.benchmarks(field)
+        domains = {space.names[d] for d in space.domain_indices(field)}
+        assert {it["domain"] for it in items} == domains, field  # every domain in the written file
+        # Demo choices leave a quarter of the window to the context (prepare draws them so).
+        assert max(len(tok.encode(c)) for it in items for c in it["choices"]) <= max_len - max_len // 4
+        subset = select_items(items, cfg.eval.benchmark_items_per_field, SUBSET_SEED)
+        counts = collections.Counter(it["domain"] for it in subset)
+        assert set(counts) == domains and max(counts.values()) - min(counts.values()) <= 1, (field, counts)
+
+
+def test_prepare_refuses_a_benchmark_choice_longer_than_eval_max_len(tmp_path):
+    (tmp_path / "a.txt").write_text("some source text " * 10)
+    (tmp_path / "b.txt").write_text("more source text " * 10)
+    items = [{"context": "2 + 2 =", "choices": [" 4", " 5"], "gold": 0, "domain": "m"},
+             {"context": "Spell it:", "choices": [" " + "x" * 32, " y"], "gold": 1, "domain": "m/long"}]
+    demo_corpora.write_benchmarks_jsonl(items, tmp_path / "b.jsonl")
+    cfg = _user_cfg(tmp_path, [{"name": "s", "field": "source", "kind": "text", "paths": [str(tmp_path / "*.txt")]}],
+                    [{"field": "source", "path": str(tmp_path / "b.jsonl")}])
+    with pytest.raises(DmaError, match=re.escape(f"{tmp_path / 'b.jsonl'} (field 'source'): item 1 (domain m/long): ")
+                       + r"choice ' x+' is 33 tokens; eval.max_len=32") as e:
+        run_prepare(cfg, progress=False)
+    assert "\n" not in str(e.value)
 
 
 def test_rerun_skips_finished_domains_and_redoes_a_half_written_one(tiny_space):

@@ -1,6 +1,6 @@
 """`ToyEnv`: an analytic stand-in for the sweep (known best schedule, exact returns), for tests only.
 
-It produces `dma_jax.offline_data.OfflineDataset`s in the `dma-offline-v1` format without proxies.
+It produces `dma_jax.offline_data.OfflineDataset`s in the current offline format (`offline_data.FORMAT`) without proxies.
 """
 
 from __future__ import annotations

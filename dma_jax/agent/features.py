@@ -27,7 +27,8 @@ import numpy as np
 
 from dma_jax.errors import DmaError
 
-FEATURE_VERSION = 2  # 2: the mixture before step 0 is the pre-training mixture, not zeros
+FEATURE_VERSION = 3  # 2: the mixture before step 0 is the pre-training mixture, not zeros; 3: field scores are
+# relative bits-per-byte / held-out-loss changes (evaluation.normalise, feedback M = D + 6F), not tanh of log-lik
 DOMAIN_FEATURES = ("weight_times_D", "is_target_field", "norm_loss", "norm_loss_change")
 GLOBAL_FEATURES = ("target_score", "source_score", "target_score_change", "source_score_change", "progress")
 FEEDBACK_DOMAIN_FEATURES = ("norm_loss", "norm_loss_change")  # zeroed when the feedback is masked

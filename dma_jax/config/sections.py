@@ -196,15 +196,32 @@ class PretrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """The evaluation environment run after every re-weighting step (sweep and CPT)."""
+    """The evaluation environment run after every re-weighting step (sweep and CPT).
+
+    Field score (`evaluation.normalise`; base model = 1.0): 1 + bpb_weight * (base_bpb - bpb) / base_bpb
+    + loss_weight * (base_loss - loss) / base_loss + acc_weight * (centred acc - base centred acc), with bpb
+    the gold continuations' bits per byte on the field's benchmark items, loss the held-out loss on the
+    field's domains, and `acc_metric` the accuracy (centred: (acc - chance) / (1 - chance)). The three weights
+    sum to 1; each term is a relative change scaled by the field's own base value.
+    """
 
     balanced: Literal[BALANCED_HOW] = "mean"  # aggregation of field scores into B
     heldout_windows_per_domain: PosInt = 16
     benchmark_items_per_field: PosInt = 200
     max_len: PosInt = 128  # model input length: held-out windows and benchmark rows hold max_len + 1 tokens
     batch_size: PosInt = 32  # rows per forward pass
-    acc_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of accuracy in the field score
-    ll_scale: PosFloat = 1.0  # nats per token of answer log-likelihood change that saturate the tanh
+    bpb_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of the benchmark bits-per-byte term
+    loss_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of the field's held-out loss term
+    acc_weight: float = pydantic.Field(0.0, ge=0.0, le=1.0)  # share of the (centred) accuracy term
+    acc_metric: Literal["acc", "acc_norm"] = "acc_norm"  # which accuracy the acc term uses
+
+    @pydantic.model_validator(mode="after")
+    def _weights_sum_to_one(self) -> EvalConfig:
+        total = self.bpb_weight + self.loss_weight + self.acc_weight
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"bpb_weight + loss_weight + acc_weight = {self.bpb_weight} + {self.loss_weight} + "
+                             f"{self.acc_weight} = {total:g}; they must sum to 1")
+        return self
 
 
 class SamplerConfig(Section):

@@ -15,8 +15,11 @@ builds the benchmarks.
 Held-out split: in every text domain a fixed tenth of the documents (ranked by a hash of the
 domain and document name) is held out; the training corpora leave them out and the
 benchmarks are drawn only from them. Math benchmarks use their own seed stream and skip any
-question that occurs in the training corpus. Benchmarks are lm-eval-harness style multiple
-choice: {"context", "choices", "gold", "domain"}, scored by the log-likelihood of each choice.
+question that occurs in the training corpus; a math item's context is the question and "Answer:"
+only (the worked steps, which end in the answer, are training text), and a question that contains
+its own answer is skipped. Benchmarks are lm-eval-harness style multiple choice:
+{"context", "choices", "gold", "domain"}, scored by the log-likelihood of each choice; every domain
+of a field gets an even share of its items.
 """
 
 from __future__ import annotations
@@ -100,24 +103,34 @@ def _item(rng: random.Random, context: str, gold: str, wrong: list[str], domain:
     return {"context": context, "choices": choices, "gold": choices.index(gold), "domain": domain}
 
 
-def _wrong(rng: random.Random, pool: list[str], gold: str, fmt: Callable[[str], str]) -> list[str]:
-    """Three distinct entries of `pool` (at least 4 entries), all unlike `gold` once stripped, formatted."""
+def _fits_all(_: str) -> bool:
+    return True
+
+
+def _wrong(rng: random.Random, pool: list[str], gold: str, fmt: Callable[[str], str],
+           fits: Callable[[str], bool] = _fits_all) -> list[str] | None:
+    """Three distinct entries of `pool` (at least 4 entries), all unlike `gold` once stripped, formatted and
+    each `fits` once formatted; None when 200 draws do not find them."""
     picked: list[str] = []
-    while len(picked) < 3:
+    for _ in range(200):
+        if len(picked) == 3:
+            break
         cand = rng.choice(pool)
-        if cand != gold.strip() and cand not in picked:
+        if cand != gold.strip() and cand not in picked and fits(fmt(cand)):
             picked.append(cand)
-    return [fmt(c) for c in picked]
+    return [fmt(c) for c in picked] if len(picked) == 3 else None
 
 
-def _line_items(domain: str, held: list[str], haystack: str, n: int, rng: random.Random, code: bool) -> list[dict]:
-    """Next-line choice: context = the k lines before, choices = the true line and 3 held-out lines."""
+def _line_items(domain: str, held: list[str], haystack: str, n: int, rng: random.Random, code: bool,
+                fits: Callable[[str], bool] = _fits_all) -> list[dict]:
+    """Next-line choice: context = the k lines before, choices = the true line and 3 held-out lines, each
+    choice short enough to `fits`."""
     k, min_len = (8, 10) if code else (6, 20)
     docs = [t.split("\n") for t in held]
 
     def eligible(s: str) -> bool:
         t = s.strip()
-        return len(t) >= min_len and (code or not (t.startswith("[") or t.endswith(":")))
+        return len(t) >= min_len and (code or not (t.startswith("[") or t.endswith(":"))) and fits(s) and fits(t)
 
     pos = [(d, i) for d, lines in enumerate(docs) for i in range(k, len(lines)) if eligible(lines[i])]
     pool = sorted({docs[d][i].strip() for d, i in pos})
@@ -132,12 +145,26 @@ def _line_items(domain: str, held: list[str], haystack: str, n: int, rng: random
         if _norm(context + gold) in haystack:
             continue
         indent = gold[: len(gold) - len(gold.lstrip())]
-        items.append(_item(rng, context, gold, _wrong(rng, pool, gold, lambda s: indent + s), domain))
+        wrong = _wrong(rng, pool, gold, lambda s: indent + s, fits)
+        if wrong is not None:
+            items.append(_item(rng, context, gold, wrong, domain))
     return items
 
 
-def _sentence_items(domain: str, held: list[str], haystack: str, n: int, rng: random.Random) -> list[dict]:
-    """Next-sentence choice within prose paragraphs (code blocks and headings skipped)."""
+def _tail(sentence: str, fits: Callable[[str], bool]) -> str:
+    """The longest run of the sentence's last words (at least one) that `fits` as " " + run."""
+    words = sentence.split(" ")
+    for k in range(len(words) - 1):
+        if fits(" " + " ".join(words[k:])):
+            return " ".join(words[k:])
+    return words[-1]
+
+
+def _sentence_items(domain: str, held: list[str], haystack: str, n: int, rng: random.Random,
+                    fits: Callable[[str], bool] = _fits_all) -> list[dict]:
+    """Next-sentence choice within prose paragraphs (code blocks and headings skipped). A sentence too long to
+    `fits` as a choice is split: its first words join the context and the choice is its ending (the
+    distractors are other sentences' endings, cut the same way)."""
     paras = []
     for text in held:
         for p in re.split(r"\n\s*\n", text):
@@ -146,7 +173,8 @@ def _sentence_items(domain: str, held: list[str], haystack: str, n: int, rng: ra
                    for ln in lines):
                 paras.append(_SENTENCE_END.split(_norm(p)))
     pos = [(p, j) for p, sents in enumerate(paras) for j in range(1, len(sents)) if 20 <= len(sents[j]) <= 300]
-    pool = sorted({paras[p][j] for p, j in pos})
+    tails = {paras[p][j]: _tail(paras[p][j], fits) for p, j in pos}
+    pool = sorted(set(tails.values()))
     if len(pool) < 4:
         return []
     rng.shuffle(pos)
@@ -154,29 +182,42 @@ def _sentence_items(domain: str, held: list[str], haystack: str, n: int, rng: ra
     for p, j in pos:
         if len(items) == n:
             break
-        context, gold = " ".join(paras[p][max(0, j - 3): j]), " " + paras[p][j]
-        if _norm(context + gold) in haystack:
+        sentence = paras[p][j]
+        tail = tails[sentence]
+        head = sentence[: len(sentence) - len(tail)].rstrip()
+        context, gold = " ".join([*paras[p][max(0, j - 3): j], *([head] if head else [])]), " " + tail
+        if _norm(context + gold) in haystack or not fits(gold):
             continue
-        items.append(_item(rng, context, gold, _wrong(rng, pool, gold, lambda s: " " + s), domain))
+        wrong = _wrong(rng, pool, gold, lambda s: " " + s, fits)
+        if wrong is not None:
+            items.append(_item(rng, context, gold, wrong, domain))
     return items
 
 
 def _math_items(kind: str, n: int, seed: int, math_docs_per_domain: int) -> list[dict]:
-    """Answer choice for problems from the benchmark stream that are not in the training corpus."""
+    """Answer choice for problems from the benchmark stream that are not in the training corpus. The context is
+    the question and "Answer:" only (`MathProblem.prompt`): the worked steps, which end in the answer, stay in
+    the training documents; a problem whose question contains its answer (`answer_in_prompt`) is skipped."""
     train = frozenset(p.question for p in math_gen.generate_problems(kind, math_docs_per_domain, seed, "train"))
     rng = random.Random(f"dma_jax.demo_benchmarks/{seed}/math/{kind}")
     return [_item(rng, p.prompt, " " + p.answer, [" " + d for d in p.distractors], f"math/{kind}")
-            for p in math_gen.generate_problems(kind, n, seed, "bench", exclude=train)]
+            for p in math_gen.generate_problems(kind, n, seed, "bench", exclude=train,
+                                                keep=lambda p: not p.answer_in_prompt)]
 
 
 def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str] = FIELDS,
-                    math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN) -> dict[str, list[dict]]:
-    """Held-out multiple-choice items per field, spread evenly over the field's domains.
+                    math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN,
+                    choice_fits: Callable[[str], bool] | None = None) -> dict[str, list[dict]]:
+    """Held-out multiple-choice items per field, spread evenly over the field's domains (every domain gets
+    n_per_field // #domains items, the first n_per_field % #domains one more), written domain by domain.
 
     Text items come only from held-out documents and are dropped when their context and
     answer occur in a training document; math items are held out against a training
     corpus of up to `math_docs_per_domain` problems per domain (smaller corpora are prefixes).
+    `choice_fits` (a choice string -> bool; `dma prepare` passes "at most eval.max_len - eval.max_len // 4
+    tokens") keeps text items whose choices are all short enough to leave their context room.
     """
+    fits = choice_fits or _fits_all
     _check_fields(fields)
     if n_per_field < 1:
         raise DmaError(f"demo benchmarks: n_per_field must be >= 1, got {n_per_field}")
@@ -194,9 +235,9 @@ def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str]
         for name, (_, held) in splits.items():
             rng = random.Random(f"dma_jax.demo_benchmarks/{seed}/{name}")
             if name.startswith("source/python"):
-                got = _sentence_items(name, held, haystack, quota[name], rng)
+                got = _sentence_items(name, held, haystack, quota[name], rng, fits)
             else:
-                got = _line_items(name, held, haystack, quota[name], rng, code=field == "code")
+                got = _line_items(name, held, haystack, quota[name], rng, code=field == "code", fits=fits)
             if len(got) < quota[name]:
                 raise DmaError(f"demo benchmarks: domain {name} yields {len(got)} held-out items, {quota[name]} asked")
             items += got
@@ -217,6 +258,20 @@ def _check_item(item, where: str) -> None:
         raise DmaError(f"{where}: 'choices' must be a list of at least 2 strings")
     if not 0 <= gold < len(choices):
         raise DmaError(f"{where}: 'gold' = {gold} is out of range for {len(choices)} choices")
+
+
+def check_choices_fit(items: Sequence[dict], encode: Callable[[str], Sequence[int]], max_len: int,
+                      where: str) -> None:
+    """Every choice of every item is 1..max_len tokens (`encode`): the evaluation keeps a choice whole and
+    left-truncates the context to fit [eos] + context + choice into max_len + 1 tokens. One-line DmaError
+    naming `where`, the item's index and its domain otherwise."""
+    for i, item in enumerate(items):
+        for c in item["choices"]:
+            n = len(encode(c))
+            if not 1 <= n <= max_len:
+                raise DmaError(f"{where}: item {i} (domain {item.get('domain', '?')}): choice {c[:40]!r} is {n} "
+                               f"tokens; eval.max_len={max_len} allows 1..{max_len} (a choice is never truncated "
+                               "and needs a token of context)")
 
 
 def write_benchmarks_jsonl(items: Sequence[dict], path: str | Path) -> None:

@@ -5,8 +5,10 @@ problem is drawn from `random.Random` seeded by (seed, stream, kind), so a corpu
 function of its arguments; training and benchmarks use different streams. Each arithmetic
 step is written as a plain equation ("19 * 3 = 57", after a colon when it has a label) so a
 reader, or a test, can check every step. Each problem also carries three wrong answers
-(plausible slips) for the multiple-choice benchmark. Arithmetic and algebra live here, number
-theory and word problems in `math_gen_discrete`, the step-formatting helpers both use in `math_common`.
+(plausible slips of the same form) for the multiple-choice benchmark, whose context is the question
+alone (`MathProblem.prompt`): the worked steps are training text, never part of a benchmark item.
+Arithmetic and algebra live here, number theory and word problems in `math_gen_discrete`, the
+step-formatting helpers both use in `math_common`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from fractions import Fraction
 from typing import Callable
 
@@ -22,6 +25,7 @@ from dma_jax.data.math_gen_discrete import NUMBER_THEORY, WORD_PROBLEMS
 from dma_jax.errors import DmaError
 
 KINDS = ("arithmetic", "algebra", "number_theory", "word_problems")
+_TOKEN = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")  # words, digit runs, single symbols
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +41,22 @@ class MathProblem:
 
     @property
     def prompt(self) -> str:
-        """Question and worked solution up to (and including) "Answer:"."""
-        return "\n".join((self.question, *self.steps, "Answer:"))
+        """What a benchmark asks: the question and "Answer:", without the worked steps (they would give
+        the answer away: a model could copy it from the last step)."""
+        return f"{self.question}\nAnswer:"
 
     @property
     def document(self) -> str:
-        return f"{self.prompt} {self.answer}"
+        """What the training corpus holds: question, worked steps, "Answer:" and the answer."""
+        return "\n".join((self.question, *self.steps, f"Answer: {self.answer}"))
+
+    @property
+    def answer_in_prompt(self) -> bool:
+        """Whether the answer's tokens (words, digit runs, symbols) occur as a run in the prompt's, e.g. "Find
+        the greatest common divisor of 36 and 12." -> 12: such a problem is no benchmark item (a model could
+        copy its answer), though it is a fine training document."""
+        a, q = _TOKEN.findall(self.answer), _TOKEN.findall(self.prompt)
+        return any(q[i: i + len(a)] == a for i in range(len(q) - len(a) + 1))
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -267,8 +281,10 @@ _GENERATORS: dict[str, tuple[tuple[str, Callable], ...]] = {
 
 
 def generate_problems(kind: str, n: int, seed: int = 0, stream: str = "train",
-                      exclude: frozenset[str] = frozenset()) -> list[MathProblem]:
-    """`n` distinct problems of one kind; questions in `exclude` (e.g. the training set) are skipped.
+                      exclude: frozenset[str] = frozenset(),
+                      keep: Callable[[MathProblem], bool] | None = None) -> list[MathProblem]:
+    """`n` distinct problems of one kind; questions in `exclude` (e.g. the training set) and problems `keep`
+    rejects are skipped.
 
     Deterministic in (kind, n, seed, stream), and prefix-stable: the first k of n problems
     are the problems for n = k, so a smaller corpus is a subset of a larger one.
@@ -288,7 +304,9 @@ def generate_problems(kind: str, n: int, seed: int = 0, stream: str = "train",
         if question in seen or question in exclude:
             continue
         seen.add(question)
-        out.append(MathProblem(kind, subkind, question, tuple(steps), answer, distractors))
+        problem = MathProblem(kind, subkind, question, tuple(steps), answer, distractors)
+        if keep is None or keep(problem):
+            out.append(problem)
     if len(out) < n:
         raise DmaError(f"math_gen: could only draw {len(out)} distinct {kind} problems of the {n} asked")
     return out

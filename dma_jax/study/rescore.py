@@ -1,9 +1,8 @@
 """Re-score finished CPT runs on a larger evaluation set: their final models, all benchmark items.
 
-CPT scores its models on `eval.benchmark_items_per_field` items (16 in the demo and the study, to
-keep the per-step feedback cheap). With `eval.acc_weight` 0.5, one item there moves a field score
-by 0.5 / 16 = 0.031 and the balanced score by half of that -- coarser than the differences
-between good policies. `rescore_runs` loads each run's last checkpoint (the final model) and
+CPT scores its models on `eval.benchmark_items_per_field` items per field (16 in the demo and the study,
+to keep the per-step feedback cheap; a stratified subset, `evaluation.select_items`, whose larger subsets
+start with the smaller ones). `rescore_runs` loads each run's last checkpoint (the final model) and
 evaluates it, and the base target, on up to `items` items per field and `windows` held-out windows
 per domain; field and balanced scores are computed exactly as CPT computes them
 (`evaluation.normalise`, relative to the base model on the same set). One `rescore-<items>x<windows>.json`

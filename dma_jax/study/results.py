@@ -198,8 +198,8 @@ def _rescored(view: StudyView) -> tuple[list[str], list[str]]:
         return [], []
     ec = view.base.eval
     lines = [f"### 2c. Re-scored on up to {items} benchmark items per field", "",
-             f"CPT's scores use {ec.benchmark_items_per_field} items per field (one item = "
-             f"{ec.acc_weight / ec.benchmark_items_per_field:.3f} of a field score); here "
+             f"CPT's scores use {ec.benchmark_items_per_field} items per field (a stratified subset, "
+             "`evaluation.select_items`); here "
              f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
              f"{windows} held-out windows per domain (`dma_jax/study/rescore.py`). The agents chose their mixtures "
              "from feedback on the first of these items; the rest they never saw.", ""]
