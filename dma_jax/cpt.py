@@ -171,7 +171,7 @@ def _write_history(cfg, space, policy_name, seed, history, raws, timings, reject
         timings=timings, rejected=rejected, cpt_config=dump_config(cfg)["cpt"],
         field_score_se_T1xF=np.stack(history.feedback)[:, se_idx], acc_norm_T1xF=[r["acc_norm"] for r in raws],
         answer_bpb_T1xF=[r["answer_bpb"] for r in raws], field_loss_T1xF=[r["field_loss"] for r in raws],
-        chance_F=raws[0]["chance"])
+        chance_F=raws[0]["chance"], eval_items=ev.in_loop_items(space, cfg.eval))
     if shd.is_primary():
         hist_format.write(out, doc)
     return hist_format.from_doc(doc, str(out / hist_format.FILE), out / hist_format.FILE)

@@ -101,6 +101,18 @@ class EvalSet(NamedTuple):
 SUBSET_SEED = 0  # a constant, not run.seed: every run and seed of a study scores the same items
 
 
+def in_loop_items(space: DomainSpace, ec: EvalConfig) -> dict[str, dict[str, int]]:
+    """{field: {domain: items}} of the subset `EvalSet.for_space` scores (the same `select_items` call)."""
+    out = {}
+    for f in space.fields:
+        chosen = select_items(space.benchmarks(f), ec.benchmark_items_per_field, SUBSET_SEED)
+        counts: dict[str, int] = {}
+        for item in chosen:
+            counts[str(item.get("domain", ""))] = counts.get(str(item.get("domain", "")), 0) + 1
+        out[f] = counts
+    return out
+
+
 def select_items(items: Sequence[Mapping], n: int, seed: int) -> list[Mapping]:
     """The first `n` items of a fixed order that takes them round-robin over their `domain` (domains in order
     of first appearance; items without one share the domain ""), each domain's items in a fixed shuffle

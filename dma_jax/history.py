@@ -41,7 +41,8 @@ _OPTIONAL_T1xF = ("acc_norm", "answer_bpb", "field_loss")
 def make(*, policy: str, seed: int, domain_names, domain_fields, fields, target_field: str, steps_per_stage: int,
          weights_TxD, feedback_names, field_scores_T1xF: np.ndarray, balanced_how: str, accuracy_T1xF,
          domain_loss_T1xD, timings: dict, rejected: int, cpt_config: dict, field_score_se_T1xF,
-         acc_norm_T1xF=None, answer_bpb_T1xF=None, field_loss_T1xF=None, chance_F=None) -> dict:
+         acc_norm_T1xF=None, answer_bpb_T1xF=None, field_loss_T1xF=None, chance_F=None,
+         eval_items: dict | None = None) -> dict:
     """The JSON document of a finished run (the balanced score computed here, the one way)."""
     balanced = np.asarray(ev.balanced_score(field_scores_T1xF, balanced_how))
     extra = {key: [np.asarray(x).tolist() for x in value] for key, value in
@@ -49,6 +50,8 @@ def make(*, policy: str, seed: int, domain_names, domain_fields, fields, target_
              if value is not None}
     if chance_F is not None:
         extra["chance"] = np.asarray(chance_F).tolist()
+    if eval_items is not None:  # {field: {domain: items}} of the in-loop subset (evaluation.in_loop_items)
+        extra["eval_items"] = eval_items
     return extra | {
         "format": FORMAT, "policy": policy, "seed": seed,
         "domain_names": list(domain_names), "domain_fields": list(domain_fields), "fields": list(fields),
@@ -102,6 +105,7 @@ class RunHistory:
     answer_bpb_T1xF: np.ndarray | None = None
     field_loss_T1xF: np.ndarray | None = None
     chance_F: np.ndarray | None = None
+    eval_items: dict | None = None  # {field: {domain: items}} scored in the loop (optional)
 
     @property
     def n_steps(self) -> int:
@@ -221,7 +225,8 @@ def from_doc(obj, where: str, path: Path | None = None) -> RunHistory:
                       obj["steps_per_stage"], feedback_names, obj["balanced_how"], obj["complete"],
                       weights, scores, balanced, accuracy, loss, obj.get("config"), se,
                       np.asarray(ev.balanced_se(scores, se, obj["balanced_how"]), np.float64),
-                      extra["acc_norm"], extra["answer_bpb"], extra["field_loss"], chance)
+                      extra["acc_norm"], extra["answer_bpb"], extra["field_loss"], chance,
+                      obj.get("eval_items") if isinstance(obj.get("eval_items"), dict) else None)
 
 
 def collect(cpt_dir: str | Path) -> list[RunHistory]:

@@ -271,6 +271,12 @@ def write_report(cpt_dir: str | Path, out_dir: str | Path, title: str = "Continu
                   "seed std " + (f"{paired['std_diff']:.4f}" if len(paired["seeds"]) > 1 else "–")
                   + f"): {verdict}; {paired['policy']} is ahead on {paired['wins']} of {len(paired['seeds'])} seeds.",
                   ""]
+    items = first.eval_items
+    if items:
+        lines += ["## Items scored in the loop", "",
+                  "Every score above is over these benchmark items (a fixed subset stratified over each field's "
+                  "domains, `evaluation.select_items`) and the held-out windows of every domain:", "",
+                  *[f"- {f}: " + ", ".join(f"{d} {n}" for d, n in items[f].items()) for f in items], ""]
     lines += ["## Plots", "", "Domain weights chosen by each policy (lowest seed), coloured by field:", "",
               "![Domain mixtures](mixtures.png)", "",
               "Balanced and field scores over training, mean over seeds with ± std shaded:", "",

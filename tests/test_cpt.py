@@ -92,6 +92,13 @@ def test_cpt_follows_the_policy_batch_by_batch(run):
     for r, want_counts in zip(recs, want):
         np.testing.assert_array_equal(np.bincount(r["domain"], minlength=len(want_counts)), want_counts)
     assert doc.weights_TxD[0][doc.domain_fields.index("math")] == 0.0  # the curriculum starts on source
+    # The in-loop items, recorded per domain: every domain of a field, as evenly as the item count allows.
+    n = cfg.eval.benchmark_items_per_field
+    for field in doc.fields:
+        doms = [d for d, f in zip(doc.domain_names, doc.domain_fields) if f == field]
+        counts = doc.eval_items[field]
+        assert sorted(counts) == sorted(doms) and sum(counts.values()) == n
+        assert max(counts.values()) - min(counts.values()) <= 1
 
 
 def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monkeypatch):
