@@ -25,7 +25,7 @@ def test_demo_pipeline_end_to_end_matches_golden(tmp_path, capsys):
     text = (tmp_path / "report" / "report.md").read_text()
     for policy in POLICIES:
         assert f"| {policy} |" in text
-    assert "## Items scored in the loop" in text and "- math: math/arithmetic 2, math/algebra 2" in text
+    assert "## Items scored in the loop" in text and "- math: math/algebra 2, math/arithmetic 2, math/number_theory 2, math/word_problems 2" in text
     # Every output equals the golden run's, bit for bit (offline arrays, agents, CPT histories, records, report).
     assert golden.compare(tmp_path) == []
     # A second run reuses every finished stage (runs.RunDir's is-done checks): no file is written again.
