@@ -1,4 +1,5 @@
-"""`dma`: the command line. Each subcommand parses a config and calls one stage's `run_*`.
+"""`dma`: the command line. Each subcommand parses a config and calls one function (`pipeline`, `perf`,
+`study`, `eval_harness`) and prints its line. (~360 lines: one parser per subcommand, with its help text.)
 
 Errors the user can fix print one line (`dma: error: ...`) and exit 2; any other
 failure prints one line too unless `--debug` is given, which shows the traceback.

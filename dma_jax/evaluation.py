@@ -1,5 +1,9 @@
 """The evaluation environment: what a model (a proxy in the sweep, the target in CPT) scores, with its error.
 
+(~490 lines, over the project's ~350: the item subset, the device scorer, the normalisation and the standard
+errors are one fact -- what a score means -- and change together; issue 19's fused scorer is the moment to
+split the host-side set building from the device-side scoring.)
+
 Raw metrics (`evaluate`, pure JAX, jittable, vmappable over a leading proxy axis of params):
 - per field [F]: `answer_bpb`, the gold continuations' bits per byte, pooled over the field's items
   (sum of -log p(gold tokens) / sum of the gold strings' UTF-8 bytes / ln 2, lm-eval `bits_per_byte` style);
