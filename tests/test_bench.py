@@ -14,7 +14,6 @@ import json
 import math
 import re
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,8 @@ from dma_jax.errors import DmaError
 from dma_jax.models.lm import LMDef, param_count_formula
 from dma_jax.perf import bench, measure, proxies
 from dma_jax.train import TrainState
+from tests.paths import DEMO
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 FAST = ["proxy.n_layers=1", "target.n_layers=1"]  # compiles faster
 
 
