@@ -5,10 +5,12 @@ demo, the study and the CLI ask it whether a stage is done (so a second `make de
 
     <run.out_dir>/
       pretrain-{proxy,target}/   config.yaml, metrics.jsonl, checkpoints/<step>/      (dma pretrain)
-      sweep/                     trajectories.{npz,png}, checkpoints/, offline/       (dma sample, dma sweep)
+      sweep/                     trajectories.{npz,png}, coverage.{png,md},           (dma sample)
+                                 checkpoints/, offline/                               (dma sweep)
       agent/{sft,cql}/           metrics.jsonl, checkpoints/<step>/                   (dma train-agent)
       agent/export-{sft,cql}/    checkpoint/, agent_spec.json
       cpt/<policy>/seed<k>/      history.json, records.jsonl, checkpoints/            (dma cpt)
+      headroom/                  headroom.{md,json}, proxy/seed<k>/ (target runs: cpt/)  (dma headroom)
       report/                    report.md, mixtures.png, scores.png                  (dma report)
       export/target-<policy>-seed<k>/  orbax/, hf/                                    (dma export target)
     <data.dir or run.out_dir/data>/  manifest.json, <domain>/...                      (dma prepare)
@@ -72,6 +74,14 @@ class RunDir:
         return self.sweep / "trajectories.npz"
 
     @property
+    def coverage_plot(self) -> AnyPath:
+        return self.sweep / "coverage.png"
+
+    @property
+    def coverage_table(self) -> AnyPath:
+        return self.sweep / "coverage.md"
+
+    @property
     def sweep_checkpoints(self) -> AnyPath:
         return self.sweep / "checkpoints"
 
@@ -102,6 +112,22 @@ class RunDir:
 
     def cpt_checkpoints(self, policy: str, seed: int) -> AnyPath:
         return self.cpt_run(policy, seed) / "checkpoints"
+
+    @property
+    def headroom(self) -> AnyPath:
+        return self.root / "headroom"
+
+    @property
+    def headroom_table(self) -> AnyPath:
+        return self.headroom / "headroom.md"
+
+    @property
+    def headroom_json(self) -> AnyPath:
+        return self.headroom / "headroom.json"
+
+    def headroom_proxy(self, seed: int) -> AnyPath:
+        """The proxy-side headroom runs of one seed (checkpoints, feedback)."""
+        return self.headroom / "proxy" / f"seed{seed}"
 
     @property
     def report(self) -> AnyPath:

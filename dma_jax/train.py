@@ -74,14 +74,21 @@ def loss_fn(params: Params, lm: LMDef, batch: dict[str, jax.Array]) -> tuple[jax
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate at each step of a `total_steps` run: linear warm-up, then `cfg.schedule`
+    (cosine / constant / wsd, see `OptimConfig`)."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio,
-    )
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+                                                  decay_steps=max(total_steps, warmup + 1), end_value=end)
+    ramp = optax.linear_schedule(0.0, cfg.lr, warmup) if warmup else optax.constant_schedule(cfg.lr)
+    if cfg.schedule == "constant":
+        return optax.join_schedules([ramp, optax.constant_schedule(cfg.lr)], [warmup])
+    decay = min(max(round(cfg.decay_fraction * total_steps), 1), max(total_steps - warmup, 1))
+    stable = max(total_steps - warmup - decay, 0)
+    # the decay reaches `end` at the last step (index total_steps - 1)
+    down = optax.linear_schedule(cfg.lr, end, max(decay - 1, 1))
+    return optax.join_schedules([ramp, optax.constant_schedule(cfg.lr), down], [warmup, warmup + stable])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:

@@ -21,13 +21,13 @@ import pydantic
 import yaml
 
 from dma_jax.config.agent import AgentConfig, AgentModelConfig, CqlConfig, SftConfig
-from dma_jax.config.sections import (BALANCED_HOW, BenchmarkInput, CptConfig, DataConfig, DomainInput, EvalConfig, MeshConfig,
+from dma_jax.config.sections import (BALANCED_HOW, BenchmarkInput, CptConfig, DataConfig, DomainInput, EvalConfig, HeadroomConfig, MeshConfig,
                                      ModelConfig, OptimConfig, PretrainConfig, RunConfig, SamplerConfig, Section,
                                      SweepConfig, TokenizerConfig)
 from dma_jax.errors import DmaError
 
 __all__ = ["BALANCED_HOW", "AgentConfig", "AgentModelConfig", "BenchmarkInput", "Config", "CptConfig", "CqlConfig", "DataConfig",
-           "DomainInput", "EvalConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig",
+           "DomainInput", "EvalConfig", "HeadroomConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig",
            "SamplerConfig", "Section", "SftConfig", "SweepConfig", "TokenizerConfig", "config_from_dict",
            "config_variants", "dump_config", "load_config", "parse_override"]
 
@@ -45,6 +45,7 @@ class Config(Section):
     cpt: CptConfig = CptConfig()
     agent: AgentConfig = AgentConfig()
     eval: EvalConfig = EvalConfig()
+    headroom: HeadroomConfig = HeadroomConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_cross(self) -> Config:

@@ -53,10 +53,19 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with linear warm-up then cosine decay, and global-norm clipping."""
+    """AdamW with global-norm clipping; the learning rate warms up linearly over `warmup_steps`, then:
+
+    - `cosine`: cosine decay to `min_lr_ratio * lr` at the last step;
+    - `constant`: stays at `lr`;
+    - `wsd` (warm-up, stable, decay): stays at `lr`, then decays linearly to `min_lr_ratio * lr` over the
+      last `decay_fraction` of the steps, so every re-weighting step before the decay carries the same
+      learning-rate mass.
+    """
 
     lr: PosFloat = 3e-3
     warmup_steps: NonNegInt = 10
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    decay_fraction: float = pydantic.Field(0.2, gt=0.0, le=1.0)  # wsd only: share of the steps in the decay
     min_lr_ratio: float = pydantic.Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = pydantic.Field(0.1, ge=0.0)
     b1: float = pydantic.Field(0.9, ge=0.0, lt=1.0)
@@ -214,6 +223,9 @@ class EvalConfig(Section):
     loss_weight: float = pydantic.Field(0.5, ge=0.0, le=1.0)  # share of the field's held-out loss term
     acc_weight: float = pydantic.Field(0.0, ge=0.0, le=1.0)  # share of the (centred) accuracy term
     acc_metric: Literal["acc", "acc_norm"] = "acc_norm"  # which accuracy the acc term uses
+    # domains evaluated (their held-out loss is in the feedback) but left out of their field's loss term, and
+    # left out by `dma headroom`'s "clean" policies; the demo lists its low-quality domains here
+    unscored_domains: tuple[str, ...] = ()
 
     @pydantic.model_validator(mode="after")
     def _weights_sum_to_one(self) -> EvalConfig:
@@ -227,31 +239,45 @@ class EvalConfig(Section):
 class SamplerConfig(Section):
     """Inductive biases of the trajectory sampler (`dma_jax.trajectories.sample_trajectories`).
 
-    init_concentration: Dirichlet concentration of the t=0 mixture around the start mean.
-    init_target_share: total weight of the target field in the start mean (split by size).
+    init_target_share_range: (lo, hi); each trajectory draws its start target-field share ~ U(lo, hi)
+        (split over the target domains by size; the rest over the source domains by size).
+    init_concentration: Dirichlet concentration of the t=0 mixture around that start mean.
     step_concentration: concentration c of a step: next ~ Dirichlet(c * mean).
-    drift_rate_range: (lo, hi); each trajectory draws r ~ U(lo, hi) and a step's mean is
-        (1 - r) * current + r * target_distribution (target domains by size).
+    drift_rate_range: (lo, hi), signed; each trajectory draws r ~ U(lo, hi). r > 0: a step's mean is
+        (1 - r) * current + r * target distribution; r < 0: the same with |r| toward the source distribution
+        (so trajectories rise, or fall from a high start).
+    turn_share: fraction of trajectories whose drift flips sign at a random step (rise then fall, fall then rise).
+    emphasis_share: fraction of trajectories that down-weight some domains inside their field: each domain of
+        such a trajectory is picked with probability 1/2 (at least one, never a field's last domain) and its
+        weight in every mean is multiplied by `emphasis_factor` (the field's share is kept).
     wide_share: fraction of trajectories that explore with `wide_concentration` instead.
     wide_concentration: step concentration of the wide-exploration trajectories.
     min_weight: floor on every domain weight, applied before renormalising.
     """
 
+    init_target_share_range: tuple[float, float] = (0.0, 0.6)
     init_concentration: PosFloat = pydantic.Field(200.0, allow_inf_nan=False)
-    init_target_share: float = pydantic.Field(0.02, ge=0.0, lt=1.0)
     step_concentration: PosFloat = pydantic.Field(300.0, allow_inf_nan=False)
-    # per re-weighting step: a trajectory drifting at r ends near 1-(1-r)^(T-1) of the target field, so with
-    # T=5 steps (demo, study) the default reaches 1-37% (RESULTS.md 2b tried (0, 0.3): no better agent)
-    drift_rate_range: tuple[float, float] = (0.0, 0.1)
+    drift_rate_range: tuple[float, float] = (-0.15, 0.25)
+    turn_share: float = pydantic.Field(0.25, ge=0.0, le=1.0)
+    emphasis_share: float = pydantic.Field(0.3, ge=0.0, le=1.0)
+    emphasis_factor: float = pydantic.Field(0.1, ge=0.0, le=1.0)
     wide_share: float = pydantic.Field(0.25, ge=0.0, le=1.0)
     wide_concentration: PosFloat = pydantic.Field(30.0, allow_inf_nan=False)
     min_weight: float = pydantic.Field(1e-4, ge=0.0, lt=1.0)
 
+    @pydantic.field_validator("init_target_share_range")
+    @classmethod
+    def _check_start(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] < 1.0:
+            raise ValueError(f"{list(v)} must be [lo, hi] with 0 <= lo <= hi < 1")
+        return v
+
     @pydantic.field_validator("drift_rate_range")
     @classmethod
     def _check_rates(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= v[0] <= v[1] <= 1.0:
-            raise ValueError(f"{list(v)} must be [lo, hi] with 0 <= lo <= hi <= 1")
+        if not -1.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"{list(v)} must be [lo, hi] with -1 <= lo <= hi <= 1")
         return v
 
 
@@ -289,3 +315,27 @@ class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/demo"
     seed: NonNegInt = 0
+
+
+class HeadroomConfig(Section):
+    """`dma headroom`: how much a domain choice or a schedule can beat the best size-spread fixed share.
+
+    On the target (CPT, `cpt.*` settings) and on proxies (the sweep's environment), over `seeds`: fixed target
+    shares spread by size, the same shares on the scored domains only (`eval.unscored_domains` left out), the
+    hand schedules `high_low` (start share -> end share, linear) and `low_high`, source-only and target-only.
+    H = best(clean or scheduled) - best(size-spread fixed share), per seed paired.
+    """
+
+    shares: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.7)
+    high_low: tuple[float, float] = (0.7, 0.1)
+    low_high: tuple[float, float] = (0.1, 0.7)
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
+    proxy_seeds: tuple[NonNegInt, ...] = (0, 1, 2, 3)
+    on: tuple[Literal["target", "proxy"], ...] = ("target", "proxy")
+
+    @pydantic.field_validator("shares")
+    @classmethod
+    def _check_shares(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or not all(0.0 < x < 1.0 for x in v):
+            raise ValueError(f"{list(v)} must be a non-empty list of shares in (0, 1)")
+        return v
