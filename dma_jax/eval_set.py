@@ -1,8 +1,9 @@
 """The evaluation set: held-out windows and benchmark items, tokenized and padded on the host (`EvalSet`).
 
 `EvalSet.for_space` is the one way the sweep, CPT and the re-scoring build it: per field a fixed subset
-stratified over the field's domains (`select_items`), contexts left-truncated lm-eval-harness style. What a
-model scores on it is `dma_jax.evaluation`.
+stratified over the field's domains (`select_items`), contexts left-truncated lm-eval-harness style, and the
+domains of `eval.unscored_domains` marked (`scored_domains`): still evaluated, left out of their field's
+held-out-loss term. What a model scores on it is `dma_jax.evaluation`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 import numpy as np
 from dma_jax.config import EvalConfig
-from dma_jax.data.demo_corpora import check_choices_fit
+from dma_jax.data.demo_corpora import check_choices_fit, domain_names
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import Tokenizer
 from dma_jax.errors import DmaError
@@ -25,7 +26,8 @@ class EvalSet(NamedTuple):
     Benchmarks: I items x C choice slots; a row is [eos] + context + choice, left-truncated to
     Lb+1 tokens and right-padded. `answer_mask` marks the targets (row[1:]) that are choice tokens;
     slots at or beyond an item's `n_choices` are empty rows. `choice_bytes` / `choice_chars`: the UTF-8 bytes /
-    characters of each choice string (0 for empty slots); `field_of_domain`: each held-out domain's field.
+    characters of each choice string (0 for empty slots); `field_of_domain`: each held-out domain's field;
+    `domain_scored`: 1 where a domain's held-out loss counts in its field's score, 0 for `eval.unscored_domains`.
     """
 
     heldout_tokens_DxExL1: np.ndarray  # int32
@@ -39,6 +41,7 @@ class EvalSet(NamedTuple):
     choice_bytes_IxC: np.ndarray  # float32
     choice_chars_IxC: np.ndarray  # float32
     field_of_domain_D: np.ndarray  # int32, index into field_names
+    domain_scored_D: np.ndarray  # float32, 1 = in its field's held-out loss term
 
     @classmethod
     def for_space(cls, space: DomainSpace, ec: EvalConfig) -> EvalSet:
@@ -46,7 +49,9 @@ class EvalSet(NamedTuple):
         `ec.heldout_windows_per_domain` evenly spaced held-out windows per domain, and per field
         `select_items(items, ec.benchmark_items_per_field, SUBSET_SEED)`: a fixed subset stratified over the
         field's domains. No item is skipped: contexts are left-truncated to fit `ec.max_len`; a choice longer
-        than `ec.max_len` tokens (which `dma prepare` refuses) is an error naming the field, item and domain."""
+        than `ec.max_len` tokens (which `dma prepare` refuses) is an error naming the field, item and domain.
+        `ec.unscored_domains` are marked as `scored_domains` says."""
+        scored = scored_domains(space, ec.unscored_domains)
         tok = space.tokenizer()
         windows = [cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
                    for d in range(space.num_domains)]
@@ -55,7 +60,23 @@ class EvalSet(NamedTuple):
             items = space.benchmarks(f)
             check_choices_fit(items, tok.encode, ec.max_len, f"benchmarks of field {f!r}")
             benches[f] = select_items(items, ec.benchmark_items_per_field, SUBSET_SEED)
-        return build_eval_set(windows, benches, tok, space.fields, ec.max_len, domain_fields=space.fields_of_domain)
+        return build_eval_set(windows, benches, tok, space.fields, ec.max_len, domain_fields=space.fields_of_domain,
+                              domain_scored=scored)
+
+
+def scored_domains(space: DomainSpace, unscored: Sequence[str]) -> list[bool]:
+    """Per domain of `space`: whether its held-out loss counts in its field's score (not in `unscored`).
+
+    A name of `unscored` must be a domain of the prepared data (`space.manifest`: a domain outside a subset
+    space, e.g. a code domain in a math sweep, is fine) or of the demo space (`demo_corpora.domain_names()`: a
+    config built on configs/demo.yaml keeps its list when `data.demo_fields` or `data.domains` leave those
+    domains out); any other name is a DmaError."""
+    prepared = [d["name"] for d in space.manifest["domains"]]
+    unknown = [n for n in unscored if n not in prepared and n not in domain_names()]
+    if unknown:
+        raise DmaError(f"eval.unscored_domains: {unknown} are domains neither of the prepared data "
+                       f"({', '.join(prepared)}) nor of the demo space")
+    return [n not in unscored for n in space.names]
 
 
 SUBSET_SEED = 0  # a constant, not run.seed: every run and seed of a study scores the same items
@@ -160,7 +181,7 @@ def _row(tokenizer: Tokenizer, context: str, choice: str, max_len: int, where: s
 
 def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str, Sequence[Mapping]],
                    tokenizer: Tokenizer, field_names: Sequence[str], max_len: int, *,
-                   domain_fields: Sequence[str]) -> EvalSet:
+                   domain_fields: Sequence[str], domain_scored: Sequence[bool] | None = None) -> EvalSet:
     """Tokenize and pad once on the host.
 
     `heldout_windows_per_domain`: D entries, each an int array [E, L+1] (contiguous text) or a dict
@@ -170,6 +191,8 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
     [eos] + context + choice fits max_len + 1 tokens; a choice longer than max_len is an error.
     `domain_fields`: the field of each held-out domain (D entries, each in `field_names`); every field needs
     at least one held-out domain (its held-out loss is part of its score).
+    `domain_scored`: per held-out domain, whether its loss is in its field's loss term (default: all); every
+    field needs at least one scored domain.
     """
     if max_len < 1:
         raise DmaError(f"build_eval_set: max_len={max_len} must be >= 1")
@@ -186,6 +209,14 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
     no_domain = [f for f in field_names if f not in domain_fields]
     if no_domain:
         raise DmaError(f"build_eval_set: field(s) {no_domain} have no held-out domain (their score needs one)")
+    scored = [True] * len(domain_fields) if domain_scored is None else [bool(x) for x in domain_scored]
+    if len(scored) != len(domain_fields):
+        raise DmaError(f"build_eval_set: domain_scored has {len(scored)} entries for {len(domain_fields)} "
+                       "held-out domains")
+    all_unscored = [f for f in field_names if not any(s for s, g in zip(scored, domain_fields) if g == f)]
+    if all_unscored:
+        raise DmaError(f"build_eval_set: every domain of field(s) {all_unscored} is unscored "
+                       "(eval.unscored_domains); a field's score needs one scored domain")
     rows, fields, golds, sizes = [], [], [], []
     for f, field in enumerate(field_names):
         items = benchmarks.get(field, ())
@@ -213,4 +244,5 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
         np.bincount(fields, minlength=len(field_names)).astype(np.int32),
         sizes_IxCx2[..., 0], sizes_IxCx2[..., 1],
         np.array([list(field_names).index(f) for f in domain_fields], np.int32),
+        np.array(scored, np.float32),
     )

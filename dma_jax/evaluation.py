@@ -4,12 +4,13 @@ The set it scores (held-out windows, benchmark items) is built in `dma_jax.eval_
 Raw metrics (`evaluate`, pure JAX, jittable, vmappable over a leading proxy axis of params):
 - per field [F]: `answer_bpb`, the gold continuations' bits per byte, pooled over the field's items
   (sum of -log p(gold tokens) / sum of the gold strings' UTF-8 bytes / ln 2, lm-eval `bits_per_byte` style);
-  `field_loss`, the held-out loss (nats per token) pooled over the field's domains' windows;
+  `field_loss`, the held-out loss (nats per token) pooled over the windows of the field's scored domains (all
+  but `eval.unscored_domains`, whose loss stays in `domain_loss`);
   `accuracy` (lm-eval `acc`: argmax of the summed choice log-likelihood), `acc_norm` (lm-eval `acc_norm`:
   argmax of log-likelihood / characters of the choice), `chance` (mean of 1 / number of choices);
 - per domain [D]: `domain_loss`, the held-out loss of each domain;
 - per unit (what the standard errors are computed from): `item_nll`, `item_bytes`, `item_correct`,
-  `item_correct_norm`, `item_field` [I]; `window_nll`, `window_tokens` [D, E]; `domain_field` [D].
+  `item_correct_norm`, `item_field` [I]; `window_nll`, `window_tokens` [D, E]; `domain_field`, `domain_scored` [D].
 
 Normalised against the base model (`normalise`, 1.0 = base). The field score the agent optimises is
     s_f = 1 + w_bpb * (1 - bpb_f / bpb0_f) + w_loss * (1 - loss_f / loss0_f) + w_acc * (c_f - c0_f),
@@ -23,7 +24,7 @@ reference every model is compared to): items and held-out windows are the sample
 each other. For the items i of field f (n of them), with nll_i, bytes_i, a_i (0/1 correct) and the pooled
 Y = sum nll / sum bytes (nats per byte; Y0 the base's), the influence of an item is
     phi_i = -w_bpb * (nll_i - Y * bytes_i) / (mean bytes * Y0) + w_acc * (a_i - mean a) / (1 - chance),
-and for the windows w of the field's domains (W of them) with nll_w, tokens_w, Z = sum nll / sum tokens,
+and for the windows w of the field's scored domains (W of them) with nll_w, tokens_w, Z = sum nll / sum tokens,
     psi_w = -w_loss * (nll_w - Z * tokens_w) / (mean tokens * Z0);
 then se_f^2 = sum phi^2 / (n (n - 1)) + sum psi^2 / (W (W - 1)) (0 for a term with a single unit).
 Two models scored on the same items are positively correlated, so sqrt(se_a^2 + se_b^2) is a conservative
@@ -82,7 +83,7 @@ def _target_ll(lm: LMDef, params: Params, tokens_RxL1: jax.Array, segments_RxL1:
 
 SUMMARY_KEYS = ("domain_loss", "field_loss", "answer_bpb", "accuracy", "acc_norm", "chance")  # [D] or [F]
 UNIT_KEYS = ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field",
-             "window_nll", "window_tokens", "domain_field")  # per item / window: what the SEs come from
+             "window_nll", "window_tokens", "domain_field", "domain_scored")  # per item / window: what the SEs use
 
 
 def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> dict[str, jax.Array]:
@@ -107,8 +108,10 @@ def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> d
     window_nll_DxE = -ll_R.reshape(D, E)
     window_tokens_DxE = scored_RxL.sum(axis=1).reshape(D, E)
     domain_loss_D = window_nll_DxE.sum(axis=1) / window_tokens_DxE.sum(axis=1)
-    field_nll_F = jax.ops.segment_sum(window_nll_DxE.sum(axis=1), es.field_of_domain_D, num_segments=F)
-    field_tokens_F = jax.ops.segment_sum(window_tokens_DxE.sum(axis=1), es.field_of_domain_D, num_segments=F)
+    scored_D = es.domain_scored_D
+    field_nll_F = jax.ops.segment_sum(window_nll_DxE.sum(axis=1) * scored_D, es.field_of_domain_D, num_segments=F)
+    field_tokens_F = jax.ops.segment_sum(window_tokens_DxE.sum(axis=1) * scored_D, es.field_of_domain_D,
+                                         num_segments=F)
 
     answer_RxL = es.answer_mask_IxCxL.reshape(I * C, Lb1 - 1)
     ll_IxC = _target_ll(lm, params, es.tokens_IxCxL1.reshape(I * C, Lb1), None, answer_RxL, batch_size).reshape(I, C)
@@ -134,6 +137,7 @@ def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> d
         "item_nll": nll_I, "item_bytes": bytes_I, "item_correct": correct_I.astype(jnp.float32),
         "item_correct_norm": correct_norm_I.astype(jnp.float32), "item_field": es.field_of_item_I,
         "window_nll": window_nll_DxE, "window_tokens": window_tokens_DxE, "domain_field": es.field_of_domain_D,
+        "domain_scored": scored_D,
     }
 
 
@@ -150,14 +154,16 @@ def centred(acc, chance):
 # ---------------------------------------------------------------------------- feedback and reward
 
 
-def _ratio_influence(num_U: jax.Array, den_U: jax.Array, seg_U: jax.Array, n_seg: int):
-    """Pooled ratios R_g = sum num / sum den per segment g [G], each unit's influence (num - R_g den) / mean den
-    [U] (sums to 0 per segment), and the unit counts [G]."""
-    n_G = jax.ops.segment_sum(jnp.ones_like(num_U), seg_U, num_segments=n_seg)
-    num_G = jax.ops.segment_sum(num_U, seg_U, num_segments=n_seg)
-    den_G = jax.ops.segment_sum(den_U, seg_U, num_segments=n_seg)
+def _ratio_influence(num_U: jax.Array, den_U: jax.Array, seg_U: jax.Array, n_seg: int, in_U: jax.Array | None = None):
+    """Pooled ratios R_g = sum num / sum den per segment g [G] over the units with in_U = 1 (default: all), each
+    unit's influence (num - R_g den) / mean den [U] (sums to 0 per segment; 0 for units left out), and the
+    counts of units in [G]."""
+    in_U = jnp.ones_like(num_U) if in_U is None else in_U
+    n_G = jax.ops.segment_sum(in_U, seg_U, num_segments=n_seg)
+    num_G = jax.ops.segment_sum(num_U * in_U, seg_U, num_segments=n_seg)
+    den_G = jax.ops.segment_sum(den_U * in_U, seg_U, num_segments=n_seg)
     ratio_G = num_G / den_G
-    return ratio_G, (num_U - ratio_G[seg_U] * den_U) / (den_G / n_G)[seg_U], n_G
+    return ratio_G, in_U * (num_U - ratio_G[seg_U] * den_U) / (den_G / n_G)[seg_U], n_G
 
 
 def _var_of_mean(infl_U: jax.Array, seg_U: jax.Array, n_G: jax.Array, n_seg: int) -> jax.Array:
@@ -186,11 +192,11 @@ def normalise(raw: Mapping[str, jax.Array], base_raw: Mapping[str, jax.Array],
     a_infl_I = a_I - raw[acc_key][item_field]
     phi_I = (-cfg.bpb_weight * y_infl_I / y0_F[item_field]
              + cfg.acc_weight * a_infl_I / (1.0 - chance_F[item_field]))
-    # windows: the pooled held-out loss of each field's domains
+    # windows: the pooled held-out loss of each field's scored domains
     W = raw["window_nll"].shape[-1]
     win_field = jnp.repeat(domain_field, W)
     _, z_infl_W, n_windows_F = _ratio_influence(raw["window_nll"].reshape(-1), raw["window_tokens"].reshape(-1),
-                                                win_field, F)
+                                                win_field, F, jnp.repeat(raw["domain_scored"], W))
     psi_W = -cfg.loss_weight * z_infl_W / base_raw["field_loss"][win_field]
     var_F = _var_of_mean(phi_I, item_field, n_items_F, F) + _var_of_mean(psi_W, win_field, n_windows_F, F)
 

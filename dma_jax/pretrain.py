@@ -64,7 +64,8 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     eval_np = RecordStream(space, pc.fields, "heldout").eval_batches(pc.eval_batches, pc.batch_size)
     seq_len = space.record_len - 1
 
-    trainer = Trainer(model_cfg, cfg.optim, cfg.mesh, pc.steps, pc.batch_size, seq_len, devices)
+    optim = cfg.optim if pc.warmup_steps is None else cfg.optim.model_copy(update={"warmup_steps": pc.warmup_steps})
+    trainer = Trainer(model_cfg, optim, cfg.mesh, pc.steps, pc.batch_size, seq_len, devices)
     n_params = param_count_formula(model_cfg)
     mem = trainer.memory
     log.info(

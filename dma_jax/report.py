@@ -1,10 +1,13 @@
-"""`dma report`: a markdown table and two plots of the continual pre-training (CPT) runs.
+"""`dma report`: a markdown table and plots of the continual pre-training (CPT) runs, set against the sweep.
 
 Reads every `<cpt_dir>/<policy>/seed<k>/history.json` (`dma_jax.history`, which owns the format).
 Runs with `complete: false` are still training: the report lists them, the table leaves them out.
 
 `write_report` writes `report.md`, `mixtures.png` (the domain weights each policy chose) and
-`scores.png` (balanced and field scores over training, mean ± std over seeds), all atomically.
+`scores.png` (balanced and field scores over training, mean ± std over seeds), all atomically. Given the
+sweep's `trajectories.npz` (`dma_jax.trajectories`) it places each policy's target-field share inside the
+sweep's envelope; given its offline data (`dma_jax.offline_data`) it plots the sweep's response surface
+(`response_surface.png`: balanced score after each step vs that step's target share, return vs mean share).
 
 Errors and ties. A policy's cell is the mean over its seeds ± a combined standard error
     SE = sqrt(s^2 / n + mean_i(se_i)^2),
@@ -29,6 +32,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from dma_jax import evaluation as ev
+from dma_jax import offline_data
+from dma_jax import trajectories as traj
 from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory, collect
 from dma_jax.io_utils import atomic_write_bytes, atomic_write_text, upath
@@ -194,6 +200,57 @@ def plot_scores(groups: dict[str, list[RunHistory]], path: Path) -> None:
     _save_png(fig, path)
 
 
+def policy_target_shares(group: Sequence[RunHistory]) -> np.ndarray:
+    """[T]: the target-field share of each re-weighting step, mean over the policy's seeds."""
+    is_target_D = np.array(group[0].domain_fields) == group[0].target_field
+    return np.mean([r.weights_TxD[:, is_target_D].sum(axis=1) for r in group], axis=0)
+
+
+def _placement_markdown(groups: dict[str, list[RunHistory]], trajectories_path) -> list[str]:
+    lines = ["## Policies inside the sweep's envelope", ""]
+    if not upath(trajectories_path).is_file():
+        return lines + [f"The sweep has no trajectories (`{trajectories_path}` is missing): nothing to compare.", ""]
+    weights_NxTxD, _, domain_fields, _ = traj.load(trajectories_path)
+    shares = {policy: policy_target_shares(group) for policy, group in groups.items()}
+    n_cols = max(x.size for x in shares.values())
+    lines += [f"Each policy's target-field share per re-weighting step (mean over seeds) and, in brackets, its "
+              f"percentile among the {weights_NxTxD.shape[0]} trajectories of `{trajectories_path}` at the sweep step "
+              "covering the same fraction of training; *outside*: below the sweep's 5th or above its 95th "
+              "percentile, where the agent's offline data has few or no such mixtures.", "",
+              "| policy | " + " | ".join(f"step {t}" for t in range(n_cols)) + " | outside |",
+              "|---|" + "---:|" * (n_cols + 1)]
+    for policy, share_T in shares.items():
+        target = groups[policy][0].target_field
+        pct_T = traj.share_percentiles(weights_NxTxD, domain_fields, target, share_T)
+        if pct_T is None:
+            lines.append(f"| {policy} | the sweep has no {target} domain |" + " |" * n_cols)
+            continue
+        out_T = (pct_T < 5.0) | (pct_T > 95.0)
+        cells = [f"{x:.3f} (p{p:.0f}{', *outside*' if o else ''})" for x, p, o in zip(share_T, pct_T, out_T)]
+        lines.append(f"| {policy} | " + " | ".join(cells + [""] * (n_cols - len(cells)))
+                     + f" | {int(out_T.sum())} of {out_T.size} |")
+    return lines + [""]
+
+
+def plot_response_surface(ds: offline_data.OfflineDataset, path: Path) -> None:
+    """The sweep's response surface: balanced score after step t vs the target share of step t (colour: t),
+    and each trajectory's return vs its mean target share."""
+    meta = ds.meta
+    share_NxT = ds.actions[:, :, np.array(meta["domain_fields"]) == meta["target_field"]].sum(axis=2)
+    balanced_NxT1 = np.asarray(ev.balanced_score(ds.feedback[..., meta["field_score_index"]], meta["balanced"]))
+    fig, (ax_s, ax_r) = _grid(2, 2, f"Sweep response surface ({ds.n} trajectories, {ds.horizon} steps)")
+    colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, ds.horizon))
+    for t in range(ds.horizon):
+        ax_s.scatter(share_NxT[:, t], balanced_NxT1[:, t + 1], s=9, color=colours[t], alpha=0.7, label=f"step {t}")
+    ax_s.set(xlabel=f"{meta['target_field']} share during the step", ylabel=f"balanced ({meta['balanced']}) after it",
+             title="score after each re-weighting step")
+    ax_s.legend(fontsize="x-small", ncols=1 + ds.horizon // 8)
+    ax_r.scatter(share_NxT.mean(axis=1), ds.returns, s=9, color="tab:blue", alpha=0.7)
+    ax_r.set(xlabel=f"mean {meta['target_field']} share over the trajectory", ylabel="return (final - base balanced)",
+             title="return of each trajectory")
+    _save_png(fig, path)
+
+
 def _table_markdown(table: list[dict], columns: list[str]) -> list[str]:
     lines = ["| policy | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for row in table:
@@ -227,8 +284,13 @@ def _raw_markdown(groups: dict[str, list[RunHistory]]) -> list[str]:
 
 
 def write_report(cpt_dir: str | Path, out_dir: str | Path, title: str = "Continual pre-training report",
-                 focus: str = "agent-cql") -> Path:
-    """Writes report.md, mixtures.png and scores.png into out_dir; returns the path of report.md."""
+                 focus: str = "agent-cql", trajectories_path: str | Path | None = None,
+                 offline_dir: str | Path | None = None) -> Path:
+    """Writes report.md, mixtures.png and scores.png into out_dir; returns the path of report.md.
+
+    With `trajectories_path` (the sweep's trajectories.npz) a section places each policy in the sweep's
+    envelope; with `offline_dir` (the sweep's offline data, if it exists) `response_surface.png` is drawn too.
+    """
     runs = collect(cpt_dir)
     groups = dict(sorted(_by_policy(runs).items()))
     if not groups:
@@ -281,6 +343,13 @@ def write_report(cpt_dir: str | Path, out_dir: str | Path, title: str = "Continu
               "![Domain mixtures](mixtures.png)", "",
               "Balanced and field scores over training, mean over seeds with ± std shaded:", "",
               "![Scores](scores.png)", ""]
+    if offline_dir is not None and upath(offline_dir).is_dir():
+        plot_response_surface(offline_data.load(offline_dir), out_dir / "response_surface.png")
+        lines += ["The sweep's response surface (its offline data): balanced score after each re-weighting step vs "
+                  "that step's target share, coloured by step, and each trajectory's return vs its mean target "
+                  "share:", "", "![Response surface](response_surface.png)", ""]
+    if trajectories_path is not None:
+        lines += _placement_markdown(groups, trajectories_path)
     running = [r for r in runs if not r.complete]
     if running:
         lines += ["## Note: runs in progress", "", "Not in the table or the plots (complete: false):", "",

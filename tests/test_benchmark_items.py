@@ -86,6 +86,8 @@ class _FakeSpace:
 
     fields = ["source", "math"]
     fields_of_domain = ["source", "math"]
+    names = ["source/a", "math/a"]
+    manifest = {"domains": [{"name": n, "field": f} for n, f in zip(names, fields_of_domain)]}
     num_domains = 2
 
     def __init__(self, bench):
@@ -133,8 +135,9 @@ def bench():
 
 def test_every_domain_gets_its_even_share_and_choices_fit(bench):
     for field in dc.FIELDS:
-        domains = [d.name for d in dc.demo_domains(0, 1, (field,))]
+        domains = [d.name for d in dc.demo_domains(0, 1, (field,)) if d.name not in dc.LOW_QUALITY_DOMAINS]
         counts = collections.Counter(it["domain"] for it in bench[field])
+        assert set(counts) == set(domains)  # none from the field's low-quality domain
         # 50 items over D domains: D - 50 % D domains get 50 // D, the first 50 % D one more.
         assert [counts[d] for d in domains] == [50 // len(domains) + (i < 50 % len(domains))
                                                 for i in range(len(domains))], field

@@ -249,10 +249,14 @@ def test_domain_space_shape(train):
 def test_demo_domains_deterministic_per_seed(train):
     again = dc.demo_domains(seed=0, math_docs_per_domain=SMALL_MATH)
     assert again == train
-    other = {d.name: d.documents for d in dc.demo_domains(seed=1, math_docs_per_domain=SMALL_MATH, fields=("math",))}
+    other = {d.name: d.documents for d in dc.demo_domains(seed=1, math_docs_per_domain=SMALL_MATH)}
     for d in train:
-        if d.field == "math":
-            assert other[d.name] != d.documents and len(other[d.name]) == SMALL_MATH
+        if d.field == "math" or d.name in dc.LOW_QUALITY_DOMAINS:
+            assert other[d.name] != d.documents, d.name
+        else:
+            assert other[d.name] == d.documents, d.name
+        if d.field == "math" and d.name not in dc.LOW_QUALITY_DOMAINS:
+            assert len(other[d.name]) == SMALL_MATH
 
 
 def test_benchmarks_deterministic_across_processes(bench):
@@ -273,7 +277,8 @@ def test_benchmark_items_well_formed(bench, train):
     for field in dc.FIELDS:
         items = bench[field]
         assert len(items) == 48
-        assert {it["domain"] for it in items} == {d.name for d in train if d.field == field}
+        assert {it["domain"] for it in items} == {d.name for d in train if d.field == field
+                                                  and d.name not in dc.LOW_QUALITY_DOMAINS}
         for it in items:
             assert set(it) == {"context", "choices", "gold", "domain"}
             assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4 and 0 <= it["gold"] < 4

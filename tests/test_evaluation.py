@@ -131,6 +131,7 @@ def test_evaluate_matches_rowwise_numpy(setup):
                                                       for f in FIELDS for it in BENCH[f]])
     np.testing.assert_array_equal(raw["item_field"], [0, 0, 0, 1, 1])
     np.testing.assert_array_equal(raw["domain_field"], [0, 0, 1, 1])
+    np.testing.assert_array_equal(raw["domain_scored"], [1, 1, 1, 1])  # by default every domain is scored
 
 
 def test_accuracy_forced_by_prefix_choices_and_empty_slots_never_win():
@@ -232,7 +233,7 @@ def _known_raw(seed, n_items=(7, 5), D=3, E=4):
         "chance": np.array([0.3, 0.25]),
         "item_nll": item_nll, "item_bytes": item_bytes, "item_correct": correct, "item_correct_norm": correct_norm,
         "item_field": item_field.astype(np.int32), "window_nll": nll, "window_tokens": tokens,
-        "domain_field": domain_field.astype(np.int32),
+        "domain_field": domain_field.astype(np.int32), "domain_scored": np.ones(D, np.float32),
     }
 
 

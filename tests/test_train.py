@@ -70,6 +70,46 @@ def test_lr_schedule_warmup_then_cosine():
         assert abs(float(sched(s)) - want) < 1e-5
 
 
+def _numpy_schedule(kind, lr, warmup, total, decay_fraction=0.2, min_ratio=0.1):
+    """An independent per-step learning rate: warm-up ramp, then constant or WSD's linear decay."""
+    out = np.empty(total)
+    decay = min(max(round(decay_fraction * total), 1), total - warmup)
+    start = total - decay  # first step of the decay
+    for s in range(total):
+        if s < warmup:
+            out[s] = lr * s / warmup
+        elif kind == "constant" or s < start:
+            out[s] = lr
+        else:
+            out[s] = lr + (lr * min_ratio - lr) * (s - start) / (decay - 1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["constant", "wsd"])
+def test_lr_schedule_constant_and_wsd_match_numpy(kind):
+    cfg = OptimConfig(lr=2.0, warmup_steps=6, schedule=kind, decay_fraction=0.25, min_lr_ratio=0.1)
+    got = np.array([float(lr_schedule(cfg, 80)(s)) for s in range(80)])
+    np.testing.assert_allclose(got, _numpy_schedule(kind, 2.0, 6, 80, 0.25), rtol=1e-5, atol=1e-6)
+    assert abs(got[-1] - (0.2 if kind == "wsd" else 2.0)) < 1e-5  # WSD ends at min_lr_ratio * lr
+
+
+def _stage_mass(cfg, T, S):
+    lrs = np.array([float(lr_schedule(cfg, T * S)(s)) for s in range(T * S)])
+    return lrs.reshape(T, S).sum(1) / lrs.sum()
+
+
+def test_wsd_gives_every_stage_before_the_decay_the_same_learning_rate_mass():
+    """The point of WSD here: late re-weighting decisions count. With warm-up inside the first stage and the decay
+    inside the last, stages 2..T-1 carry exactly 1/T-ish equal mass; cosine front-loads the middle instead."""
+    T, S = 10, 20
+    wsd = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.1)
+    mass = _stage_mass(wsd, T, S)
+    np.testing.assert_allclose(mass[1:-1], mass[1], rtol=1e-6)  # equal mass in every middle stage
+    assert mass[0] > 0.5 * mass[1] and mass[-1] > 0.5 * mass[1]  # first and last stages still count
+    cos = _stage_mass(OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine"), T, S)
+    assert cos.max() / cos[-1] > 5  # under cosine the last stage carries a small fraction of the peak stage
+
+
 def test_gradient_clipping_bounds_the_update():
     """With a tiny clip norm, one AdamW step is still lr-sized, but the grad norm reported is the raw one."""
     clip = OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=1e-6, weight_decay=0.0)

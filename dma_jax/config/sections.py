@@ -198,6 +198,7 @@ class PretrainConfig(Section):
     keep_checkpoints: PosInt = 3
     log_every: PosInt = 10
     target_steps: PosInt | None = None  # steps for the target model (default: `steps`)
+    warmup_steps: NonNegInt | None = None  # pre-training's warm-up from scratch (default: `optim.warmup_steps`)
 
     def steps_for(self, which: str) -> int:
         """Optimizer steps of the base `which` model ("proxy" or "target"): the one place this rule lives."""
@@ -249,7 +250,8 @@ class SamplerConfig(Section):
     turn_share: fraction of trajectories whose drift flips sign at a random step (rise then fall, fall then rise).
     emphasis_share: fraction of trajectories that down-weight some domains inside their field: each domain of
         such a trajectory is picked with probability 1/2 (at least one, never a field's last domain) and its
-        weight in every mean is multiplied by `emphasis_factor` (the field's share is kept).
+        weight is multiplied by `emphasis_factor` in the start mean and in the distributions the drift pulls
+        toward (once: it does not compound; the field's share is kept).
     wide_share: fraction of trajectories that explore with `wide_concentration` instead.
     wide_concentration: step concentration of the wide-exploration trajectories.
     min_weight: floor on every domain weight, applied before renormalising.

@@ -8,6 +8,9 @@ Fields and domains (names are `field/domain`; docs/DEMO_SOURCES.md says where ea
   `math_gen` with worked solutions.
 - `code` (second target): Python standard-library source files by area: `text_formats`,
   `concurrency_os`, `numbers_algorithms`, `internet_protocols`.
+- Last in each field, a low-quality domain (`LOW_QUALITY_DOMAINS`, built by `low_quality`, an eighth of the
+  field's training tokens): `source/web_prose`, `math/forum_solutions`, `code/paste_snippets`. No benchmark
+  item comes from them.
 
 The real text of the source and code fields is read by `demo_texts`; this module splits it and
 builds the benchmarks.
@@ -25,21 +28,25 @@ of a field gets an even share of its items.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import random
 import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from dma_jax.data import math_gen
-from dma_jax.data.demo_texts import text_domains
+from dma_jax.data import low_quality, math_gen
+from dma_jax.data.demo_texts import text_domain_names, text_domains
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import atomic_write_text
 
 FIELDS = ("source", "math", "code")
 MATH_DOCS_PER_DOMAIN = 3500  # about 3 MB of generated math in all
 HELD_OUT_FRACTION = 0.1
+# one per field, in FIELDS order; eval.unscored_domains of configs/demo.yaml lists the same
+LOW_QUALITY_DOMAINS = ("source/web_prose", "math/forum_solutions", "code/paste_snippets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +76,61 @@ def _check_fields(fields: Sequence[str]) -> None:
         raise DmaError(f"demo corpora: fields {list(fields)} must be a non-empty subset of {list(FIELDS)}")
 
 
+def domain_names(fields: Sequence[str] = FIELDS) -> list[str]:
+    """The names of the demo domains of `fields`, in `demo_domains` order, without building them."""
+    _check_fields(fields)
+    return [name for f in FIELDS if f in fields
+            for name in ([f"math/{k}" for k in math_gen.KINDS] if f == "math" else text_domain_names(f))
+            + [LOW_QUALITY_DOMAINS[FIELDS.index(f)]]]
+
+
+@functools.lru_cache(maxsize=4)
+def _math_corpus(seed: int, n: int) -> tuple[dict[str, tuple[math_gen.MathProblem, ...]], tuple]:
+    """The clean math domains' `n` training problems per kind, and the candidates of the low-quality domain:
+    problems of their own stream, kinds interleaved, none with a clean training question."""
+    clean = {k: tuple(math_gen.generate_problems(k, n, seed, "train")) for k in math_gen.KINDS}
+    seen = frozenset(p.question for ps in clean.values() for p in ps)
+    per_kind = [math_gen.generate_problems(k, n // 4 + 8, seed, "forum", exclude=seen) for k in math_gen.KINDS]
+    return clean, tuple(p for group in zip(*per_kind) for p in group)
+
+
+@functools.lru_cache(maxsize=4)
+def _low_quality_texts(field: str, seed: int) -> tuple[tuple[str, str], ...]:
+    """(doc id, text) of the low-quality domain of the `source` or `code` field: pages cut from the field's
+    clean training documents, so many that its training pages hold `low_quality.SHARE` of the field."""
+    name = LOW_QUALITY_DOMAINS[FIELDS.index(field)]
+    train = [t for dom, docs in text_domains(field).items() for t in _split(dom, docs)[0]]
+    page_bytes = low_quality.PAGE_BYTES[field]
+    n_train = math.ceil(low_quality.extra_bytes(sum(len(t.encode("utf-8")) for t in train)) / page_bytes)
+    make = low_quality.web_prose if field == "source" else low_quality.paste_snippets
+    texts = make(train, round(n_train / (1.0 - HELD_OUT_FRACTION)), page_bytes,
+                 random.Random(f"dma_jax.demo_corpora/{seed}/{name}"))
+    return tuple((f"{i:05d}", t) for i, t in enumerate(texts))
+
+
+def _field_docs(field: str, seed: int) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Domain name -> (doc id, text) of a text field, its low-quality domain last."""
+    return {**text_domains(field), LOW_QUALITY_DOMAINS[FIELDS.index(field)]: _low_quality_texts(field, seed)}
+
+
 def demo_domains(seed: int = 0, math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN,
                  fields: Sequence[str] = FIELDS, exclude_held_out: bool = True) -> list[DemoDomain]:
-    """The demo domain space, in a fixed order. `seed` only changes the generated math."""
+    """The demo domain space, in a fixed order. `seed` changes only the generated math and low-quality domains."""
     _check_fields(fields)
     out = []
     for field in FIELDS:
         if field not in fields:
             continue
         if field == "math":
-            for kind in math_gen.KINDS:
-                problems = math_gen.generate_problems(kind, math_docs_per_domain, seed, "train")
-                out.append(DemoDomain(f"math/{kind}", "math", tuple(p.document for p in problems)))
+            clean, candidates = _math_corpus(seed, math_docs_per_domain)
+            docs = {f"math/{k}": tuple(p.document for p in ps) for k, ps in clean.items()}
+            target = low_quality.extra_bytes(sum(len(t.encode("utf-8")) + 1 for ts in docs.values() for t in ts))
+            name = LOW_QUALITY_DOMAINS[FIELDS.index("math")]
+            docs[name] = tuple(low_quality.forum_solutions(candidates, target,
+                                                           random.Random(f"dma_jax.demo_corpora/{seed}/{name}")))
+            out += [DemoDomain(dom, "math", ts) for dom, ts in docs.items()]
             continue
-        for name, docs in text_domains(field).items():
+        for name, docs in _field_docs(field, seed).items():
             texts = _split(name, docs)[0] if exclude_held_out else [t for _, t in docs]
             out.append(DemoDomain(name, field, tuple(texts)))
     return out
@@ -197,8 +245,10 @@ def _sentence_items(domain: str, held: list[str], haystack: str, n: int, rng: ra
 def _math_items(kind: str, n: int, seed: int, math_docs_per_domain: int) -> list[dict]:
     """Answer choice for problems from the benchmark stream that are not in the training corpus. The context is
     the question and "Answer:" only (`MathProblem.prompt`): the worked steps, which end in the answer, stay in
-    the training documents; a problem whose question contains its answer (`answer_in_prompt`) is skipped."""
-    train = frozenset(p.question for p in math_gen.generate_problems(kind, math_docs_per_domain, seed, "train"))
+    the training documents; a problem whose question contains its answer (`answer_in_prompt`) is skipped, and so
+    is one whose question is in the low-quality domain's stream (`_math_corpus`)."""
+    clean, candidates = _math_corpus(seed, math_docs_per_domain)
+    train = frozenset(p.question for p in (*clean[kind], *candidates))
     rng = random.Random(f"dma_jax.demo_benchmarks/{seed}/math/{kind}")
     return [_item(rng, p.prompt, " " + p.answer, [" " + d for d in p.distractors], f"math/{kind}")
             for p in math_gen.generate_problems(kind, n, seed, "bench", exclude=train,
@@ -208,11 +258,12 @@ def _math_items(kind: str, n: int, seed: int, math_docs_per_domain: int) -> list
 def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str] = FIELDS,
                     math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN,
                     choice_fits: Callable[[str], bool] | None = None) -> dict[str, list[dict]]:
-    """Held-out multiple-choice items per field, spread evenly over the field's domains (every domain gets
-    n_per_field // #domains items, the first n_per_field % #domains one more), written domain by domain.
+    """Held-out multiple-choice items per field, spread evenly over the field's clean domains (every domain gets
+    n_per_field // #domains items, the first n_per_field % #domains one more), written domain by domain; the
+    low-quality domains (`LOW_QUALITY_DOMAINS`) give none.
 
-    Text items come only from held-out documents and are dropped when their context and
-    answer occur in a training document; math items are held out against a training
+    Text items come only from held-out documents and are dropped when their context and answer occur in a
+    training document of the field (its low-quality domain's included); math items are held out against a training
     corpus of up to `math_docs_per_domain` problems per domain (smaller corpora are prefixes).
     `choice_fits` (a choice string -> bool; `dma prepare` passes "at most eval.max_len - eval.max_len // 4
     tokens") keeps text items whose choices are all short enough to leave their context room.
@@ -223,16 +274,17 @@ def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str]
         raise DmaError(f"demo benchmarks: n_per_field must be >= 1, got {n_per_field}")
     out: dict[str, list[dict]] = {}
     for field in (f for f in FIELDS if f in fields):
-        names = [f"math/{k}" for k in math_gen.KINDS] if field == "math" else list(text_domains(field))
+        names = [n for n in domain_names([field]) if n not in LOW_QUALITY_DOMAINS]
         quota = {name: n_per_field // len(names) + (i < n_per_field % len(names)) for i, name in enumerate(names)}
         if field == "math":
             out[field] = [it for k in math_gen.KINDS for it in _math_items(k, quota[f"math/{k}"], seed,
                                                                           math_docs_per_domain)]
             continue
-        splits = {name: _split(name, docs) for name, docs in text_domains(field).items()}
+        splits = {name: _split(name, docs) for name, docs in _field_docs(field, seed).items()}
         haystack = "\0".join(_norm(t) for train, _ in splits.values() for t in train)
         items: list[dict] = []
-        for name, (_, held) in splits.items():
+        for name in names:
+            held = splits[name][1]
             rng = random.Random(f"dma_jax.demo_benchmarks/{seed}/{name}")
             if name.startswith("source/python"):
                 got = _sentence_items(name, held, haystack, quota[name], rng, fits)
