@@ -4,10 +4,13 @@ N proxies start from the base proxy and each follows its own mixture trajectory
 [T, D]. They are trained at once: the train state carries a leading trajectory
 axis, sharded over a ("traj",) mesh; one jitted function vmaps `train_step` and
 `lax.scan`s over the S optimizer steps of a re-weighting step, drawing each
-batch on device from per-domain token pools (`data.device_sampler`). After every
-re-weighting step all proxies are evaluated, vmapped (`evaluation.evaluate`).
-N larger than `chunk_size` runs chunk by chunk. Batches are keyed by
-(seed, trajectory id, stage, step), so chunking and the device count change no number.
+batch on device by the CPT mixer's rule (`data.device_sampler`): exact per-batch
+domain counts with carried remainders (reset at each re-weighting step), of windows
+of `sweep.seq_len + 1` tokens cut from packed records, with their segment ids, read
+in a per-proxy order. After every re-weighting step all proxies are evaluated,
+vmapped (`evaluation.evaluate`). N larger than `chunk_size` runs chunk by chunk.
+Batches are keyed by (seed, trajectory id, stage, step), so chunking and the device
+count change no number.
 
 Resumable: after each re-weighting step the chunk's state and the feedback so far
 are checkpointed (Orbax, atomic); re-running resumes from the last finished step.
@@ -32,22 +35,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dma_jax import evaluation as ev
-from dma_jax import offline_data
+from dma_jax import offline_data, trajectories
 from dma_jax import sharding as shd
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
-from dma_jax.data.device_sampler import TokenPools, make_pools, sample_batch
+from dma_jax.data import device_sampler as sampler
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.faults import stop_on_sigterm
-from dma_jax.io_utils import AnyPath, atomic_write_bytes, upath
+from dma_jax.io_utils import AnyPath, upath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
-from dma_jax.train import (TrainState, batch_from_tokens, guarded_train_step, load_base_params, make_optimizer,
-                           train_step)
-from dma_jax.trajectories import plot_trajectories, sample_trajectories
+from dma_jax.train import TrainState, guarded_train_step, load_base_params, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ def sweep_space(cfg: Config) -> DomainSpace:
 
 
 def run_sample(cfg: Config) -> Path:
-    """Sample N trajectories [N, T, D]; write `trajectories.npz` and a PNG of a few."""
+    """Sample N trajectories [N, T, D]; write `trajectories.npz`, a PNG of a few and their coverage (PNG, table)."""
     sc = cfg.sweep
     space = sweep_space(cfg)
-    weights_NxTxD = sample_trajectories(
+    weights_NxTxD = trajectories.sample_trajectories(
         sc.num_trajectories, sc.num_stages, space.fields_of_domain, space.train_tokens.astype(float),
         sc.target_field, sc.sampler, cfg.run.seed,
     )
@@ -71,13 +72,11 @@ def run_sample(cfg: Config) -> Path:
     if not shd.is_primary():  # every process samples the same trajectories; process 0 writes them
         return run.trajectories
     run.sweep.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, weights_NxTxD=weights_NxTxD, domain_names=np.array(space.names),
-             domain_fields=np.array(space.fields_of_domain))
-    atomic_write_bytes(run.trajectories, buf.getvalue())
-    plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain, run.trajectories.with_suffix(".png"))
+    trajectories.save(run.trajectories, weights_NxTxD, space.names, space.fields_of_domain, sc.target_field)
+    trajectories.plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain,
+                                   run.trajectories.with_suffix(".png"))
+    trajectories.write_coverage(weights_NxTxD, space.names, space.fields_of_domain, run.coverage_plot,
+                                run.coverage_table)
     return run.trajectories
 
 
@@ -105,28 +104,39 @@ def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray
 # ------------------------------------------------------------------------------ the vmapped step
 
 
-def stage_keys(seed: int, traj_ids_n: jax.Array, stage: jax.Array) -> jax.Array:
-    """One key per proxy for a re-weighting step: depends on the trajectory id, not its chunk."""
+def proxy_keys(seed: int, traj_ids_n: jax.Array) -> jax.Array:
+    """One key per proxy: depends on the trajectory id, not its chunk (stages and steps fold in below it)."""
     root = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), stage))(traj_ids_n)
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(traj_ids_n)
 
 
-def proxy_stage(state: TrainState, weights_D: jax.Array, key: jax.Array, pools: TokenPools, *,
-                lm: LMDef, tx, steps: int, batch_size: int, seq_len: int, max_loss: jax.Array | None = None):
+def proxy_stage(state: TrainState, weights_D: jax.Array, key: jax.Array, stage: jax.Array,
+                pools: sampler.RecordPools, *, lm: LMDef, tx, steps: int, batch_size: int, seq_len: int,
+                max_loss: jax.Array | None = None):
     """S optimizer steps of one proxy under one mixture (lax.scan): (state, losses [S]).
 
+    `key` is the proxy's (`proxy_keys`); batch s is `device_sampler.draw_stage(...)`'s s-th, drawn in the scan.
     With `max_loss` (optim.on_nonfinite=skip) a step whose loss is NaN/Inf or above it keeps the state.
     """
+    if pools.tokens_WxL1.shape[1] != seq_len + 1:
+        raise DmaError(f"sweep: pools hold windows of {pools.tokens_WxL1.shape[1]} tokens, seq_len={seq_len} "
+                       f"needs {seq_len + 1}")
+    order_key, stage_key = sampler.stage_keys(key, stage)
 
-    def body(st, s):
-        tokens_BxL1, _ = sample_batch(pools, weights_D, jax.random.fold_in(key, s), batch_size, seq_len)
+    def body(carry, s):
+        st, cursor = carry
+        step_key = jax.random.fold_in(stage_key, s)
+        rows, cursor = sampler.draw_batch(pools, weights_D, cursor, order_key, step_key, batch_size)
+        batch = sampler.train_batch(rows)
         if max_loss is None:
-            st, m = train_step(st, batch_from_tokens(tokens_BxL1), lm=lm, tx=tx)
+            st, m = train_step(st, batch, lm=lm, tx=tx)
         else:
-            st, m = guarded_train_step(st, batch_from_tokens(tokens_BxL1), max_loss, lm=lm, tx=tx)
-        return st, m["loss"]
+            st, m = guarded_train_step(st, batch, max_loss, lm=lm, tx=tx)
+        return (st, cursor), m["loss"]
 
-    return jax.lax.scan(body, state, jnp.arange(steps))
+    start = sampler.stage_cursor(pools.sizes_D.shape[0], stage, steps, batch_size)
+    (state, _), losses_S = jax.lax.scan(body, (state, start), jnp.arange(steps))
+    return state, losses_S
 
 
 def make_stage(lm: LMDef, tx, *, steps: int, batch_size: int, seq_len: int, seed: int, mesh: Mesh,
@@ -139,12 +149,12 @@ def make_stage(lm: LMDef, tx, *, steps: int, batch_size: int, seq_len: int, seed
     loss is NaN/Inf or above its `max_loss_n` entry (numerics.py); without, `max_loss_n` is ignored.
     """
     traj, rep = NamedSharding(mesh, P("traj")), NamedSharding(mesh, P())
-    one = lambda st, w, k, m, pools: proxy_stage(  # noqa: E731
-        st, w, k, pools, lm=lm, tx=tx, steps=steps, batch_size=batch_size, seq_len=seq_len,
+    one = lambda st, w, k, stage, m, pools: proxy_stage(  # noqa: E731
+        st, w, k, stage, pools, lm=lm, tx=tx, steps=steps, batch_size=batch_size, seq_len=seq_len,
         max_loss=m if skip_bad else None)
     return jax.jit(
-        lambda st, w_nxD, ids_n, stage, max_n, pools: jax.vmap(one, in_axes=(0, 0, 0, 0, None))(
-            st, w_nxD, stage_keys(seed, ids_n, stage), max_n, pools),
+        lambda st, w_nxD, ids_n, stage, max_n, pools: jax.vmap(one, in_axes=(0, 0, 0, None, 0, None))(
+            st, w_nxD, proxy_keys(seed, ids_n), stage, max_n, pools),
         in_shardings=(traj, traj, traj, None, traj, rep),
         out_shardings=(traj, traj),
         donate_argnums=0,
@@ -168,9 +178,9 @@ class Sweep:
         self.mesh = Mesh(np.array(shd.spread_devices(devices, n_dev)), ("traj",))
         self.traj_sharding = NamedSharding(self.mesh, P("traj"))
         self.replicated = NamedSharding(self.mesh, P())
-        self.pools = shd.put_global(make_pools(
-            [space.tokens(d, "train", sc.pool_tokens_per_domain) for d in range(space.num_domains)], sc.seq_len),
-            self.replicated)
+        records = [sampler.pool_records(space.records(d, "train"), sc.pool_tokens_per_domain)
+                   for d in range(space.num_domains)]
+        self.pools = shd.put_global(sampler.make_pools(records, sc.seq_len, cfg.run.seed), self.replicated)
         ec = cfg.eval
         self.eval_set = shd.put_global(ev.EvalSet.for_space(space, ec), self.replicated)
 

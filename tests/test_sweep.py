@@ -10,11 +10,11 @@ import pytest
 from dma_jax import offline_data
 from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
-from dma_jax.data.device_sampler import sample_batch
+from dma_jax.data import device_sampler as ds
 from dma_jax.evaluation import balanced_score
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
-from dma_jax.train import TrainState, batch_from_tokens, train_step
+from dma_jax.train import TrainState, train_step
 from tests.paths import DEMO
 
 SWEEP = ["sweep.num_trajectories=8", "sweep.num_stages=2", "sweep.steps_per_stage=3"]
@@ -46,7 +46,8 @@ def test_sample_writes_simplex_trajectories_and_a_picture(prepared_world, tmp_pa
 
 
 def test_vmapped_sharded_sweep_equals_the_plain_loop(prepared_world, tmp_path):
-    """Proxy 2 of a vmapped sweep sharded over 4 devices == the same proxy trained alone on the same batches."""
+    """Proxy 2 of a vmapped sweep sharded over 4 devices == the same proxy trained alone on the batches that
+    `device_sampler.draw_stage` draws for it (so the sweep trains on the sampler's batches, masks included)."""
     cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=4", "sweep.num_trajectories=4")
     _link_pretrain(prepared_world, tmp_path)
     space = sweep_mod.sweep_space(cfg)
@@ -65,12 +66,14 @@ def test_vmapped_sharded_sweep_equals_the_plain_loop(prepared_world, tmp_path):
     step = jax.jit(lambda st, b: train_step(st, b, lm=sw.lm, tx=sw.tx))
     plain = TrainState(jnp.zeros((), jnp.int32), p0, sw.tx.init(p0))
     pools = jax.device_put(sw.pools, p0["embed_VxD"].sharding)  # the plain loop runs on one device
+    key = sweep_mod.proxy_keys(cfg.run.seed, jnp.array([2]))[0]
     for t in range(2):
-        key = sweep_mod.stage_keys(cfg.run.seed, jnp.array([2]), jnp.int32(t))[0]
+        rows = ds.draw_stage(pools, jnp.asarray(w_NxTxD[2, t]), key, t, sc.steps_per_stage, sc.batch_size)
+        np.testing.assert_array_equal(  # exact counts: within one row of w * S * B per domain
+            np.abs(np.bincount(np.asarray(rows["domain"]).ravel(), minlength=space.num_domains)
+                   - w_NxTxD[2, t] * sc.steps_per_stage * sc.batch_size) < 1 + 1e-4, True)
         for s in range(sc.steps_per_stage):
-            tokens, _ = sample_batch(pools, jnp.asarray(w_NxTxD[2, t]), jax.random.fold_in(key, s),
-                                     sc.batch_size, sc.seq_len)
-            plain, _ = step(plain, batch_from_tokens(tokens))
+            plain, _ = step(plain, ds.train_batch(jax.tree.map(lambda a, s=s: a[s], rows)))
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b)[2], atol=1e-5)
 

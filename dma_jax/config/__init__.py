@@ -54,6 +54,9 @@ class Config(Section):
             for name, length in (("data.record_len-1", self.data.record_len - 1), ("eval.max_len", self.eval.max_len)):
                 if length > m.max_seq_len:
                     raise ValueError(f"{name}={length} exceeds {which}.max_seq_len={m.max_seq_len}")
+        if self.sweep.seq_len > self.data.record_len - 1:
+            raise ValueError(f"sweep.seq_len={self.sweep.seq_len} exceeds data.record_len-1={self.data.record_len - 1} "
+                             "(proxies train on windows cut from packed records)")
         if self.sweep.seq_len > self.proxy.max_seq_len:
             raise ValueError(f"sweep.seq_len={self.sweep.seq_len} exceeds proxy.max_seq_len={self.proxy.max_seq_len}")
         return self

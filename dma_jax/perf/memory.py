@@ -104,7 +104,7 @@ def sweep_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
            "n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(lm.abstract_params)),
            "state": shard_bytes(abstract, jax.tree.map(lambda _: traj, abstract)),
            "activations": per_device * activation_bytes(cfg.proxy, sc.batch_size, sc.seq_len),
-           "pools": None if n_domains is None else n_domains * sc.pool_tokens_per_domain * 4}  # int32, replicated
+           "pools": None if n_domains is None else n_domains * sc.pool_tokens_per_domain * 8}  # int32 tokens + segment ids, replicated
     out["grads"] = per_device * sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(lm.abstract_params))
     total = out["state"] + out["grads"] + out["activations"] + (out["pools"] or 0)
     per_proxy = (total - (out["pools"] or 0)) / per_device

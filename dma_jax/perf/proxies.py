@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dma_jax.config import MeshConfig, ModelConfig, OptimConfig
 from dma_jax.data.device_sampler import make_pools
+from dma_jax.data.packing import pack_documents
 from dma_jax.models.lm import LMDef, flops_per_token, param_count_formula
 from dma_jax.perf.measure import POOL_DOMAINS, POOL_TOKENS, best_seconds, fresh_state, peak_for, random_params, rate
 from dma_jax.sweep import make_stage
@@ -33,11 +34,9 @@ class ProxyBench:
         self.devices, self.seed = devices, seed
         self.lm = LMDef.build(model)
         self.tx = make_optimizer(optim, 1000)
-        rng = np.random.default_rng(seed)
-        per_domain = [rng.integers(0, model.vocab_size, POOL_TOKENS, dtype=np.int32) for _ in range(POOL_DOMAINS)]
-        self.pools = make_pools(per_domain, seq_len)
-        self.host_tokens = np.concatenate(per_domain)
-        self.host_starts = np.arange(POOL_DOMAINS) * POOL_TOKENS
+        self.records = [synthetic_records(np.random.default_rng([seed, d]), model.vocab_size, seq_len + 1)
+                        for d in range(POOL_DOMAINS)]
+        self.pools = make_pools(self.records, seq_len, seed)
         self.base_params = random_params(self.lm.abstract_params, seed)
         self._compiled: dict = {}
         self._trainer, self._trainer_compile_s = None, 0.0
@@ -115,20 +114,34 @@ class ProxyBench:
         w_NxD = self.weights(n).astype(np.float64)
         w_NxD /= w_NxD.sum(1, keepdims=True)
         rng = np.random.default_rng(self.seed)
-        window_L1 = np.arange(self.L + 1)
+        tokens_RxL1 = np.concatenate([r["tokens"] for r in self.records])
+        segments_RxL1 = np.concatenate([r["segment_ids"] for r in self.records])
+        sizes_D = np.array([len(r["tokens"]) for r in self.records])
+        starts_D = np.cumsum(sizes_D) - sizes_D
 
         def run():
             st = state[0]
             for i in range(n):
                 for _ in range(self.steps):
                     domain_B = rng.choice(POOL_DOMAINS, self.B, p=w_NxD[i])
-                    start_B = self.host_starts[domain_B] + rng.integers(0, POOL_TOKENS - self.L - 1, self.B,
-                                                                        endpoint=True)
-                    st, _ = trainer.step(st, trainer.put_batch(self.host_tokens[start_B[:, None] + window_L1]))
+                    record_B = starts_D[domain_B] + rng.integers(0, sizes_D[domain_B])
+                    rows = {"tokens": tokens_RxL1[record_B], "segment_ids": segments_RxL1[record_B]}
+                    st, _ = trainer.step(st, trainer.put_batch(rows))
             state[0] = st
             return st
 
         return run, self._trainer_compile_s
+
+
+def synthetic_records(rng: np.random.Generator, vocab: int, record_len: int) -> dict[str, np.ndarray]:
+    """POOL_TOKENS random tokens of one domain packed into records of `record_len` (documents of 1 to 400 tokens,
+    so the segment ids mask attention as real records do): {"tokens", "segment_ids"} [R, record_len]."""
+    docs, n = [], 0
+    while n < POOL_TOKENS:
+        docs.append(rng.integers(0, vocab, rng.integers(1, 400), dtype=np.int32))
+        n += len(docs[-1]) + 1
+    recs = list(pack_documents(docs, record_len, eos_id=vocab - 1))
+    return {key: np.stack([r[key] for r in recs]) for key in ("tokens", "segment_ids")}
 
 
 def memory_budget(memory_budget_gb: float | None, device) -> tuple[int, str]:
