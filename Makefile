@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo study test test-all clean
+.PHONY: install install-test demo study headroom test test-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 # The study of issue 10 (not in CI; ~2 h on 2 CPU cores; resumable): runs/study/RESULTS.md.
 study: install
 	$(BIN)/dma study
+
+# Issue 17: the measured headroom of the mixing decision on the demo (resumable): runs/demo/headroom/headroom.md.
+headroom: install
+	$(BIN)/dma headroom
 
 test: install-test
 	$(BIN)/ruff check --select F,E9 dma_jax tests

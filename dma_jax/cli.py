@@ -100,6 +100,11 @@ def cmd_cpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_headroom(args: argparse.Namespace) -> int:
+    print(pipeline().headroom(_load(args), on=args.on, progress=not args.no_progress))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     print(pipeline().report(_load(args), out=args.out))
     return 0
@@ -239,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies)")
     p.add_argument("--seed", action="append", type=_non_negative_int, help="seed (repeatable; default: cpt.seeds)")
     p.set_defaults(func=cmd_cpt)
+
+    p = sub.add_parser("headroom", help="how much a domain choice or schedule beats the best fixed target share, "
+                                        "on the target and on proxies (resumable; headroom.* settings)")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--on", action="append", choices=("target", "proxy"),
+                   help="only this side (repeatable; default: headroom.on)")
+    p.set_defaults(func=cmd_headroom)
 
     p = sub.add_parser("report", help="markdown table of every CPT run + plots of mixtures and scores")
     _add_config_args(p, DEMO_CONFIG)

@@ -65,7 +65,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                      tuple(float(x) for x in space.train_tokens))
     run = RunDir(cfg)
     policy = make_policy(policy_name, info, sweep_dir=run.offline, agent_dirs=run.agent_exports(), spread=cc.spread, curriculum_end=cc.curriculum_end,
-                         seed=seed)
+                         seed=seed, exclude=cfg.eval.unscored_domains)
     safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
     out = run.cpt_run(policy_name, seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,28 @@ def report(cfg: Config, out: str | None = None, title: str | None = None) -> str
 
     run = RunDir(cfg)
     out_dir = upath(out) if out else run.report
-    path = write_report(run.cpt, out_dir, title=title or f"{cfg.run.name}: continual pre-training report")
-    return f"report: {path} (plots: {out_dir / 'mixtures.png'}, {out_dir / 'scores.png'})"
+    path = write_report(run.cpt, out_dir, title=title or f"{cfg.run.name}: continual pre-training report",
+                        trajectories_path=run.trajectories, offline_dir=run.offline)
+    plots = ["mixtures.png", "scores.png"] + (["response_surface.png"] if (out_dir / "response_surface.png").is_file()
+                                              else [])
+    return f"report: {path} (plots: {', '.join(str(out_dir / p) for p in plots)})"
+
+
+def headroom(cfg: Config, on=None, progress: bool = True) -> str:
+    """`dma headroom`: one line per side (best fixed share, best clean or scheduled policy, H), then the files."""
+    from dma_jax.headroom import run_headroom
+
+    r = run_headroom(cfg, on=on, progress=progress)
+    lines = []
+    for side, s in r.sides.items():
+        i_f, i_a = s.policies.index(s.best_fixed), s.policies.index(s.best_alt)
+        se = f"{s.h_se:.4f}" if np.isfinite(s.h_se) else "n/a"
+        ratio = f"{s.h_over_se:.2f}" if np.isfinite(s.h_over_se) else "n/a"
+        lines.append(f"headroom {side}: best fixed {s.best_fixed} {s.mean_P[i_f]:+.4f}, best clean/scheduled "
+                     f"{s.best_alt} {s.mean_P[i_a]:+.4f}; H = {s.h:+.4f} ± {se} (H/SE {ratio}) over "
+                     f"{len(s.seeds)} seeds")
+    lines.append(f"headroom: table in {r.table_path}, numbers in {r.json_path}, plot {r.plot_path}")
+    return "\n".join(lines)
 
 
 def demo_steps(cfg: Config, progress: bool = True) -> list[tuple[str, Callable[[], bool], Callable[[], str]]]:

@@ -7,7 +7,11 @@ reaches it (the last valid mixture is kept and a warning logged).
 
 Names (`make_policy`): `source-only`, `target-only`, `fixed-P` (target share P,
 spread over the field's domains by size or uniformly), `curriculum` (target share
-rising linearly from 0 to `curriculum_end`), `regmix` (a ridge regression fitted
+rising linearly from 0 to `curriculum_end`), `ramp-A-B` (target share linear from A
+at the first re-weighting step to B at the last), `fixed-P-scored` and
+`ramp-A-B-scored` (the same, spread over the domains not in `exclude` only:
+`eval.unscored_domains`, which the caller passes; a policy never judges a domain's
+quality by its name), `regmix` (a ridge regression fitted
 on the sweep: average mixture -> return, then its best predicted static mixture),
 `replay-best` (the sweep's best trajectory), `replay-K` (the sweep's trajectory K, e.g. for
 proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents).
@@ -50,16 +54,20 @@ class SpaceInfo:
     def field_mask(self, field: str) -> np.ndarray:
         return np.array([f == field for f in self.domain_fields])
 
-    def spread(self, field: str, how: str = "size") -> np.ndarray:
-        """A distribution over the domains of `field` (by size or uniform), zero elsewhere."""
+    def spread(self, field: str, how: str = "size", exclude: Sequence[str] = ()) -> np.ndarray:
+        """A distribution over the domains of `field` not in `exclude` (by size or uniform), zero elsewhere."""
         mask = self.field_mask(field)
         if not mask.any():
             raise DmaError(f"policy: no domain of field '{field}' in the domain space")
+        mask &= ~np.isin(np.array(self.domain_names), list(exclude))
+        if not mask.any():
+            raise DmaError(f"policy: every domain of field '{field}' is in eval.unscored_domains "
+                           f"({', '.join(exclude)}); a '-scored' policy needs a scored domain in each field")
         w = np.where(mask, np.asarray(self.sizes, np.float64) if how == "size" else 1.0, 0.0)
         return w / w.sum()
 
-    def target_share(self, p: float, how: str = "size") -> np.ndarray:
-        return (1.0 - p) * self.spread("source", how) + p * self.spread(self.target_field, how)
+    def target_share(self, p: float, how: str = "size", exclude: Sequence[str] = ()) -> np.ndarray:
+        return (1.0 - p) * self.spread("source", how, exclude) + p * self.spread(self.target_field, how, exclude)
 
 
 class Policy(Protocol):
@@ -79,17 +87,19 @@ class Static:
 
 @dataclasses.dataclass
 class Curriculum:
-    """Target share rising linearly from `start` at the first step to `end` at the last."""
+    """Target share moving linearly from `start` at the first step to `end` at the last (spread over the
+    domains not in `exclude`)."""
 
     name: str
     info: SpaceInfo
     start: float = 0.0
     end: float = 1.0
     how: str = "size"
+    exclude: tuple[str, ...] = ()
 
     def __call__(self, history: PolicyInput) -> np.ndarray:
         frac = history.stage / max(history.num_stages - 1, 1)
-        return self.info.target_share(self.start + (self.end - self.start) * frac, self.how)
+        return self.info.target_share(self.start + (self.end - self.start) * frac, self.how, self.exclude)
 
 
 @dataclasses.dataclass
@@ -162,20 +172,24 @@ class SafePolicy:
 
 
 def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, agent_dirs: dict | None = None,
-                spread: str = "size", curriculum_end: float = 1.0, seed: int = 0) -> Policy:
-    """Build a policy by name (see the module docstring)."""
+                spread: str = "size", curriculum_end: float = 1.0, seed: int = 0,
+                exclude: Sequence[str] = ()) -> Policy:
+    """Build a policy by name (see the module docstring); `exclude`: the domains `-scored` policies leave out."""
     if name == "source-only":
         return Static(name, info.spread("source", spread))
     if name == "target-only":
         return Static(name, info.spread(info.target_field, spread))
-    if name.startswith("fixed-"):
-        try:
-            p = float(name.removeprefix("fixed-"))
-        except ValueError:
-            p = -1.0
-        if not 0.0 <= p <= 1.0:
-            raise DmaError(f"policy '{name}': the target share after 'fixed-' must be a number in [0, 1]")
-        return Static(name, info.target_share(p, spread))
+    stem = name.removesuffix("-scored")
+    drop = tuple(exclude) if stem != name else ()
+    if stem.startswith("fixed-"):
+        return Static(name, info.target_share(_share(name, stem.removeprefix("fixed-")), spread, drop))
+    if stem.startswith("ramp-"):
+        ends = stem.removeprefix("ramp-").split("-")
+        if len(ends) != 2:
+            raise DmaError(f"policy '{name}': write ramp-A-B, A and B the target shares at the first and last step")
+        return Curriculum(name, info, _share(name, ends[0]), _share(name, ends[1]), spread, drop)
+    if stem != name:
+        raise DmaError(f"policy '{name}': '-scored' goes with fixed-P and ramp-A-B only")
     if name == "curriculum":
         return Curriculum(name, info, 0.0, curriculum_end, spread)
     if name in ("regmix", "replay-best") or name.removeprefix("replay-").isdigit():
@@ -206,8 +220,19 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
                   "field_score_index": ev.field_score_index(info.domain_names, fields),
                   "initial_weights": info.spread("source", "size").tolist()}
         return AgentPolicy(name, load_exported_agent(path), info, layout)
-    raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, curriculum, regmix, "
-                   f"replay-best, replay-K, agent-sft, agent-cql)")
+    raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, ramp-A-B, fixed-P-scored, "
+                   f"ramp-A-B-scored, curriculum, regmix, replay-best, replay-K, agent-sft, agent-cql)")
+
+
+def _share(name: str, text: str) -> float:
+    """A target share written in a policy name: a number in [0, 1]."""
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise DmaError(f"policy '{name}': target share {text!r} must be a number in [0, 1]")
+    return p
 
 
 @dataclasses.dataclass

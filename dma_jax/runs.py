@@ -125,9 +125,16 @@ class RunDir:
     def headroom_json(self) -> AnyPath:
         return self.headroom / "headroom.json"
 
+    @property
+    def headroom_plot(self) -> AnyPath:
+        return self.headroom / "response.png"
+
     def headroom_proxy(self, seed: int) -> AnyPath:
-        """The proxy-side headroom runs of one seed (checkpoints, feedback)."""
+        """The proxy-side headroom runs of one seed: result.json (written last), checkpoints/ while running."""
         return self.headroom / "proxy" / f"seed{seed}"
+
+    def headroom_proxy_checkpoints(self, seed: int) -> AnyPath:
+        return self.headroom_proxy(seed) / "checkpoints"
 
     @property
     def report(self) -> AnyPath:
