@@ -135,7 +135,7 @@ CASES = [
     C("config-nan", SAMPLE, ("cfg.yaml", "optim.lr", "finite"), _set_cfg(optim__lr=float("nan"))),
     C("config-unknown-key", SAMPLE, ("cfg.yaml", "unknown key", "proxy.depth"), _set_cfg(proxy__depth=3)),
     C("config-unknown-variant", SAMPLE + " --variant huge", ("cfg.yaml", "no variant 'huge'")),
-    C("config-record-len-mismatch", SAMPLE, ("manifest.json", "record_len"), _set_cfg(data__record_len=17)),
+    C("config-record-len-mismatch", SAMPLE, ("manifest.json", "record_len"), _set_cfg(data__record_len=17, sweep__seq_len=16)),
     C("override-inf", SAMPLE + " optim.lr=.inf", ("optim.lr", "finite")),
     C("override-no-equals", SAMPLE + " pretrain.steps", ("pretrain.steps", "expected key.sub=value")),
     C("override-unknown-key", SAMPLE + " proxy.depth=3", ("unknown key 'proxy.depth'",)),

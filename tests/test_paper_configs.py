@@ -12,7 +12,7 @@ import pytest
 from dma_jax.cli import main
 from dma_jax.config import ModelConfig, load_config
 from dma_jax.perf import memory as plan_mod
-from dma_jax.perf.measure import POOL_DOMAINS, POOL_TOKENS
+from dma_jax.perf.measure import POOL_DOMAINS
 from dma_jax.perf.proxies import ProxyBench
 from dma_jax.train import Trainer
 
@@ -60,7 +60,7 @@ def test_plan_of_the_paper_config(path, capsys):
         assert t["adam"] == 2 * t["params"] + 8  # mu, nu like the parameters; the step counts of Adam and the lr schedule
         assert s["proxies_per_device"] * s["traj_devices"] == s["chunk"]
         assert s["grads"] == s["proxies_per_device"] * 4 * s["n_params"]
-        assert s["pools"] == 52 * cfg.sweep.pool_tokens_per_domain * 4
+        assert s["pools"] == 52 * cfg.sweep.pool_tokens_per_domain * 8  # int32 tokens + int32 segment ids
         print(f"{path.name} {name}: target {t['total'] / 2**30:.2f} GiB/device (fits: {t['fits']}), "
               f"sweep {s['total'] / 2**30:.2f} GiB/device (fits: {s['fits']}, max {s['max_proxies_per_device']} "
               f"proxies/device)")
@@ -91,7 +91,7 @@ def test_plan_matches_xla_on_the_production_mesh_shape(path):
     exe, _, mesh = bench.compiled(s["chunk"], s["traj_devices"])
     xla = exe.memory_analysis()
     n = s["proxies_per_device"]
-    pools = (POOL_DOMAINS * POOL_TOKENS + 2 * POOL_DOMAINS) * 4  # synthetic pools: tokens, starts, lengths (int32)
+    pools = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(bench.pools))  # the synthetic pools' arrays
     inputs = n * POOL_DOMAINS * 4 + n * 4 + 4  # weights, trajectory ids, stage (spike thresholds: unused, dropped)
     assert xla.argument_size_in_bytes == s["state"] + pools + inputs
     assert math.isfinite(s["activations"]) and s["activations"] > 0

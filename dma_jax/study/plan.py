@@ -43,6 +43,7 @@ class StudyPlan:
     # 2b: a wider sweep than the sampler's default signed drift (-0.15, 0.25) per step (issue 17): faster rises
     # and falls. (The first study's main sweep drifted in (0, 0.1) only and never reached the fixed-0.3 region.)
     wide_drift: tuple[float, float] | None = (-0.3, 0.4)
+    wide_start: tuple[float, float] = (0.0, 0.8)  # its start target share range (default sampler: 0-0.6)
     wide_policies: tuple[str, ...] = ("regmix", "replay-best", "agent-sft", "agent-cql")
     # 2c: main's and wide-sweep's final models re-scored on all benchmark items (CPT's feedback uses 16 per field:
     # one item = 0.016 of the balanced score) and more held-out windows (dma_jax/study/rescore.py)
@@ -105,8 +106,11 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
     ]
     if plan.wide_drift is not None:
         lo, hi = plan.wide_drift
-        runs.insert(1, SubRun("wide-sweep", "coverage", f"Wider sweep: drift_rate_range [{lo:g}, {hi:g}] per step",
+        s0, s1 = plan.wide_start
+        runs.insert(1, SubRun("wide-sweep", "coverage", f"Wider sweep: drift_rate_range [{lo:g}, {hi:g}] per step, "
+                              f"start share [{s0:g}, {s1:g}]",
                               (f"sweep.sampler.drift_rate_range=[{lo}, {hi}]",
+                               f"sweep.sampler.init_target_share_range=[{s0}, {s1}]",
                                f"cpt.policies=[{', '.join(plan.wide_policies)}]"),
                               plan.wide_policies, seeds, ("sample", "sweep", "agent-sft", "agent-cql", *cpt, *rescore),
                               ("pretrain-proxy", "pretrain-target")))
