@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
 import time
-import zipfile
 from pathlib import Path
 
 import jax
@@ -43,7 +41,7 @@ from dma_jax.data import device_sampler as sampler
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.faults import stop_on_sigterm
-from dma_jax.io_utils import AnyPath, upath
+from dma_jax.io_utils import AnyPath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
@@ -81,12 +79,9 @@ def run_sample(cfg: Config) -> Path:
 
 
 def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray:
-    try:
-        with np.load(io.BytesIO(upath(path).read_bytes()), allow_pickle=False) as z:
-            w = np.asarray(z["weights_NxTxD"], np.float32)
-            names = [str(x) for x in z["domain_names"]]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, garbled
-        raise DmaError(f"{path}: not a trajectories file ({(str(e) or type(e).__name__).splitlines()[0]})") from None
+    """The sampled trajectories (read by `trajectories.load`, their format's one reader), checked against the
+    domain space and the sweep's N and T."""
+    w, names, _, _ = trajectories.load(path)
     if names != space.names:
         only_file = sorted(set(names) - set(space.names))
         only_space = sorted(set(space.names) - set(names))
@@ -96,8 +91,6 @@ def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray
     if w.shape != (sc.num_trajectories, sc.num_stages, space.num_domains):
         raise DmaError(f"{path}: shape {w.shape}, config wants "
                        f"[{sc.num_trajectories}, {sc.num_stages}, {space.num_domains}]; re-run `dma sample`")
-    if not np.all(np.isfinite(w)) or (w < 0).any() or np.abs(w.sum(-1) - 1).max() > 1e-4:
-        raise DmaError(f"{path}: mixtures must be finite, >= 0 and sum to 1")
     return w
 
 

@@ -73,6 +73,10 @@ def _rm(rel: str) -> Callable[[Path], None]:
     return go
 
 
+def _renorm(w):
+    return w / w.sum(-1, keepdims=True)
+
+
 def _set_cfg(**changes) -> Callable[[Path], None]:
     def go(root: Path) -> None:
         def fn(c):
@@ -176,7 +180,8 @@ CASES = [
     C("trajectories-wrong-shape", SWEEP, ("trajectories.npz", "shape"),
       _traj_edit(lambda a: a.update(weights_NxTxD=a["weights_NxTxD"][:2]))),
     C("trajectories-wrong-domains", SWEEP, ("trajectories.npz", "other domains"),
-      _traj_edit(lambda a: a.update(weights_NxTxD=a["weights_NxTxD"][..., 1:], domain_names=a["domain_names"][1:]))),
+      _traj_edit(lambda a: a.update(weights_NxTxD=_renorm(a["weights_NxTxD"][..., 1:]),
+                                    domain_names=a["domain_names"][1:], domain_fields=a["domain_fields"][1:]))),
     C("trajectories-nan", SWEEP, ("trajectories.npz", "finite"),
       _traj_edit(lambda a: a["weights_NxTxD"].__setitem__((0, 0, 0), np.nan))),
     C("trajectories-wrong-type", SWEEP, ("trajectories.npz", "not a trajectories file"),
