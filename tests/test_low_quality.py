@@ -1,7 +1,7 @@
 """The demo's low-quality domains (one per field) and `eval.unscored_domains`.
 
-Checked against independent computations: token shares by counting bytes, shuffles against the clean
-training lines, math answers by re-solving each question with test_demo_corpora's own solver, the field score
+Checked against independent computations: token shares by counting bytes, letter substitutions and shuffles
+against the clean training lines, math answers by re-solving each question with test_demo_corpora's own solver, the field score
 and its SE with unscored domains by a numpy reference (delta method in gradient form, np.cov)."""
 
 import collections
@@ -75,22 +75,38 @@ def _clean_train(domains, field) -> list[str]:
     return [t for d in domains if d.field == field and d.name not in dc.LOW_QUALITY_DOMAINS for t in d.documents]
 
 
-def test_web_prose_shuffles_the_words_of_training_lines(full):
-    by_words = collections.defaultdict(set)  # multiset of words -> the word orders seen in clean training lines
+def _skeleton(line: str) -> str:
+    """The line with every ASCII letter replaced by its case's placeholder (what a letter substitution keeps)."""
+    return re.sub(r"[a-z]", "a", re.sub(r"[A-Z]", "A", line))
+
+
+def test_web_prose_pages_are_clean_lines_through_one_letter_substitution_each(full):
+    by_skeleton = collections.defaultdict(set)  # letter skeleton -> clean training lines with it
     for text in _clean_train(full, "source"):
         for line in text.split("\n"):
-            by_words[tuple(sorted(line.split()))].add(tuple(line.split()))
+            by_skeleton[_skeleton(line)].add(line)
     docs = [d for d in dc.demo_domains(0, 1, ("source",), exclude_held_out=False) if d.name == LQ["source"]][0]
-    changed = same = 0
+    letters = set("abcdefghijklmnopqrstuvwxyz")
+    tables = []
     for text in docs.documents:
+        table: dict[str, str] = {}  # junk letter -> clean letter, built from the lines that match one clean line
         for line in text.split("\n"):
-            words = tuple(line.split())
-            key = tuple(sorted(words))
-            assert key in by_words, line  # the same multiset of words as a line of a training document
-            if len(set(words)) > 1:
-                changed += words not in by_words[key]
-                same += words in by_words[key]
-    assert changed > 10_000 and same / (changed + same) < 0.05, (changed, same)
+            cands = by_skeleton.get(_skeleton(line))
+            assert cands, line  # digits, spacing, punctuation and case pattern of a clean training line
+            if len(cands) == 1 and len(set(line.lower()) & letters) > 8:
+                (clean,) = cands
+                for a, b in zip(line.lower(), clean.lower()):
+                    if a in letters:
+                        assert table.setdefault(a, b) == b, (line, clean)  # one substitution per page
+        assert len(table) >= 15 and all(a != b for a, b in table.items()), table  # every letter moved
+        assert len(set(table.values())) == len(table)  # a permutation
+        tables.append(tuple(sorted(table.items())))
+    assert len(set(tables)) > 0.9 * len(tables)  # each page its own substitution
+    # The letters' statistics contradict the clean text's: the commonest clean letter is rare in the junk.
+    junk = collections.Counter(c for t in docs.documents for c in t.lower() if c in letters)
+    clean = collections.Counter(c for t in _clean_train(full, "source") for c in t.lower() if c in letters)
+    assert max(abs(junk[c] / sum(junk.values()) - 1 / 26) for c in letters) < \
+        0.5 * max(abs(clean[c] / sum(clean.values()) - 1 / 26) for c in letters)  # flattened by the mixing
 
 
 def test_paste_snippets_shuffle_the_lines_of_training_files(full):
@@ -110,6 +126,7 @@ def test_paste_snippets_shuffle_the_lines_of_training_files(full):
 
 def _holds(eq: str) -> bool:
     """Whether a plain equation ('19 * 3 = 57') is true; a division by zero makes it false."""
+    eq = re.sub(r"\b0+(\d)", r"\1", eq)  # a deranged digit may lead with 0: the number's value
     try:
         return len({_eval(part) for part in eq.split("=")}) == 1
     except ZeroDivisionError:
@@ -141,15 +158,24 @@ def test_forum_solutions_have_wrong_answers_and_wrong_steps():
     assert len(set(questions)) == len(questions) and not set(questions) & (clean | bench)
 
 
-def test_wrong_solution_changes_every_number():
+def test_wrong_solution_moves_every_number_then_deranges_the_digits_of_the_steps():
     problem = math_gen.MathProblem("arithmetic", "x", "Compute 12 * 3 / 4.", ("Multiply: 12 * 3 = 36.",
                                                                           "Divide: 36 / 4 = 9."), "9", ())
     for seed in range(20):
         q, *steps, ans = low_quality.wrong_solution(problem, random.Random(seed)).split("\n")
         assert q == problem.question
         for got, was in zip(steps, problem.steps):
-            new, old = re.findall(r"\d+", got), re.findall(r"\d+", was)
-            assert len(new) == len(old) and all(a != b for a, b in zip(new, old)), (got, was)
+            assert got != was and re.sub(r"\d+", "N", got) == re.sub(r"\d+", "N", was)  # the words kept, numbers replaced
+        digits = "".join(re.findall(r"\d", "".join(steps)))
+        rng = random.Random(seed)
+        rng.randint(1, 9)  # the answer's d (wrong_solution draws it first)
+        perm = low_quality.derangement("0123456789", rng)
+        moved = [re.sub(r"\d+", low_quality._moved(rng), s) for s in problem.steps]
+        assert digits == "".join(re.findall(r"\d", "".join(moved))).translate(str.maketrans("0123456789", perm))
+        assert all(a != b for a, b in zip(perm, "0123456789"))
+        for m, was in zip(moved, problem.steps):  # every number moved before the substitution
+            new, old = re.findall(r"\d+", m), re.findall(r"\d+", was)
+            assert len(new) == len(old) and all(a != b for a, b in zip(new, old)), (m, was)
         assert int(ans.removeprefix("Answer: ")) in range(10, 19)
 
 

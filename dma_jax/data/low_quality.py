@@ -3,11 +3,15 @@
 The demo's clean domains are all of similar value, so a size-spread fixed mixture is already near-optimal;
 these domains give a mixing policy something to leave out. Each holds about `SHARE` of its field's training
 tokens, is built from that field's own material, deterministically from a `random.Random`:
-- prose pages (`web_prose`): runs of consecutive lines of the field's training documents, the words of
-  every line in a new order (a line of two or more distinct words never keeps its order);
+- prose pages (`web_prose`): runs of consecutive lines of the field's training documents, each page read
+  through its own random letter substitution (`substitute_letters`: as if decoded with a wrong code page;
+  case, spacing, digits and punctuation kept). Within-word structure is what a byte-level model mostly
+  learns, so pages with only their words shuffled cost a mixture almost nothing; substituted letters
+  contradict the clean text's letter statistics;
 - code pages (`paste_snippets`): the same runs of lines, the lines of each page in a new order;
-- worked solutions (`forum_solutions`): generated problems whose worked steps have every number moved
-  and whose final answer is wrong (`wrong_solution`).
+- worked solutions (`forum_solutions`): generated problems whose worked steps have every number moved and
+  then every digit replaced through the document's own digit permutation, and whose final answer is wrong
+  (`wrong_solution`).
 Their domain names and documents say nothing of their quality; docs/DEMO_SOURCES.md does.
 """
 
@@ -53,20 +57,27 @@ def pages(texts: Sequence[str], page_bytes: int, n_pages: int, rng: random.Rando
                    f"{n_pages} asked")
 
 
-def shuffle_words(line: str, rng: random.Random) -> str:
-    """The line's words (split on whitespace) in a new order, its indentation kept; a line of two or more
-    distinct words always changes."""
-    words = line.split()
-    if len(set(words)) > 1:
-        before = list(words)
-        while words == before:
-            rng.shuffle(words)
-    return line[: len(line) - len(line.lstrip())] + " ".join(words)
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_DIGITS = "0123456789"
+
+
+def derangement(alphabet: str, rng: random.Random) -> str:
+    """A permutation of `alphabet` that moves every symbol."""
+    out = list(alphabet)
+    while any(a == b for a, b in zip(out, alphabet)):
+        rng.shuffle(out)
+    return "".join(out)
+
+
+def substitute_letters(text: str, rng: random.Random) -> str:
+    """The text with every ASCII letter replaced through one random derangement of a-z (case kept)."""
+    lower = derangement(_LOWER, rng)
+    return text.translate(str.maketrans(_LOWER + _LOWER.upper(), lower + lower.upper()))
 
 
 def web_prose(texts: Sequence[str], n_pages: int, page_bytes: int, rng: random.Random) -> list[str]:
-    """Pages of the texts with the words of every line shuffled."""
-    return ["\n".join(shuffle_words(ln, rng) for ln in page) for page in pages(texts, page_bytes, n_pages, rng)]
+    """Pages of the texts, each through its own letter substitution."""
+    return [substitute_letters("\n".join(page), rng) for page in pages(texts, page_bytes, n_pages, rng)]
 
 
 def paste_snippets(texts: Sequence[str], n_pages: int, page_bytes: int, rng: random.Random) -> list[str]:
@@ -91,10 +102,12 @@ def wrong_solution(problem: MathProblem, rng: random.Random) -> str:
     steps is moved by a random nonzero amount (kept >= 0) and every number of the final answer is raised by
     one amount d in 1..9. Raising every number of an answer changes its value in every answer form of
     `math_gen`: an integer, "q remainder r", "x = a, y = b", n/d with n != d, a polynomial (its exponents
-    rise), a factored form (its constant term grows in size), a prime factorization (its product grows)."""
+    rise), a factored form (its constant term grows in size), a prime factorization (its product grows).
+    Then the digits of the steps go through one random derangement of 0-9."""
     d = rng.randint(1, 9)
     answer = _NUMBER.sub(lambda m: str(int(m.group()) + d), problem.answer)
-    steps = [_NUMBER.sub(_moved(rng), s) for s in problem.steps]
+    table = str.maketrans(_DIGITS, derangement(_DIGITS, rng))
+    steps = [_NUMBER.sub(_moved(rng), s).translate(table) for s in problem.steps]
     return "\n".join((problem.question, *steps, f"Answer: {answer}"))
 
 
