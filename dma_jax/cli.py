@@ -117,6 +117,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.what == "target":
         out = export.export_target(cfg, args.policy, args.seed, args.out)
         print(f"export: target model ({args.policy}, seed {args.seed}) in {out}/orbax and {out}/hf")
+    elif args.what == "schedule":
+        files = (export.export_rollout(cfg, args.stage, args.feedback, args.out) if args.feedback else
+                 export.export_schedule(cfg, args.policy, args.seed, args.out))
+        print(f"export: mixture schedule in {files[0]} and {files[1]}; `dma cpt --policy schedule:FILE` replays it")
     else:
         out = export.export_agent_stage(cfg, args.stage, args.out)
         print(f"export: {args.stage} agent in {out}")
@@ -241,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cpt", help="continually pre-train the target model under mixing policies (resumable)")
     _add_config_args(p, DEMO_CONFIG)
-    p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies)")
+    p.add_argument("--policy", action="append", help="policy name (repeatable; default: cpt.policies); "
+                   "schedule:FILE replays a schedule file (`dma export schedule`, JSON or CSV: one mixture per "
+                   "re-weighting step), run in cpt/schedule-<file stem>-<first 8 hex digits of its SHA-256>/")
     p.add_argument("--seed", action="append", type=_non_negative_int, help="seed (repeatable; default: cpt.seeds)")
     p.set_defaults(func=cmd_cpt)
 
@@ -257,14 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run.out_dir>/report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="export the CPT'd target model (Orbax + Hugging Face layout) or an agent")
-    p.add_argument("what", choices=("target", "agent"))
-    _add_config_args(p, DEMO_CONFIG)
-    p.add_argument("--policy", default="agent-cql", help="target: which CPT run (default: agent-cql)")
-    p.add_argument("--seed", type=int, default=0, help="target: which seed (default: 0)")
-    p.add_argument("--stage", choices=("sft", "cql"), default="cql", help="agent: which stage (default: cql)")
-    p.add_argument("--out", help="output folder (default: under <run.out_dir>)")
-    p.set_defaults(func=cmd_export)
+    _add_export_parser(sub)
 
     p = sub.add_parser("import", help="use a Hugging Face LLaMA checkpoint (config.json + safetensors) as the "
                                       "base target model")
@@ -322,6 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "gen-code, gen-domains, gen-large, cql-alpha-<a>, no-feedback, fidelity)")
     p.set_defaults(func=cmd_study)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the CPT'd target model (Orbax + Hugging Face layout), an agent, or "
+                                      "the mixture schedule of a CPT run",
+                       epilog="schedule: writes <policy>-seed<k>.json (--feedback: agent-<stage>-<file stem>.json), "
+                       "whose train_weights ([[start step, {domain: weight}], ...], the start an optimizer step "
+                       "from 0) is levanter's staged LMMixtureDatasetConfig.train_weights, and a .csv "
+                       "(stage,start_step,<domain>,...) beside it; `dma cpt --policy schedule:FILE` replays either.")
+    p.add_argument("what", choices=("target", "agent", "schedule"))
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--policy", default="agent-cql", help="target, schedule: which CPT run (default: agent-cql)")
+    p.add_argument("--seed", type=int, default=0, help="target, schedule: which seed (default: 0)")
+    p.add_argument("--stage", choices=("sft", "cql"), default="cql", help="agent, schedule --feedback: which "
+                   "stage (default: cql)")
+    p.add_argument("--feedback", metavar="FILE", help="schedule: instead of a CPT run's, the mixtures the exported "
+                   "--stage agent chooses given this JSON of per-step feedback ({\"feedback\": [{name: value}, ...]}, "
+                   "row 0 the base model's; names as the CPT's eval/ TensorBoard tags)")
+    p.add_argument("--out", help="output folder (default: under <run.out_dir>; schedule: export/schedules)")
+    p.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

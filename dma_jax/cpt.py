@@ -10,7 +10,8 @@ where an uninterrupted run would, with no training record repeated or skipped.
 
 Output per run: `<run.out_dir>/cpt/<policy>/seed<k>/history.json` (format
 `dma-cpt-history-v2`, read by `dma report`), `records.jsonl` (the (domain,
-record id) of every training example, by step) and `checkpoints/`.
+record id) of every training example, by step), `checkpoints/`, and TensorBoard events in `tb/` (`tb_log`;
+`eval_metrics` says which tags, at which steps).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from dma_jax.numerics import LossGuard, last_good
 from dma_jax.policies import PolicyInput, SafePolicy, SpaceInfo, make_policy
 from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
-from dma_jax.train import Trainer, TrainState, load_base_params, shared_trainer
+from dma_jax.tb_log import events
+from dma_jax.train import Trainer, TrainState, load_base_params, lr_schedule, shared_trainer
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,11 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
             space: DomainSpace | None = None) -> RunHistory:
     cc = cfg.cpt
     space = space or DomainSpace.for_config(cfg).subset(["source", cc.target_field])
-    info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cc.target_field,
-                     tuple(float(x) for x in space.train_tokens))
+    info = SpaceInfo.of(space, cc.target_field)
     run = RunDir(cfg)
     policy = make_policy(policy_name, info, sweep_dir=run.offline, agent_dirs=run.agent_exports(), spread=cc.spread, curriculum_end=cc.curriculum_end,
-                         seed=seed, exclude=cfg.eval.unscored_domains)
+                         seed=seed, exclude=cfg.eval.unscored_domains, num_stages=cc.num_stages,
+                         steps_per_stage=cc.steps_per_stage)
     safe = SafePolicy(policy, space.num_domains, info.spread("source", cc.spread))
     out = run.cpt_run(policy_name, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                         current, seed, num_threads=cc.num_threads, decode=_decode)
     ckpt = Checkpointer(run.cpt_checkpoints(policy_name, seed), keep=2)
     records_log = JsonlLog(out / "records.jsonl") if shd.is_primary() else NullLog()  # process 0 writes files
+    metrics_log = events(out, shd.is_primary())  # TensorBoard: see `eval_metrics`
 
     def raw_of(params):  # the full raw metrics, per-item / per-window arrays included (for the SEs)
         return shd.to_host(evaluate(params, eval_set))
@@ -115,10 +118,15 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         timings = {"policy_s": [], "stage_s": []}
         start = 0
     records_log.truncate_after(start * S)
+    metrics_log.truncate_after(start * S if start else -1)  # a fresh start logs step 0 (the base model) anew
+    if start == 0:
+        metrics_log.append(eval_metrics(0, history.feedback[0], base_raw, space, ec.balanced))
+    lr_TS = np.asarray(lr_schedule(cfg.optim, T * S)(np.arange(T * S)))  # step i's rate: lr_TS[i - 1]
+    tokens_per_stage = S * cc.batch_size * (space.record_len - 1)
     guard = LossGuard(f"cpt {policy_name} seed {seed}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
 
     loop = StageLoop(f"cpt {policy_name} seed {seed}", ckpt, T, "stage", progress, event_after_save="cpt.stage_done",
-                     describe_stop=lambda done: f"after re-weighting step {done}/{T}")
+                     describe_stop=lambda done: f"after re-weighting step {done}/{T}", log=metrics_log)
 
     def unit(t: int) -> None:
         nonlocal state
@@ -127,6 +135,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         t1 = time.perf_counter()
         history.weights.append(np.asarray(w, np.float64))
         current.weights = history.weights[-1]
+        metrics_log.append({"step": t * S + 1, "mixture": dict(zip(space.names, history.weights[-1].tolist()))})
         max_loss, losses_S = guard.max_loss(), []
         for s in range(S):
             batch = next(mixer)
@@ -144,6 +153,11 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         history.feedback.append(np.asarray(ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
         timings["policy_s"].append(t1 - t0)
         timings["stage_s"].append(t2 - t1)
+        for s, step in enumerate(range(t * S + 1, (t + 1) * S + 1)):
+            metrics_log.append({"step": step, "train": {"loss": float(losses_S[s]), "lr": float(lr_TS[step - 1])}})
+        metrics_log.append(eval_metrics((t + 1) * S, history.feedback[-1], raws[-1], space, ec.balanced)
+                           | {"time": {"policy_s": t1 - t0, "stage_s": t2 - t1},
+                              "tokens_per_s": tokens_per_stage / max(t2 - t1, 1e-9)})
         loop.bar.set_postfix(loss=f"{float(losses_S[-1]):.3f}")
 
     def save(done: int) -> None:
@@ -153,10 +167,31 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                 "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
                 "policy": policy_name, "seed": seed, "rejected": safe.rejected}
         records_log.flush()
+        metrics_log.flush()
         ckpt.save(done, state, meta=meta, data=mixer.get_state())
 
     loop.run(start, unit, save)
-    return _write_history(cfg, space, policy_name, seed, history, raws, timings, safe.rejected, out)
+    # the policy's own name: `schedule:FILE` is recorded as its folder's name (`runs.policy_folder`)
+    return _write_history(cfg, space, policy.name, seed, history, raws, timings, safe.rejected, out)
+
+
+def eval_metrics(step: int, feedback_M, summary: dict, space: DomainSpace, balanced_how: str) -> dict:
+    """The TensorBoard record of one evaluation (row t of the history, at optimizer step t * S):
+    `eval/<feedback name>` (`evaluation.feedback_names`: score/<field>, score_se/<field>, loss/<domain>, ...),
+    `eval/balanced` and `eval/balanced_se`, and the raw metrics `raw/<summary key>/<field or domain>`.
+
+    The other CPT tags: `mixture/<domain>` (the weights of re-weighting step t, at its first step t * S + 1),
+    `train/loss` and `train/lr` (every optimizer step), `time/policy_s`, `time/stage_s` and `tokens_per_s` (of the
+    S steps with their evaluation, at (t + 1) * S)."""
+    names = ev.feedback_names(space.names, space.fields)
+    fb_M = np.asarray(feedback_M, np.float32)
+    scores_F = fb_M[ev.field_score_index(space.names, space.fields)]
+    se_F = fb_M[ev.field_score_se_index(space.names, space.fields)]
+    scored = dict(zip(names, fb_M.tolist()), balanced=float(ev.balanced_score(scores_F, balanced_how)),
+                  balanced_se=float(ev.balanced_se(scores_F, se_F, balanced_how)))
+    raw = {key: dict(zip(space.names if key == "domain_loss" else space.fields, np.asarray(v).tolist()))
+           for key, v in summary.items()}
+    return {"step": step, "eval": scored, "raw": raw}
 
 
 def _write_history(cfg, space, policy_name, seed, history, raws, timings, rejected, out: Path) -> RunHistory:

@@ -107,6 +107,9 @@ class NullLog:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class JsonlLog:
     """Append-only metrics log; `truncate_after(step)` on resume drops records past the checkpoint.
@@ -144,6 +147,9 @@ class JsonlLog:
         if self._records is not None and self._dirty:
             rewrite_jsonl(self.path, self._records)
             self._written, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush()
 
 
 def read_json_file(path: str | os.PathLike, missing: str) -> Any:

@@ -14,7 +14,9 @@ at the first re-weighting step to B at the last), `fixed-P-scored` and
 quality by its name), `regmix` (a ridge regression fitted
 on the sweep: average mixture -> return, then its best predicted static mixture),
 `replay-best` (the sweep's best trajectory), `replay-K` (the sweep's trajectory K, e.g. for
-proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents).
+proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents), `schedule:FILE` (the mixtures of a schedule
+file, `schedule_file`, e.g. from `dma export schedule`: one per re-weighting step; its runs' folder and recorded
+name is `runs.policy_folder`'s `schedule-<stem>-<sha>`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from dma_jax import schedule_file
 from dma_jax.errors import DmaError
+from dma_jax.runs import SCHEDULE_POLICY, policy_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,12 @@ class SpaceInfo:
     domain_fields: tuple[str, ...]
     target_field: str
     sizes: tuple[float, ...]  # train tokens per domain
+
+    @classmethod
+    def of(cls, space, target_field: str) -> SpaceInfo:
+        """The policies' view of a `data.domains.DomainSpace`."""
+        return cls(tuple(space.names), tuple(space.fields_of_domain), target_field,
+                   tuple(float(x) for x in space.train_tokens))
 
     def field_mask(self, field: str) -> np.ndarray:
         return np.array([f == field for f in self.domain_fields])
@@ -173,8 +183,12 @@ class SafePolicy:
 
 def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, agent_dirs: dict | None = None,
                 spread: str = "size", curriculum_end: float = 1.0, seed: int = 0,
-                exclude: Sequence[str] = ()) -> Policy:
-    """Build a policy by name (see the module docstring); `exclude`: the domains `-scored` policies leave out."""
+                exclude: Sequence[str] = (), num_stages: int | None = None,
+                steps_per_stage: int | None = None) -> Policy:
+    """Build a policy by name (see the module docstring); `exclude`: the domains `-scored` policies leave out;
+    `num_stages`, `steps_per_stage`: the CPT's, which a schedule file must match."""
+    if name.startswith(SCHEDULE_POLICY):
+        return _schedule_policy(name, info, num_stages, steps_per_stage)
     if name == "source-only":
         return Static(name, info.spread("source", spread))
     if name == "target-only":
@@ -221,7 +235,18 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
                   "initial_weights": info.spread("source", "size").tolist()}
         return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, ramp-A-B, fixed-P-scored, "
-                   f"ramp-A-B-scored, curriculum, regmix, replay-best, replay-K, agent-sft, agent-cql)")
+                   f"ramp-A-B-scored, curriculum, regmix, replay-best, replay-K, agent-sft, agent-cql, "
+                   f"schedule:FILE)")
+
+
+def _schedule_policy(name: str, info: SpaceInfo, num_stages: int | None, steps_per_stage: int | None) -> Schedule:
+    """`schedule:FILE`: the file's mixtures, checked against the run's domain space and re-weighting steps."""
+    if num_stages is None or steps_per_stage is None:
+        raise DmaError(f"policy '{name}': a schedule file is replayed by `dma cpt` only")
+    path = name.removeprefix(SCHEDULE_POLICY)
+    sched = schedule_file.read(path)
+    schedule_file.check_stages(sched, num_stages, steps_per_stage, path)
+    return Schedule(policy_folder(name), sched.for_domains(info.domain_names, path))
 
 
 def _share(name: str, text: str) -> float:

@@ -1,7 +1,7 @@
 """`dma pretrain`: train a base LM on a token stream, with checkpoints, metrics and resume.
 
-Outputs under `<run.out_dir>/pretrain-<proxy|target>/`: `config.yaml`, `metrics.jsonl`, and
-Orbax checkpoints in `checkpoints/<step>/`. Re-running the same command resumes
+Outputs under `<run.out_dir>/pretrain-<proxy|target>/`: `config.yaml`, `metrics.jsonl` (its TensorBoard
+events in `tb/`: `tb_log`), and Orbax checkpoints in `checkpoints/<step>/`. Re-running the same command resumes
 from the last checkpoint and ends where an uninterrupted run would. SIGTERM
 (a preemption notice) saves a checkpoint at the next step and exits cleanly.
 """
@@ -23,12 +23,13 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.data.record_stream import RecordStream
 from dma_jax.errors import DmaError
 from dma_jax.faults import stop_on_sigterm
-from dma_jax.io_utils import AnyPath, JsonlLog, NullLog, atomic_write_text, read_jsonl
+from dma_jax.io_utils import AnyPath, atomic_write_text, read_jsonl
 from dma_jax.models.lm import param_count_formula
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
-from dma_jax.train import Trainer, check_model_meta, format_bytes
+from dma_jax.tb_log import stage_log
+from dma_jax.train import Trainer, check_model_meta, format_bytes, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     if space.tokenizer().vocab_size > model_cfg.vocab_size:
         raise DmaError(f"{which}.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                        f"{space.tokenizer().vocab_size}")
+    if pc.exclude_unscored:
+        space = space.without(cfg.eval.unscored_domains)
     stream = RecordStream(space, pc.fields, "train")
     eval_np = RecordStream(space, pc.fields, "heldout").eval_batches(pc.eval_batches, pc.batch_size)
     seq_len = space.record_len - 1
@@ -73,7 +76,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         n_params / 1e6, dict(trainer.mesh.shape), format_bytes(mem.get("total", 0)), format_bytes(mem.get("temp", 0)),
     )
     ckpt = Checkpointer(RunDir(cfg).pretrain_checkpoints(which), keep=pc.keep_checkpoints)
-    metrics_log = JsonlLog(out / "metrics.jsonl") if primary else NullLog()
+    metrics_log = stage_log(out / "metrics.jsonl", primary)  # and its TensorBoard events in tb/
     start = ckpt.latest_step()
     if start is not None:
         check_model_meta(ckpt.read_meta(start), dump_config(cfg)[which], which, ckpt.directory)
@@ -90,9 +93,12 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
         return float(np.mean(jax.device_get(losses)))
 
     tokens_per_step = pc.batch_size * seq_len
+    # step s's learning rate is lr_S[s - 1] (the optimizer's count before it); computed once, not between steps
+    lr_S = np.asarray(lr_schedule(optim, pc.steps)(np.arange(pc.steps)))
     guard = LossGuard(f"pretrain {which}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
     loop = StageLoop(f"pretrain {which}", ckpt, pc.steps, "step", progress,
-                     due=lambda done: done % pc.checkpoint_every == 0, event_before_save="pretrain.step")
+                     due=lambda done: done % pc.checkpoint_every == 0, event_before_save="pretrain.step",
+                     log=metrics_log)
     pending = None  # (step, device metrics, max_loss used) read only after the next step is dispatched
     t_last, steps_since = time.perf_counter(), 0
     last_loss = float("nan")
@@ -111,7 +117,8 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
             now = time.perf_counter()
             tps = steps_since * tokens_per_step / max(now - t_last, 1e-9)
             t_last, steps_since = now, 0
-            rec = {"step": step_done, "loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps}
+            rec = {"step": step_done, "loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                   "lr": float(lr_S[step_done - 1])}
             metrics_log.append(rec)
             loop.bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
 

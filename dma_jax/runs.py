@@ -13,16 +13,26 @@ demo, the study and the CLI ask it whether a stage is done (so a second `make de
       headroom/                  headroom.{md,json}, proxy/seed<k>/ (target runs: cpt/)  (dma headroom)
       report/                    report.md, mixtures.png, scores.png                  (dma report)
       export/target-<policy>-seed<k>/  orbax/, hf/                                    (dma export target)
+      export/schedules/          <policy>-seed<k>.{json,csv}, agent-<stage>-<file>.*  (dma export schedule)
     <data.dir or run.out_dir/data>/  manifest.json, <domain>/...                      (dma prepare)
+
+Every training stage's folder (pretrain-*, sweep, agent/{sft,cql}, cpt/<policy>/seed<k>) also holds `tb/`, its
+TensorBoard event files (`tb_log.tb_dir`, named there: the agent, which writes under its own `out_dir`, cannot
+ask RunDir), so `tensorboard --logdir <run.out_dir>` shows every stage as a run.
+
+A policy's folder is its name (`policy_folder`), but for `schedule:FILE`, whose name holds a path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 
 from dma_jax import history
 from dma_jax.config import Config, dump_config
+from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, upath
 
 AGENT_STAGES = ("sft", "cql")
@@ -35,6 +45,28 @@ def latest_step(ckpt_dir: AnyPath) -> int | None:
     ckpt_dir = upath(ckpt_dir)
     steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
     return max(steps, default=None)
+
+
+SCHEDULE_POLICY = "schedule:"  # `schedule:FILE`: replay a schedule file (policies.make_policy)
+
+
+def policy_folder(policy: str) -> str:
+    """The folder (under cpt/, and in export names) of a policy's runs: its name, but for `schedule:FILE`
+    `schedule-<file stem>-<first 8 hex digits of the SHA-256 of the file's bytes>`, so the same file gives the same
+    folder wherever it lies and an edited file a new one. The CPT history records this name as the policy."""
+    if not policy.startswith(SCHEDULE_POLICY):
+        return policy
+    path = upath(policy.removeprefix(SCHEDULE_POLICY))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DmaError(f"policy '{policy}': cannot read the schedule file ({e.strerror or e})") from None
+    return f"schedule-{_safe_stem(path)}-{hashlib.sha256(data).hexdigest()[:8]}"
+
+
+def _safe_stem(path: AnyPath) -> str:
+    """A file's stem as a folder-name part: letters, digits, '.', '_', '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:64] or "file"
 
 
 def _read_json(path: AnyPath) -> dict:
@@ -108,7 +140,7 @@ class RunDir:
         return self.root / "cpt"
 
     def cpt_run(self, policy: str, seed: int) -> AnyPath:
-        return self.cpt / policy / f"seed{seed}"
+        return self.cpt / policy_folder(policy) / f"seed{seed}"
 
     def cpt_checkpoints(self, policy: str, seed: int) -> AnyPath:
         return self.cpt_run(policy, seed) / "checkpoints"
@@ -141,7 +173,21 @@ class RunDir:
         return self.root / "report"
 
     def export_target(self, policy: str, seed: int) -> AnyPath:
-        return self.root / "export" / f"target-{policy}-seed{seed}"
+        return self.root / "export" / f"target-{policy_folder(policy)}-seed{seed}"
+
+    def schedule_files(self, name: str, out: str | None = None) -> tuple[AnyPath, AnyPath]:
+        """`dma export schedule`'s JSON and CSV files `<name>.{json,csv}`, in `out` or `<run.out_dir>/export/schedules`;
+        `name`: `schedule_name` of a CPT run, or `agent-<stage>-<feedback file stem>` for an agent's rollout."""
+        folder = upath(out) if out else self.root / "export" / "schedules"
+        return folder / f"{name}.json", folder / f"{name}.csv"
+
+    @staticmethod
+    def schedule_name(policy: str, seed: int) -> str:
+        return f"{policy_folder(policy)}-seed{seed}"
+
+    @staticmethod
+    def rollout_name(stage: str, feedback_file: str) -> str:
+        return f"agent-{stage}-{_safe_stem(upath(feedback_file))}"
 
     def eval_results(self, what: str) -> AnyPath:
         """`dma eval`'s lm-eval results JSON for one model (base-<which>, cpt-<policy>-seed<k>, hf-<dir name>)."""

@@ -9,7 +9,8 @@ a dispatch of agent updates) including its numerics guard, and `save(done)` chec
   host got the signal, so all hosts checkpoint the same unit and stop together (no host is left
   waiting in a collective); the stop raises `Preempted` with the one-line message the CLI prints;
 - the fault-injection events of the tests (`event_before_save`, `event_after_save`);
-- the progress bar (`bar_scale` bar ticks per unit), closed, with the checkpointer, on every exit.
+- the progress bar (`bar_scale` bar ticks per unit), closed, with the checkpointer and the stage's metrics
+  log (its TensorBoard event file), on every exit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StageLoop:
     describe_stop: Callable[[int], str] | None = None  # "after re-weighting step 3/5" for the SIGTERM message
     event_before_save: str | None = None  # maybe_fault(...) after each unit, before its checkpoint
     event_after_save: str | None = None  # maybe_fault(...) after each unit's checkpoint
+    log: object | None = None  # the stage's metrics log (tb_log.stage_log / tb_log.events): closed when the loop ends
     bar: tqdm | None = None
 
     def run(self, start: int, unit: Callable[[int], None], save: Callable[[int], None]) -> None:
@@ -62,3 +64,5 @@ class StageLoop:
         finally:
             self.bar.close()
             self.ckpt.close()
+            if self.log is not None:
+                self.log.close()

@@ -14,7 +14,8 @@ count change no number.
 
 Resumable: after each re-weighting step the chunk's state and the feedback so far
 are checkpointed (Orbax, atomic); re-running resumes from the last finished step.
-Output: `<run.out_dir>/sweep/offline/` (see `dma_jax.offline_data`).
+Output: `<run.out_dir>/sweep/offline/` (see `dma_jax.offline_data`); TensorBoard events in `sweep/tb/`
+(`tb_log`; one point per re-weighting step of a chunk: `run_sweep`'s `unit`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dma_jax.numerics import LossGuard, last_good
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
 from dma_jax.stage_loop import StageLoop
+from dma_jax.tb_log import events
 from dma_jax.train import TrainState, guarded_train_step, load_base_params, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -243,6 +245,10 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def _spread(x_n: np.ndarray) -> dict:
+    return {"mean": float(x_n.mean()), "min": float(x_n.min()), "max": float(x_n.max())}
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     out_dir: AnyPath  # the offline dataset
@@ -277,6 +283,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_full, base_raw, cfg.eval)), np.float32)
 
     ckpt = Checkpointer(run.sweep_checkpoints, keep=2)
+    metrics_log = events(run.sweep, shd.is_primary())
     feedback_NxT1xM = np.zeros((N, T + 1, M), np.float32)
     feedback_NxT1xM[:, 0] = base_fb
     chunk, stage, state = 0, 0, None
@@ -295,17 +302,21 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
         if stage == T:
             chunk, stage, state = chunk + 1, 0, None
 
+    metrics_log.truncate_after(chunk * T + stage)
     tokens_per_stage = n * sc.steps_per_stage * sc.batch_size * sc.seq_len
     t_start, tokens_done = time.perf_counter(), 0
     normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, cfg.eval))))
     guards = [LossGuard("sweep", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike) for _ in range(N)]
     loop = StageLoop("sweep", ckpt, n_chunks * T, "stage", progress, event_after_save="sweep.stage_done",
                      describe_stop=lambda done: f"after re-weighting step {(done - 1) % T + 1} of chunk "
-                                                f"{(done - 1) // T + 1}/{n_chunks}")
+                                                f"{(done - 1) // T + 1}/{n_chunks}", log=metrics_log)
 
-    def unit(u: int) -> None:  # re-weighting step t of chunk c
+    def unit(u: int) -> None:  # re-weighting step t of chunk c; TensorBoard at step u + 1 (the checkpoint's):
+        # train/loss/{mean,min,max} over the chunk's proxies of their mean loss over the S steps, eval/balanced/
+        # {mean,min,max} of their balanced scores after them, tokens_per_s (of this unit: training and evaluation)
         nonlocal state, tokens_done
         c, t = divmod(u, T)
+        t_unit = time.perf_counter()
         ids_n = np.arange(c * n, (c + 1) * n) % N  # the last chunk wraps; its extra rows are dropped
         if state is None:
             state = sw.init_chunk(base_params)
@@ -319,13 +330,19 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
                                         losses_nxS[i], last_good(ckpt), float(max_n[i]), who=f"proxy {ids_n[i]}")
         feedback_NxT1xM[ids_n[keep], t + 1] = fb_nxM[keep]
         tokens_done += tokens_per_stage
-        rate = tokens_done / (time.perf_counter() - t_start)
+        now = time.perf_counter()
+        rate = tokens_done / (now - t_start)
+        balanced_k = np.asarray(ev.balanced_score(fb_nxM[keep][:, meta["field_score_index"]], cfg.eval.balanced))
+        metrics_log.append({"step": u + 1, "train": {"loss": _spread(losses_nxS[keep].mean(axis=1))},
+                            "eval": {"balanced": _spread(balanced_k)},
+                            "tokens_per_s": tokens_per_stage / max(now - t_unit, 1e-9)})
         loop.bar.set_postfix(proxies=f"{c * n}/{N}", loss=f"{float(np.mean(losses_nxS[:, -1])):.3f}",
                              tok_s=f"{rate:,.0f}")
 
     def save(done: int) -> None:
         nonlocal state
         c, t1 = divmod(done - 1, T)
+        metrics_log.flush()
         ckpt.save(done, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
                   meta={"chunk": c, "stage": t1 + 1, "config_hash": meta["config_hash"]})
         if t1 + 1 == T:

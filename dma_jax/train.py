@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dma_jax import numerics, sharding as shd
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, dump_config
+from dma_jax.config.sections import EXECUTION_FIELDS
 from dma_jax.errors import DmaError
 from dma_jax.models.lm import LMDef, Params
 
@@ -236,12 +237,14 @@ def shared_trainer(*shape) -> Trainer:
 
 
 def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
-    """Refuse a checkpoint whose recorded model config differs from `model_cfg` (one line, fields named)."""
+    """Refuse a checkpoint whose recorded model config differs from `model_cfg` (one line, fields named); how the
+    model computes (`EXECUTION_FIELDS`: compute dtype, attention kernel, remat) may differ."""
     saved = meta.get("model")
-    if saved is not None and saved != model_cfg:
-        diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
-        raise DmaError(f"{where}: checkpoint was written for another model (differs in "
-                       f"{which}.{f', {which}.'.join(diff)})")
+    if saved is not None:
+        diff = sorted(k for k in (set(saved) | set(model_cfg)) - EXECUTION_FIELDS if saved.get(k) != model_cfg.get(k))
+        if diff:
+            raise DmaError(f"{where}: checkpoint was written for another model (differs in "
+                           f"{which}.{f', {which}.'.join(diff)})")
 
 
 def load_base_params(cfg: Config, which: str, ckpt_dir) -> Params:

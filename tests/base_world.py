@@ -138,9 +138,10 @@ def run_pipeline(world: World, out: Path, n_devices: int) -> None:
 
 
 def output_files(out: Path) -> dict[str, bytes]:
-    """Every file the pipeline wrote under `out` (OUTPUTS), but checkpoints, by relative path, with its bytes."""
+    """Every file the pipeline wrote under `out` (OUTPUTS), but checkpoints and TensorBoard events (named and
+    stamped with the wall clock: tb_log), by relative path, with its bytes."""
     return {str(p.relative_to(out)): p.read_bytes() for sub in OUTPUTS for p in sorted((Path(out) / sub).rglob("*"))
-            if p.is_file() and "checkpoints" not in p.relative_to(out).parts}
+            if p.is_file() and not {"checkpoints", "tb"} & set(p.relative_to(out).parts)}
 
 
 @dataclasses.dataclass(frozen=True)

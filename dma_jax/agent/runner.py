@@ -1,8 +1,8 @@
 """`dma train-agent` and `dma export agent`: train SFT then CQL on an offline dataset, export, load a policy.
 
-Layout under `out_dir`: `<stage>/checkpoints/<step>/` (Orbax) and `<stage>/metrics.jsonl`
-for stage in {sft, cql}. Re-running a stage resumes from its last checkpoint; CQL
-starts from the finished SFT actor. An export is `<export_dir>/checkpoint/` (the
+Layout under `out_dir`: `<stage>/checkpoints/<step>/` (Orbax) and `<stage>/metrics.jsonl` (its
+TensorBoard events in `<stage>/tb/`, written by process 0: `tb_log`) for stage in {sft, cql}.
+Re-running a stage resumes from its last checkpoint; CQL starts from the finished SFT actor. An export is `<export_dir>/checkpoint/` (the
 actor's parameters only) plus `<export_dir>/agent_spec.json` (written last): the
 model's hyper-parameters, the feature layout and standardisation, and versions, so
 the agent loads without the training config.
@@ -22,6 +22,7 @@ import numpy as np
 import pydantic
 
 from dma_jax import offline_data
+from dma_jax import sharding as shd
 from dma_jax.agent import cql, distributions as dist, optim, sft
 from dma_jax.config import AgentConfig, AgentModelConfig
 from dma_jax.agent.features import (DOMAIN_FEATURES, FEATURE_VERSION, GLOBAL_FEATURES, FeatureStats, FeedbackLayout,
@@ -30,9 +31,10 @@ from dma_jax.agent.model import AgentDef
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.errors import DmaError
 from dma_jax.faults import stop_on_sigterm
-from dma_jax.io_utils import JsonlLog, atomic_write_json, read_json_file, rmtree, upath
+from dma_jax.io_utils import atomic_write_json, read_json_file, rmtree, upath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.stage_loop import StageLoop
+from dma_jax.tb_log import stage_log
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     data = jax.device_put(data, _device())
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
-    metrics_log = JsonlLog(out / "metrics.jsonl")
+    metrics_log = stage_log(out / "metrics.jsonl", shd.is_primary())  # and its TensorBoard events in tb/
     start = ckpt.latest_step()
     if start is not None:
         _check_resume(ckpt.read_meta(start), meta, ckpt.directory)
@@ -175,7 +177,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     loss_key = "bc_nll" if stage == "sft" else "critic_loss"  # the loss whose spikes count
     loop = StageLoop(f"agent {stage}", ckpt, total // k, "step", progress, bar_scale=k,
                      due=lambda d: (d * k) % cfg.checkpoint_every == 0, event_before_save="agent.dispatch",
-                     describe_stop=lambda d: f"at step {d * k}/{total}")
+                     describe_stop=lambda d: f"at step {d * k}/{total}", log=metrics_log)
     t0 = time.perf_counter()
     record: dict = {}
 

@@ -17,6 +17,10 @@ NonNegInt = pydantic.NonNegativeInt
 PosFloat = pydantic.PositiveFloat
 
 
+# Fields of ModelConfig that change how the model computes, not which model it is (its parameters)
+EXECUTION_FIELDS = frozenset({"compute_dtype", "attention", "remat"})
+
+
 class ModelConfig(Section):
     """A LLaMA-style decoder-only LM (RMSNorm, RoPE, SwiGLU, optional GQA)."""
 
@@ -31,7 +35,19 @@ class ModelConfig(Section):
     norm_eps: PosFloat = 1e-5
     tie_embeddings: bool = True
     init_std: PosFloat = 0.02
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters (master weights) stay float32
+    # How, not what (dma_jax.models.attention / lm.REMAT): left out of the dumped config while at their defaults,
+    # so run folders, config hashes and checkpoints of the default stay as they were.
+    attention: Literal["xla", "cudnn", "splash", "auto"] = "xla"
+    remat: Literal["none", "dots", "full"] = "none"
+
+    @pydantic.model_serializer(mode="wrap")
+    def _drop_default_execution(self, handler):
+        out = handler(self)
+        for name in ("attention", "remat"):
+            if getattr(self, name) == type(self).model_fields[name].default:
+                out.pop(name, None)
+        return out
 
     @property
     def kv_heads(self) -> int:
@@ -199,6 +215,9 @@ class PretrainConfig(Section):
     log_every: PosInt = 10
     target_steps: PosInt | None = None  # steps for the target model (default: `steps`)
     warmup_steps: NonNegInt | None = None  # pre-training's warm-up from scratch (default: `optim.warmup_steps`)
+    # Leave `eval.unscored_domains` (low-quality data) out of pre-training: the base model is trained on curated
+    # data, the continual pre-training pool is raw and a mixing policy decides how much of it to use.
+    exclude_unscored: bool = True
 
     def steps_for(self, which: str) -> int:
         """Optimizer steps of the base `which` model ("proxy" or "target"): the one place this rule lives."""

@@ -72,6 +72,11 @@ class DomainSpace:
         del all_names
         return DomainSpace(self.dir, self.manifest, keep)
 
+    def without(self, names: Sequence[str]) -> DomainSpace:
+        """This space less the domains named in `names` (names it does not hold are ignored)."""
+        keep = [i for i, d in enumerate(self.manifest["domains"]) if d["name"] in self.names and d["name"] not in names]
+        return DomainSpace(self.dir, self.manifest, keep)
+
     # ------------------------------------------------------------------ queries
     @property
     def num_domains(self) -> int:

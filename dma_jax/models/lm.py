@@ -3,7 +3,9 @@
 Parameters are float32 and carry logical axis names (`vocab`, `embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`); `dma_jax.sharding` maps them to mesh axes. The
 hot path is functional: `nnx.split` once, then `jax.jit` a pure function that
-`nnx.merge`s (see `dma_jax.train`). Shapes: B batch, L length, D d_model,
+`nnx.merge`s (see `dma_jax.train`). `cfg.compute_dtype` is the matmuls' dtype (parameters are cast inside
+each), `cfg.attention` picks the attention kernel (`dma_jax.models.attention`), `cfg.remat` what each block
+keeps for the backward pass (`REMAT`). Shapes: B batch, L length, D d_model,
 H heads, G kv heads, K head dim, F d_ff, V vocab.
 """
 
@@ -18,6 +20,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dma_jax.config import ModelConfig
+from dma_jax.models import attention
+
+# What the backward pass keeps of each block (`ModelConfig.remat`; "none": everything, no `jax.checkpoint`):
+# "dots" the outputs of the matmuls without batch dimensions (q/k/v/o projections, MLP gate and up; the
+# attention matrices and elementwise ops are recomputed), "full" only the block's inputs.
+REMAT = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+         "full": jax.checkpoint_policies.nothing_saveable}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -62,26 +71,15 @@ class Attention(nnx.Module):
         self.wo_HxKxD = _param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL):
+    def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL, segment_ids_BxL):
         dt = x_BxLxD.dtype
         q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq_DxHxK[...].astype(dt))
         k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk_DxGxK[...].astype(dt))
         v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv_DxGxK[...].astype(dt))
         q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK, sin_BxLxK)
         k_BxLxGxK = apply_rope(k_BxLxGxK, cos_BxLxK, sin_BxLxK)
-        B, L, H, K = q_BxLxHxK.shape
-        G = k_BxLxGxK.shape[2]
-        R = H // G  # query heads per kv head
-        # Layout [B, G, R*L, K] x [B, G, M, K]: one batched matmul per (batch, kv head), fast on every backend.
-        q_BxGxNxK = q_BxLxHxK.reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * L, K)
-        k_BxGxMxK = k_BxLxGxK.transpose(0, 2, 1, 3)
-        v_BxGxMxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-        logits_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", q_BxGxNxK, k_BxGxMxK).astype(jnp.float32)
-        logits_BxGxRxLxM = logits_BxGxNxM.reshape(B, G, R, L, L) / jnp.sqrt(jnp.float32(K))
-        logits_BxGxRxLxM = jnp.where(mask_BxLxL[:, None, None], logits_BxGxRxLxM, jnp.finfo(jnp.float32).min)
-        probs_BxGxNxM = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(dt).reshape(B, G, R * L, L)
-        out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", probs_BxGxNxM, v_BxGxMxK)
-        out_BxLxHxK = out_BxGxNxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+        out_BxLxHxK = attention.attend(attention.resolve(self.cfg), q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL,
+                                       segment_ids_BxL)
         return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
 
 
@@ -106,8 +104,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL):
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), cos_BxLxK, sin_BxLxK, mask_BxLxL)
+    def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL, segment_ids_BxL):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), cos_BxLxK, sin_BxLxK, mask_BxLxL, segment_ids_BxL)
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
 
@@ -131,19 +129,18 @@ class LM(nnx.Module):
         chex.assert_rank(tokens_BxL, 2)
         B, L = tokens_BxL.shape
         dt = jnp.dtype(cfg.compute_dtype)
-        causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
         if segment_ids_BxL is None:
-            mask_BxLxL = jnp.broadcast_to(causal_LxL, (B, L, L))
             positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
         else:
             chex.assert_equal_shape([tokens_BxL, segment_ids_BxL])
-            same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-            mask_BxLxL = causal_LxL[None] & same_BxLxL
             positions_BxL = segment_positions(segment_ids_BxL)
+        # the `xla` kernel reads a [B, L, L] mask (built once for all layers), the others the segment ids
+        mask_BxLxL = attention.causal_mask(segment_ids_BxL, B, L) if attention.resolve(cfg) == "xla" else None
         cos_BxLxK, sin_BxLxK = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+        block_fn = Block.__call__ if cfg.remat == "none" else nnx.remat(Block.__call__, policy=REMAT[cfg.remat])
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL)
+            x_BxLxD = block_fn(block, x_BxLxD, cos_BxLxK, sin_BxLxK, mask_BxLxL, segment_ids_BxL)
         x_BxLxD = self.final_norm(x_BxLxD)
         head_DxV = self.embed_VxD[...].T if cfg.tie_embeddings else self.lm_head_DxV[...]
         logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt))

@@ -5,7 +5,8 @@ Everything comes from abstract shapes (`jax.eval_shape`, nothing is allocated) p
 mesh of the slice's size, the way `Trainer` and `Sweep` would place them: the target's train state on
 the config's ("data", "model") mesh, the sweep's chunk of proxies on the ("traj",) mesh. Parameters,
 AdamW moments and gradients per device are exact; activations are an estimate of what the backward
-pass keeps (`activation_bytes`); XLA's own numbers come from compiling (`Trainer.memory`) where a
+pass keeps under each remat policy (`activation_bytes`), and the plan names the least recomputing policy
+that fits (`remat_that_fits`); XLA's own numbers come from compiling (`Trainer.memory`) where a
 program is small enough to compile on this machine (tests/test_paper_configs.py compares the two).
 """
 
@@ -21,6 +22,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from dma_jax import sharding as shd
 from dma_jax.config import Config, ModelConfig, OptimConfig
 from dma_jax.errors import DmaError
+from dma_jax.models import attention
 from dma_jax.models.lm import LMDef
 from dma_jax.train import TrainState, init_state, make_optimizer, state_shardings
 
@@ -42,22 +44,42 @@ def shard_bytes(abstract_tree, shardings_tree) -> int:
     return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
 
 
-def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, model_shards: int = 1) -> int:
-    """Estimate of the activations one train step keeps for its backward pass (no rematerialisation), on a
-    device that holds `batch` sequences and 1/`model_shards` of the heads, MLP and vocabulary.
+REMATS = ("none", "dots", "full")  # `ModelConfig.remat`, from the least recomputation to the least memory
 
-    Per layer and token, in the compute dtype: 4 d_model (the two norms' inputs and outputs), q/k/v and the
-    attention output, 3 d_ff (gate, up, their product); per layer and sequence the attention matrix,
-    float32 for the softmax's backward plus its copy in the compute dtype (`models.lm.Attention` builds
-    the full L x L scores); once: float32 logits and their gradient.
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, model_shards: int = 1, remat: str | None = None,
+                     backend: str = "tpu") -> int:
+    """Estimate of the activations one train step keeps for its backward pass under `remat` (default
+    `cfg.remat`; `models.lm.REMAT`), on a device that holds `batch` sequences and 1/`model_shards` of the
+    heads, MLP and vocabulary, with the attention kernel `cfg.attention` means on `backend`.
+
+    Per layer and token, in the compute dtype, each block keeps: without remat 4 d_model (the two norms'
+    inputs and outputs), q/k/v and the attention output, 3 d_ff (gate, up, their product); under "dots" the
+    block's input, the q/k/v and output projections' outputs and gate and up (2 d_model + q/k/v + 2 d_ff);
+    under "full" only its input (d_model). Per layer and sequence, without remat, the attention matrix:
+    float32 for the softmax's backward plus its copy in the compute dtype where the kernel builds the full
+    L x L scores (`xla`, and `cudnn` off GPU), a float32 log-sum-exp per query and head for a flash kernel.
+    Under remat the backward rebuilds one block at a time: plus one layer as without remat. Once: float32
+    logits and their gradient.
     """
+    remat = remat or cfg.remat
     c = jnp.dtype(cfg.compute_dtype).itemsize
     split = lambda n: n // model_shards if n % model_shards == 0 else n  # noqa: E731 (replicated otherwise)
     H, G, K, F, V = split(cfg.n_heads), split(cfg.kv_heads), cfg.head_dim, split(cfg.d_ff), split(cfg.vocab_size)
-    per_token = (4 * cfg.d_model + (2 * H + 2 * G) * K + 3 * F) * c
-    attention = H * seq_len * seq_len * (4 + c)
-    per_layer = batch * (seq_len * per_token + attention)
-    return cfg.n_layers * per_layer + 2 * batch * seq_len * V * 4
+    D = cfg.d_model
+    impl = attention.resolve(cfg, backend)
+    flash = impl == "splash" or (impl == "cudnn" and backend == "gpu")
+    scores = H * seq_len * (4 if flash else seq_len * (4 + c))
+    one_layer = batch * (seq_len * (4 * D + (2 * H + 2 * G) * K + 3 * F) * c + scores)
+    kept_per_token = {"none": 0, "dots": 2 * D + (H + 2 * G) * K + 2 * F, "full": D}[remat]
+    blocks = cfg.n_layers * one_layer if remat == "none" else cfg.n_layers * batch * seq_len * kept_per_token * c + one_layer
+    return blocks + 2 * batch * seq_len * V * 4
+
+
+def cheapest_remat(total_of, hbm: int) -> str | None:
+    """The first of `REMATS` (least recomputation first) whose `total_of(remat)` bytes fit `hbm` (None if no
+    policy does)."""
+    return next((r for r in REMATS if total_of(r) <= HEADROOM * hbm), None)
 
 
 def _verdict(total: int, hbm: int) -> dict:
@@ -77,9 +99,12 @@ def target_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
            "n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)),
            "params": shard_bytes(abstract.params, sh.params), "adam": shard_bytes(abstract.opt_state, sh.opt_state),
            "batch": 4 * b * L * 4,  # inputs, targets, mask, segment ids
-           "activations": activation_bytes(cfg.target, b, L, model)}
+           "activations_by_remat": {r: activation_bytes(cfg.target, b, L, model, r) for r in REMATS}}
+    out["activations"] = out["activations_by_remat"][cfg.target.remat]
     out["grads"] = out["params"]  # float32, sharded like the parameters
-    return dict(out, **_verdict(sum(out[k] for k in ("params", "adam", "grads", "batch", "activations")), hbm))
+    rest = sum(out[k] for k in ("params", "adam", "grads", "batch"))
+    out["remat_that_fits"] = cheapest_remat(lambda r: rest + out["activations_by_remat"][r], hbm)
+    return dict(out, **_verdict(rest + out["activations"], hbm))
 
 
 def sweep_domains(cfg: Config) -> int | None:
@@ -103,10 +128,14 @@ def sweep_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
     out = {"chunk": chunk, "traj_devices": n_traj, "proxies_per_device": per_device,
            "n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(lm.abstract_params)),
            "state": shard_bytes(abstract, jax.tree.map(lambda _: traj, abstract)),
-           "activations": per_device * activation_bytes(cfg.proxy, sc.batch_size, sc.seq_len),
+           "activations_by_remat": {r: per_device * activation_bytes(cfg.proxy, sc.batch_size, sc.seq_len, remat=r)
+                                    for r in REMATS},
            "pools": None if n_domains is None else n_domains * sc.pool_tokens_per_domain * 8}  # int32 tokens + segment ids, replicated
+    out["activations"] = out["activations_by_remat"][cfg.proxy.remat]
     out["grads"] = per_device * sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(lm.abstract_params))
-    total = out["state"] + out["grads"] + out["activations"] + (out["pools"] or 0)
+    rest = out["state"] + out["grads"] + (out["pools"] or 0)
+    out["remat_that_fits"] = cheapest_remat(lambda r: rest + out["activations_by_remat"][r], hbm)
+    total = rest + out["activations"]
     per_proxy = (total - (out["pools"] or 0)) / per_device
     out["max_proxies_per_device"] = max(int((HEADROOM * hbm - (out["pools"] or 0)) // per_proxy), 0)
     return dict(out, **_verdict(total, hbm))
@@ -132,6 +161,7 @@ def format_memory_plan(cfg: Config, result: dict) -> str:
         lines.append(f"  {name:<7} {t['mesh']['data']:>4}x{t['mesh']['model']:<4} {gib(t['params']):>7} "
                      f"{gib(t['adam']):>7} {gib(t['grads']):>7} {gib(t['batch']):>6} {gib(t['activations']):>8} "
                      f"{gib(t['total']):>7} {gib(t['hbm']):>6}  {'yes' if t['fits'] else 'NO'}")
+    lines.append(_remat_line(result, "target"))
     lines += [f"sweep: chunks of {s['chunk']} proxies of {s['n_params'] / 1e6:,.1f}M parameters, batch "
               f"{cfg.sweep.batch_size} x {cfg.sweep.seq_len} tokens each; GiB per device:",
               f"  {'slice':<7} {'traj':>5} {'proxies':>7} {'state':>7} {'grads':>7} {'pools':>6} {'activ.*':>8} "
@@ -141,5 +171,14 @@ def format_memory_plan(cfg: Config, result: dict) -> str:
         lines.append(f"  {name:<7} {s['traj_devices']:>5} {s['proxies_per_device']:>7} {gib(s['state']):>7} "
                      f"{gib(s['grads']):>7} {gib(s['pools']):>6} {gib(s['activations']):>8} {gib(s['total']):>7} "
                      f"{gib(s['hbm']):>6}  {'yes' if s['fits'] else 'NO ':<5}  ({s['max_proxies_per_device']})")
-    lines.append("* activations: an estimate (no rematerialisation); parameters, AdamW state and gradients are exact.")
+    lines.append(_remat_line(result, "sweep"))
+    lines.append(f"* activations: an estimate, with the config's remat (target: {cfg.target.remat}, proxy: "
+                 f"{cfg.proxy.remat}); parameters, AdamW state and gradients are exact.")
     return "\n".join(lines)
+
+
+def _remat_line(result: dict, part: str) -> str:
+    """Activations per remat policy on each slice, and the least recomputing policy that fits there."""
+    per_slice = [f"{name}: " + ", ".join(f"{r} {v / 2**30:.2f}" for r, v in r_[part]["activations_by_remat"].items())
+                 + f" -> {r_[part]['remat_that_fits'] or 'nothing fits'}" for name, r_ in result.items()]
+    return f"  activ. GiB per remat policy (-> cheapest that fits): {'; '.join(per_slice)}"
