@@ -11,8 +11,9 @@ rising linearly from 0 to `curriculum_end`), `ramp-A-B` (target share linear fro
 at the first re-weighting step to B at the last), `fixed-P-scored` and
 `ramp-A-B-scored` (the same, spread over the domains not in `exclude` only:
 `eval.unscored_domains`, which the caller passes; a policy never judges a domain's
-quality by its name), `regmix` (a ridge regression fitted
-on the sweep: average mixture -> return, then its best predicted static mixture),
+quality by its name), `regmix` (RegMix as its authors built it: a LightGBM regressor fitted on
+the sweep, average mixture -> return, then the mean of its 100 best predicted candidate mixtures, a static
+mixture; `dma_jax.regmix`), `regmix-linear` (the same with a ridge regression),
 `replay-best` (the sweep's best trajectory), `replay-K` (the sweep's trajectory K, e.g. for
 proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents), `schedule:FILE` (the mixtures of a schedule
 file, `schedule_file`, e.g. from `dma export schedule`: one per re-weighting step; its runs' folder and recorded
@@ -28,7 +29,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from dma_jax import schedule_file
+from dma_jax import regmix, schedule_file
 from dma_jax.errors import DmaError
 from dma_jax.runs import SCHEDULE_POLICY, policy_folder
 
@@ -125,32 +126,6 @@ class Schedule:
         return self.weights_TxD[min(i, T - 1)]
 
 
-def fit_regmix(actions_NxTxD: np.ndarray, returns_N: np.ndarray, n_candidates: int = 20000, seed: int = 0,
-               ridge: float = 1e-3, top_share: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """RegMix: ridge regression of the return on the average mixture; returns (best mixture, coefficients).
-
-    As in RegMix, candidates come from the distribution the regression was fitted on — the sweep's own
-    average mixtures and Dirichlet draws centred on each of them — not from the whole simplex, where a linear
-    fit only extrapolates toward a corner; the answer is the mean of the top `top_share` of candidates by
-    predicted return (RegMix averages its top 100).
-    """
-    X_NxD = actions_NxTxD.mean(axis=1).astype(np.float64)
-    N, D = X_NxD.shape
-    A = np.concatenate([X_NxD, np.ones((N, 1))], axis=1)
-    coef = np.linalg.solve(A.T @ A + ridge * np.eye(D + 1), A.T @ returns_N.astype(np.float64))
-    rng = np.random.default_rng(seed)
-    per_mixture = max(n_candidates // (2 * N), 1)
-    cands = [X_NxD]
-    for concentration in (20.0 * D, 100.0 * D):  # local perturbations of every sweep mixture
-        alpha_NxD = concentration * X_NxD + 1e-3
-        cands.append(np.concatenate([rng.dirichlet(a, size=per_mixture) for a in alpha_NxD]))
-    C = np.concatenate(cands)
-    pred = C @ coef[:D] + coef[D]
-    k = max(1, int(round(top_share * len(C))))
-    best = C[np.argsort(-pred, kind="stable")[:k]].mean(axis=0)
-    return best / best.sum(), coef
-
-
 @dataclasses.dataclass
 class SafePolicy:
     """Validates each output; a NaN / negative / wrong-length / unnormalised mixture is replaced by the last valid one."""
@@ -186,7 +161,8 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
                 exclude: Sequence[str] = (), num_stages: int | None = None,
                 steps_per_stage: int | None = None) -> Policy:
     """Build a policy by name (see the module docstring); `exclude`: the domains `-scored` policies leave out;
-    `num_stages`, `steps_per_stage`: the CPT's, which a schedule file must match."""
+    `num_stages`, `steps_per_stage`: the CPT's, which a schedule file must match; `seed`: the CPT's, which no
+    policy draws from (RegMix's candidates have their own fixed seed, `regmix.CANDIDATE_SEED`)."""
     if name.startswith(SCHEDULE_POLICY):
         return _schedule_policy(name, info, num_stages, steps_per_stage)
     if name == "source-only":
@@ -206,15 +182,16 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         raise DmaError(f"policy '{name}': '-scored' goes with fixed-P and ramp-A-B only")
     if name == "curriculum":
         return Curriculum(name, info, 0.0, curriculum_end, spread)
-    if name in ("regmix", "replay-best") or name.removeprefix("replay-").isdigit():
+    if name in ("regmix", "regmix-linear", "replay-best") or name.removeprefix("replay-").isdigit():
         from dma_jax import offline_data
 
         if sweep_dir is None:
             raise DmaError(f"policy '{name}' needs the sweep's offline dataset")
         ds = offline_data.load(sweep_dir)
         _check_domains(ds.meta["domain_names"], info.domain_names, f"{sweep_dir}/meta.json")
-        if name == "regmix":
-            best, _ = fit_regmix(ds.actions, ds.returns, seed=seed)
+        if name.startswith("regmix"):  # its candidates have their own fixed seed, not the CPT's
+            fit = regmix.fit_lightgbm if name == "regmix" else regmix.fit_linear
+            best, _ = fit(ds.actions, ds.returns, where=f"policy '{name}' on {sweep_dir}")
             return Static(name, best)
         k = int(np.argmax(ds.returns)) if name == "replay-best" else int(name.removeprefix("replay-"))
         if k >= ds.n:
@@ -235,7 +212,7 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
                   "initial_weights": info.spread("source", "size").tolist()}
         return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, ramp-A-B, fixed-P-scored, "
-                   f"ramp-A-B-scored, curriculum, regmix, replay-best, replay-K, agent-sft, agent-cql, "
+                   f"ramp-A-B-scored, curriculum, regmix, regmix-linear, replay-best, replay-K, agent-sft, agent-cql, "
                    f"schedule:FILE)")
 
 

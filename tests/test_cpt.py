@@ -9,6 +9,7 @@ import pytest
 
 from dma_jax import cpt as cpt_mod
 from dma_jax import export, offline_data, policies
+from dma_jax import regmix as regmix_mod
 from dma_jax.config import load_config
 from dma_jax.data.demo_corpora import LOW_QUALITY_DOMAINS
 from dma_jax.errors import DmaError
@@ -40,21 +41,6 @@ def test_static_baselines_match_their_definitions():
         policies.make_policy("fixed-1.5", INFO)
     with pytest.raises(DmaError, match="unknown policy 'magic'"):
         policies.make_policy("magic", INFO)
-
-
-def test_regmix_finds_the_best_mixture_of_a_linear_world():
-    rng = np.random.default_rng(0)
-    acts = rng.dirichlet(np.ones(5), size=(200, 4))
-    coef = np.array([0.1, -0.2, 0.9, 0.0, 0.3])
-    returns = acts.mean(1) @ coef + rng.normal(0, 1e-3, 200)
-    best, fitted = policies.fit_regmix(acts, returns)
-    np.testing.assert_allclose(fitted[:5] - fitted[:5].mean(), coef - coef.mean(), atol=0.02)
-    np.testing.assert_allclose(best.sum(), 1.0)
-    # It leans on the best domain, beats every mixture the sweep tried, and does not leave the sweep's range
-    # (a linear fit searched over the whole simplex would put everything on domain 2).
-    seen = acts.mean(1)
-    assert int(np.argmax(best)) == 2 and best @ coef > (seen @ coef).max()
-    assert np.all(best <= seen.max(0) + 0.05) and np.all(best >= seen.min(0) - 0.05)
 
 
 def test_safe_policy_never_lets_a_bad_mixture_through():
@@ -133,9 +119,9 @@ def test_sweep_based_baselines_run_and_foreign_data_is_refused(run):
     sweep = offline_data.load(RunDir(cfg).offline)
     T = cfg.cpt.num_stages
     regmix = cpt_mod.run_cpt(cfg, "regmix", 0, devices=jax.devices()[:1], progress=False)
-    # RegMix: the static mixture fit_regmix finds on the sweep's offline data (its candidate draw seeded by the
-    # CPT seed, 0), at every re-weighting step
-    best_D, _ = policies.fit_regmix(sweep.actions, sweep.returns, seed=0)
+    # RegMix: the static mixture LightGBM RegMix finds on the sweep's offline data (its candidate draw has a
+    # fixed seed, not the CPT seed), at every re-weighting step
+    best_D, _ = regmix_mod.fit_lightgbm(sweep.actions, sweep.returns)
     assert regmix.complete and regmix.weights_TxD.shape == (T, sweep.n_domains)
     np.testing.assert_array_equal(regmix.weights_TxD, np.tile(best_D, (T, 1)))
     # replay-best: the sweep's highest-return trajectory (Ts steps), stretched to CPT's T steps: CPT step t

@@ -72,7 +72,7 @@ def test_paired_pairs_by_seed():
     p = paired(a, "agent-cql", b, "fixed-0.3")
     assert p["seeds"] == [1, 2] and p["diffs"] == pytest.approx([0.2, -0.2])
     assert p["mean"] == pytest.approx(0.0, abs=1e-12) and p["wins"] == 1
-    assert (p["lo"], p["hi"]) == pytest.approx((-0.2, 0.2))
+    assert (p["boot_lo"], p["boot_hi"]) == pytest.approx((-0.2, 0.2))
     assert paired(a, "agent-cql", b, "source-only") is None
 
 
@@ -251,7 +251,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "### 2b. Wider sweep", "### 2c. Re-scored",
                     "(a) code target field",
                     "(c) larger target",
-                    "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "95% bootstrap CI"):
+                    "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "paired t 95% CI"):
         assert heading in text
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
                 "fidelity/fidelity.png"):
@@ -263,9 +263,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         b = np.array([final[(policy, s)] for s in (0, 1)])
         assert f" | {b.mean():.4f} ± {b.std(ddof=1):.4f} |\n" in text.split("### 2b.")[0].split(f"| {policy} | 2 |")[1]
     d = np.array([final[("agent-cql", s)] - final[("fixed-0.3", s)] for s in (0, 1)])
-    # two seeds: every resample has probability 1/4 > 2.5%, so the percentile interval is [min, max]
-    assert (f"- Main (math): agent-cql − fixed-0.3: {d.mean():+.4f} (95% bootstrap CI [{d.min():+.4f}, "
-            f"{d.max():+.4f}], seeds [0, 1], ahead on {int((d > 0).sum())} of 2)") in text
+    # the paired t interval and p-value by scipy; two seeds: every bootstrap resample has probability 1/4 > 2.5%,
+    # so the percentile interval is [min, max]
+    lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert (f"- Main (math): agent-cql − fixed-0.3: {d.mean():+.4f} (paired t 95% CI [{lo:+.4f}, {hi:+.4f}], "
+            f"p = {scipy.stats.ttest_1samp(d, 0.0).pvalue:.3g}; bootstrap [{d.min():+.4f}, {d.max():+.4f}]; "
+            f"seeds [0, 1], ahead on {int((d > 0).sum())} of 2)") in text
     rescored = [json.loads(p.read_text())["balanced"] for p in tmp_path.glob("main/cpt/agent-cql/seed*/rescore-8x4.json")]
     section = text.split("### 2c.")[1].split("## 3.")[0]
     assert f" | {np.mean(rescored):.4f} ± {np.std(rescored, ddof=1):.4f} |\n" in section.split("| agent-cql | 2 |")[1]

@@ -18,7 +18,8 @@
 
 Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
 its stages and links), `run` (the runner), `fidelity` (part 5's trajectories and section), `rescore` (2c),
-`stats` (ranks, Spearman, bootstrap, paired differences), `results` (RESULTS.md from a `StudyView`).
+`stats` (ranks, Spearman, t intervals and tests, bootstraps, Holm, paired differences), `results` (RESULTS.md
+from a `StudyView`).
 `--quick` runs `plan.QUICK` on the `tiny` variant.
 """
 

@@ -1,4 +1,4 @@
-"""RESULTS.md of `dma study`: tables, paired differences with bootstrap CIs, rank correlations, plots.
+"""RESULTS.md of `dma study`: tables, paired differences with paired t CIs, rank correlations, plots.
 
 Everything is read back from the sub-runs' files (CPT histories, the sweeps' offline data, agent
 metrics, re-scores), so RESULTS.md can be rewritten at any point; a section whose sub-run has not
@@ -23,7 +23,7 @@ from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_js
 from dma_jax.runs import AGENT_STAGES, RunDir
 from dma_jax.study import fidelity, rescore
 from dma_jax.study.plan import StudyPlan, SubRun
-from dma_jax.study.stats import paired, paired_scores
+from dma_jax.study.stats import paired, paired_scores, t_quantile
 
 AGENT = "agent-cql"
 
@@ -77,8 +77,9 @@ def _verdict(p: dict) -> str:
 def _paired_line(p: dict | None) -> str:
     if p is None:
         return "no paired comparison (no common seeds)."
-    return (f"{p['a']} − {p['b']}: {p['mean']:+.4f} (95% bootstrap CI [{p['lo']:+.4f}, {p['hi']:+.4f}], seeds "
-            f"{p['seeds']}, ahead on {p['wins']} of {len(p['seeds'])}): {_verdict(p)}.")
+    return (f"{p['a']} − {p['b']}: {p['mean']:+.4f} (paired t 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}], "
+            f"p = {p['p']:.3g}; bootstrap [{p['boot_lo']:+.4f}, {p['boot_hi']:+.4f}]; seeds {p['seeds']}, ahead on "
+            f"{p['wins']} of {len(p['seeds'])}): {_verdict(p)}.")
 
 
 def _cell(m: float, s: float, n: int) -> str:
@@ -249,8 +250,8 @@ def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
             label = f"{sub.title}, {'SFT' if policy == 'agent-sft' else 'CQL'}" if len(sub.policies) > 1 else sub.title
             rows.append((label, runs if k == w else None, policy))
     tf = view.base.cpt.target_field
-    lines = ["## 4. Ablations", "", f"Δ: final balanced score minus main's {AGENT}, paired by seed, with a 95% "
-             "bootstrap CI.", "", f"| agent | seeds | {tf} | source | balanced | Δ balanced [95% CI] |",
+    lines = ["## 4. Ablations", "", f"Δ: final balanced score minus main's {AGENT}, paired by seed, with the "
+             "paired t 95% CI.", "", f"| agent | seeds | {tf} | source | balanced | Δ balanced [paired t 95% CI] |",
              "|---|---:|---:|---:|---:|---|"]
     reading = []
     for label, runs, policy in rows:
@@ -263,8 +264,8 @@ def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
         lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(row["mean"][f], row["std"][f], row["n"])
                                                              for f in (tf, "source", "balanced")) + f" | {delta} |")
         if p:
-            reading.append(f"- Ablation {label} vs main {AGENT}: {p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}], "
-                           f"{_verdict(p)}.")
+            reading.append(f"- Ablation {label} vs main {AGENT}: {p['mean']:+.4f} (paired t 95% CI [{p['lo']:+.4f}, "
+                           f"{p['hi']:+.4f}], p = {p['p']:.3g}), {_verdict(p)}.")
     return lines + [""], reading
 
 
@@ -327,10 +328,14 @@ def write_results(view: StudyView) -> Path:
         lines += body
         reading += more
     reading += _coverage(view, main)
+    n = len(view.base.cpt.seeds)
+    t_note = (f"the paired t 95% CI has {n - 1} degrees of freedom (half-width t_0.975,{n - 1} = "
+              f"{t_quantile(0.975, n - 1):.3f} standard errors), so it is wide; " if n > 1 else
+              "one seed gives no paired t interval; ")
     lines += ["## 6. Reading", "", *reading, "",
               "Caveats: the best baseline is picked on the same runs it is compared on (this favours the baseline); "
-              f"with {len(view.base.cpt.seeds)} seeds the percentile bootstrap is coarse (for 3 seeds its 95% "
-              "interval is exactly [min, max] of the paired differences), so an interval that excludes zero says the "
-              "sign agreed on every seed, not that the difference is significant.", ""]
+              f"with {n} seeds {t_note}the percentile bootstrap beside it is too narrow (for 3 seeds its 95% "
+              "interval is exactly [min, max] of the paired differences); p-values are not corrected for the number "
+              "of comparisons.", ""]
     atomic_write_text(view.results, "\n".join(lines))
     return view.results

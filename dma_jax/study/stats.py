@@ -1,11 +1,14 @@
-"""The study's statistics (numpy only): ranks, Spearman's correlation, the bootstrap and paired differences.
+"""The study's statistics (numpy only): ranks, Spearman's correlation, Student t intervals and tests, the bootstrap
+(one- and two-level), Holm's correction and the paired difference of two policies.
 
-`bootstrap_ci` is the percentile bootstrap of the mean of paired differences (fixed seed); `spearman` is
-Pearson's correlation of average ranks (ties share the mean of their ranks), as scipy.stats.spearmanr.
+`paired_scores` reports the paired t 95% interval of the mean difference (`lo`, `hi`, `se`, `p`), with the
+percentile bootstrap beside it (`boot_lo`, `boot_hi`). The t distribution is computed here (the regularized
+incomplete beta by its continued fraction, inverted by bisection), so run time needs no scipy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,28 +35,169 @@ def spearman(x_N, y_N) -> float:
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
 
 
+# ---------------------------------------------------------------------------------- Student's t
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta (modified Lentz; converges for x < (a + 1) / (a + b + 2))."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta I_x(a, b), a, b > 0, x in [0, 1]."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom."""
+    if df <= 0 or math.isnan(t):
+        return float("nan")
+    return 0.0 if math.isinf(t) else betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q-quantile of Student's t with `df` > 0 degrees of freedom (bisection on the incomplete beta)."""
+    if not 0.0 < q < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile: need 0 < q < 1 and df > 0, got q={q}, df={df}")
+    if q == 0.5:
+        return 0.0
+    tail = 2.0 * min(q, 1.0 - q)  # P(|T| >= t) = I_{df/(df+t^2)}(df/2, 1/2), increasing in x = df/(df+t^2)
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if betainc(df / 2.0, 0.5, mid) < tail else (lo, mid)
+    x = 0.5 * (lo + hi)
+    t = math.sqrt(df * (1.0 - x) / x)
+    return t if q > 0.5 else -t
+
+
+def _sample(x_N, who: str, min_n: int = 1) -> np.ndarray:
+    x_N = np.asarray(x_N, np.float64)
+    if x_N.ndim != 1 or x_N.size < min_n or not np.all(np.isfinite(x_N)):
+        raise ValueError(f"{who}: need a 1-d array of at least {min_n} finite values, got shape {x_N.shape}"
+                         + ("" if np.all(np.isfinite(x_N)) else " with NaN/inf"))
+    return x_N
+
+
+def t_interval(x_N, level: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, lo, hi, se): the t interval of the mean of x (for paired differences: the paired t interval).
+
+    se = std(ddof=1) / sqrt(n); lo, hi = mean -/+ t_{(1+level)/2, n-1} se. One value: lo, hi, se are NaN."""
+    x_N = _sample(x_N, "t_interval")
+    mean = float(x_N.mean())
+    if x_N.size < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    se = float(x_N.std(ddof=1) / math.sqrt(x_N.size))
+    half = t_quantile(0.5 + level / 2.0, x_N.size - 1) * se
+    return mean, mean - half, mean + half, se
+
+
+def paired_t_p(d_N) -> float:
+    """Two-sided p-value of the paired t-test (mean of the differences d is zero); NaN for one difference."""
+    d_N = _sample(d_N, "paired_t_p")
+    if d_N.size < 2:
+        return float("nan")
+    mean, se = float(d_N.mean()), float(d_N.std(ddof=1) / math.sqrt(d_N.size))
+    if se == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return t_two_sided_p(mean / se, d_N.size - 1)
+
+
+def min_detectable_effect(sd: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided paired t-test of n pairs (differences' std `sd`) detects with
+    probability `power`: (t_{(1+level)/2, n-1} + t_{power, n-1}) sd / sqrt(n)."""
+    if n < 2 or not sd >= 0 or not 0 < level < 1 or not 0 < power < 1:
+        raise ValueError(f"min_detectable_effect: need n >= 2, sd >= 0, level and power in (0, 1); got n={n}, "
+                         f"sd={sd}, level={level}, power={power}")
+    return (t_quantile(0.5 + level / 2.0, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down, made monotone, capped at 1), in the input's order."""
+    p_M = np.asarray(p_values, np.float64)
+    if p_M.ndim != 1 or not np.all((p_M >= 0) & (p_M <= 1)):
+        raise ValueError(f"holm: need a 1-d array of p-values in [0, 1], got {p_values!r}")
+    order = np.argsort(p_M, kind="stable")
+    stepped = np.maximum.accumulate((p_M.size - np.arange(p_M.size)) * p_M[order])
+    adj_M = np.empty_like(p_M)
+    adj_M[order] = np.minimum(stepped, 1.0)
+    return adj_M
+
+
+# ---------------------------------------------------------------------------------- the bootstrap
+def _percentiles(means_B: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1.0 - level) / 2
+    return float(np.quantile(means_B, tail)), float(np.quantile(means_B, 1.0 - tail))
+
+
 def bootstrap_ci(x_N, n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of x (resampling its entries with replacement)."""
     x_N = np.asarray(x_N, np.float64)
     if x_N.ndim != 1 or x_N.size == 0:
         raise ValueError(f"bootstrap_ci: need a non-empty 1-d array, got shape {x_N.shape}")
     idx_BxN = np.random.default_rng(seed).integers(0, x_N.size, size=(n_boot, x_N.size))
-    means_B = x_N[idx_BxN].mean(axis=1)
-    tail = (1.0 - level) / 2
-    return float(np.quantile(means_B, tail)), float(np.quantile(means_B, 1.0 - tail))
+    return _percentiles(x_N[idx_BxN].mean(axis=1), level)
 
 
+def two_level_bootstrap(scores_SxI, n_boot: int = 10000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float, float]:
+    """(mean, lo, hi, se) of the mean of an S x I array (seeds x evaluation items, e.g. paired differences):
+    each replicate resamples S seeds with replacement, then I items with replacement within each drawn seed;
+    lo, hi: the percentile interval, se: the replicates' standard deviation."""
+    x_SxI = np.asarray(scores_SxI, np.float64)
+    if x_SxI.ndim != 2 or x_SxI.size == 0 or not np.all(np.isfinite(x_SxI)):
+        raise ValueError(f"two_level_bootstrap: need a non-empty S x I array of finite scores, got shape "
+                         f"{x_SxI.shape}")
+    if n_boot < 2:
+        raise ValueError(f"two_level_bootstrap: n_boot must be at least 2, got {n_boot}")
+    S, I = x_SxI.shape
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // (S * I))  # replicates per draw: bounded memory, same stream for a given S, I
+    means = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        seed_BxS = rng.integers(0, S, size=(b, S))
+        item_BxSxI = rng.integers(0, I, size=(b, S, I))
+        means.append(x_SxI[seed_BxS[:, :, None], item_BxSxI].mean(axis=(1, 2)))
+    means_B = np.concatenate(means)
+    lo, hi = _percentiles(means_B, level)
+    return float(x_SxI.mean()), lo, hi, float(means_B.std(ddof=1))
+
+
+# ---------------------------------------------------------------------------------- paired policies
 def paired_scores(a: Mapping[int, float], b: Mapping[int, float], name_a: str, name_b: str) -> dict | None:
-    """a − b over their common seeds ({seed: score} each) with a bootstrap 95% CI; None without a common seed.
+    """a − b over their common seeds ({seed: score} each); None without a common seed.
 
-    {"a", "b", "seeds", "diffs", "mean", "lo", "hi", "wins" (seeds where a is ahead)}."""
+    {"a", "b", "seeds", "diffs", "n", "mean", "lo", "hi", "se", "p" (the paired t 95% interval and two-sided
+    p-value; NaN with one seed), "boot_lo", "boot_hi" (percentile bootstrap 95% interval), "wins" (seeds where a
+    is ahead)}."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
-    d_N = np.array([a[s] - b[s] for s in seeds])
-    lo, hi = bootstrap_ci(d_N)
-    return {"a": name_a, "b": name_b, "seeds": seeds, "diffs": d_N.tolist(), "mean": float(d_N.mean()),
-            "lo": lo, "hi": hi, "wins": int((d_N > 0).sum())}
+    d_N = np.array([a[s] - b[s] for s in seeds], np.float64)
+    mean, lo, hi, se = t_interval(d_N)
+    boot_lo, boot_hi = bootstrap_ci(d_N)
+    return {"a": name_a, "b": name_b, "seeds": seeds, "diffs": d_N.tolist(), "n": len(seeds), "mean": mean,
+            "lo": lo, "hi": hi, "se": se, "p": paired_t_p(d_N), "boot_lo": boot_lo, "boot_hi": boot_hi,
+            "wins": int((d_N > 0).sum())}
 
 
 def final_scores(runs: Sequence[RunHistory], policy: str) -> dict[int, float]:
@@ -62,5 +206,5 @@ def final_scores(runs: Sequence[RunHistory], policy: str) -> dict[int, float]:
 
 
 def paired(runs_a: Sequence[RunHistory], policy_a: str, runs_b: Sequence[RunHistory], policy_b: str) -> dict | None:
-    """Final balanced score of policy_a minus policy_b, paired by seed, with a bootstrap 95% CI."""
+    """Final balanced score of policy_a minus policy_b, paired by seed, with the paired t 95% CI."""
     return paired_scores(final_scores(runs_a, policy_a), final_scores(runs_b, policy_b), policy_a, policy_b)
