@@ -87,8 +87,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train_agent(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    for stage in (["sft", "cql"] if args.stage == "all" else [args.stage]):
-        print(pipeline().train_agent(cfg, stage, progress=not args.no_progress))
+    for seed in args.agent_seed if args.agent_seed is not None else list(cfg.agent.seeds):
+        for stage in (["sft", "cql"] if args.stage == "all" else [args.stage]):
+            print(pipeline().train_agent(cfg, stage, progress=not args.no_progress, agent_seed=seed))
     return 0
 
 
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-agent", help="train the mixing agent on the sweep's offline data: SFT, then CQL")
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--stage", choices=("sft", "cql", "all"), default="all", help="default: all (sft then cql)")
+    p.add_argument("--agent-seed", action="append", type=_non_negative_int, help="agent seed K (repeatable; default: "
+                   "agent.seeds): K > 0 trains in agent/seed<K>/, CPT loads it as policy agent-<stage>@K")
     p.set_defaults(func=cmd_train_agent)
 
     p = sub.add_parser("cpt", help="continually pre-train the target model under mixing policies (resumable)")

@@ -56,16 +56,19 @@ def sweep(cfg: Config, progress: bool = True) -> str:
             f"offline dataset in {s.out_dir}")
 
 
-def train_agent(cfg: Config, stage: str, progress: bool = True) -> str:
-    """Train (or resume) one agent stage on the run's offline dataset, then export it for CPT."""
+def train_agent(cfg: Config, stage: str, progress: bool = True, agent_seed: int = 0) -> str:
+    """Train (or resume) one agent stage of agent seed K on the run's offline dataset, then export it for CPT (policy
+    `runs.agent_policy_name(stage, K)`). Training seed `run.seed + K`: agent seed 0 is the agent as it was before seeds."""
     from dma_jax.agent.runner import export_agent, run_train_agent
 
     run = RunDir(cfg)
-    s = run_train_agent(cfg.agent, run.offline, run.agent, stage, cfg.run.seed, progress=progress)
-    export_agent(run.agent_stage(stage), run.agent_export(stage))
+    s = run_train_agent(cfg.agent, run.offline, run.agent_dir(agent_seed), stage, cfg.run.seed + agent_seed,
+                        progress=progress)
+    export_agent(run.agent_stage(stage, agent_seed), run.agent_export(stage, agent_seed))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in s.final_metrics.items() if isinstance(v, float) and k != "updates_per_s")
-    return (f"train-agent {stage}: {s.steps} updates in {s.seconds:.0f} s ({shown}); "
-            f"exported to {run.agent_export(stage)}")
+    which = f" (agent seed {agent_seed})" if agent_seed else ""
+    return (f"train-agent {stage}{which}: {s.steps} updates in {s.seconds:.0f} s ({shown}); "
+            f"exported to {run.agent_export(stage, agent_seed)}")
 
 
 def cpt(cfg: Config, policy: str, seed: int, progress: bool = True, space=None) -> str:
@@ -113,8 +116,9 @@ def demo_steps(cfg: Config, progress: bool = True) -> list[tuple[str, Callable[[
               for w in ("proxy", "target")]
     steps += [("sample trajectories", run.sampled, lambda: sample(cfg)),
               ("sweep: train the proxies", run.swept, lambda: sweep(cfg, progress))]
-    steps += [(f"train the agent ({stage.upper()})", lambda s=stage: run.agent_exported(s),
-               lambda s=stage: train_agent(cfg, s, progress)) for stage in AGENT_STAGES]
+    steps += [(f"train the agent ({stage.upper()}{f', agent seed {k}' if k else ''})",
+               lambda s=stage, k=k: run.agent_exported(s, k), lambda s=stage, k=k: train_agent(cfg, s, progress, k))
+              for k in cfg.agent.seeds for stage in AGENT_STAGES]
     steps += [(f"CPT of the target: {p}, seed {k}", lambda p=p, k=k: run.cpt_done(p, k),
                lambda p=p, k=k: cpt(cfg, p, k, progress)) for p in cfg.cpt.policies for k in cfg.cpt.seeds]
     steps += [("report", run.report_fresh, lambda: report(cfg))]

@@ -15,7 +15,8 @@ quality by its name), `regmix` (RegMix as its authors built it: a LightGBM regre
 the sweep, average mixture -> return, then the mean of its 100 best predicted candidate mixtures, a static
 mixture; `dma_jax.regmix`), `regmix-linear` (the same with a ridge regression),
 `replay-best` (the sweep's best trajectory), `replay-K` (the sweep's trajectory K, e.g. for
-proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents), `schedule:FILE` (the mixtures of a schedule
+proxy-fidelity checks), `agent-sft`, `agent-cql` (exported agents; `agent-sft@K`, `agent-cql@K`: those of agent seed
+K > 0, `runs.agent_policy`), `schedule:FILE` (the mixtures of a schedule
 file, `schedule_file`, e.g. from `dma export schedule`: one per re-weighting step; its runs' folder and recorded
 name is `runs.policy_folder`'s `schedule-<stem>-<sha>`).
 """
@@ -31,7 +32,8 @@ import numpy as np
 
 from dma_jax import regmix, schedule_file
 from dma_jax.errors import DmaError
-from dma_jax.runs import SCHEDULE_POLICY, policy_folder
+from dma_jax.io_utils import upath
+from dma_jax.runs import AGENT_SPEC_FILE, SCHEDULE_POLICY, agent_policy, policy_folder
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,8 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         path = (agent_dirs or {}).get(name)
         if path is None:
             raise DmaError(f"policy '{name}': no exported agent (run `dma train-agent` and `dma export agent`)")
+        if agent_policy(name) is not None:  # a run's agent (`runs.AgentExports`), not a named folder (`api`)
+            _check_exported(name, path)
         from dma_jax import evaluation as ev
 
         fields = list(dict.fromkeys(["source"] + list(info.domain_fields)))
@@ -213,7 +217,17 @@ def make_policy(name: str, info: SpaceInfo, *, sweep_dir: Path | None = None, ag
         return AgentPolicy(name, load_exported_agent(path), info, layout)
     raise DmaError(f"unknown policy '{name}' (source-only, target-only, fixed-P, ramp-A-B, fixed-P-scored, "
                    f"ramp-A-B-scored, curriculum, regmix, regmix-linear, replay-best, replay-K, agent-sft, agent-cql, "
-                   f"schedule:FILE)")
+                   f"agent-sft@K, agent-cql@K, schedule:FILE)")
+
+
+def _check_exported(name: str, path) -> None:
+    """An agent seed's export that is not there (or did not finish): one line naming its folder and the command."""
+    spec = upath(path) / AGENT_SPEC_FILE
+    if not spec.is_file():
+        _, seed = agent_policy(name)
+        make = "dma train-agent" + (f" --agent-seed {seed}" if seed else "")
+        raise DmaError(f"{spec}: missing, so policy '{name}' (agent seed {seed}) has no finished export in "
+                       f"{upath(path)} (run `{make}`)")
 
 
 def _schedule_policy(name: str, info: SpaceInfo, num_stages: int | None, steps_per_stage: int | None) -> Schedule:

@@ -9,6 +9,7 @@ demo, the study and the CLI ask it whether a stage is done (so a second `make de
                                  checkpoints/, offline/                               (dma sweep)
       agent/{sft,cql}/           metrics.jsonl, checkpoints/<step>/                   (dma train-agent)
       agent/export-{sft,cql}/    checkpoint/, agent_spec.json
+      agent/seed<K>/...          the same for agent seed K > 0 (agent.seeds)  (dma train-agent --agent-seed K)
       cpt/<policy>/seed<k>/      history.json, records.jsonl, checkpoints/            (dma cpt)
       headroom/                  headroom.{md,json}, proxy/seed<k>/ (target runs: cpt/)  (dma headroom)
       report/                    report.md, mixtures.png, scores.png                  (dma report)
@@ -20,7 +21,8 @@ Every training stage's folder (pretrain-*, sweep, agent/{sft,cql}, cpt/<policy>/
 TensorBoard event files (`tb_log.tb_dir`, named there: the agent, which writes under its own `out_dir`, cannot
 ask RunDir), so `tensorboard --logdir <run.out_dir>` shows every stage as a run.
 
-A policy's folder is its name (`policy_folder`), but for `schedule:FILE`, whose name holds a path.
+A policy's folder is its name (`policy_folder`), but for `schedule:FILE`, whose name holds a path. The agent of
+agent seed K > 0 is the policy `agent-<stage>@K` (`agent_policy`), its CPT runs in `cpt/agent-<stage>@K/seed<k>/`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Mapping
 
 from dma_jax import history
 from dma_jax.config import Config, dump_config
@@ -67,6 +70,28 @@ def policy_folder(policy: str) -> str:
 def _safe_stem(path: AnyPath) -> str:
     """A file's stem as a folder-name part: letters, digits, '.', '_', '-' only."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:64] or "file"
+
+
+AGENT_POLICY = re.compile(rf"agent-({'|'.join(AGENT_STAGES)})(?:@(.*))?")
+
+
+def agent_policy(name: str) -> tuple[str, int] | None:
+    """(stage, agent seed) of a trained agent's policy name (`agent-cql`: seed 0, `agent-cql@K`: seed K > 0), None for
+    another name; `agent-<stage>@` with anything but a seed > 0 without leading zeros is a one-line DmaError."""
+    m = AGENT_POLICY.fullmatch(name)
+    if m is None:
+        return None
+    stage, text = m.groups()
+    if text is None:
+        return stage, 0
+    if not text.isdigit() or str(int(text)) != text or int(text) == 0:
+        plain = f" (agent seed 0 is the plain name agent-{stage})" if text.isdigit() and int(text) == 0 else ""
+        raise DmaError(f"policy '{name}': write agent-{stage}@K, K an agent seed > 0 without leading zeros{plain}")
+    return stage, int(text)
+
+
+def agent_policy_name(stage: str, agent_seed: int) -> str:
+    return f"agent-{stage}" if agent_seed == 0 else f"agent-{stage}@{agent_seed}"
 
 
 def _read_json(path: AnyPath) -> dict:
@@ -125,15 +150,20 @@ class RunDir:
     def agent(self) -> AnyPath:
         return self.root / "agent"
 
-    def agent_stage(self, stage: str) -> AnyPath:
-        return self.agent / stage
+    def agent_dir(self, agent_seed: int = 0) -> AnyPath:
+        """Where `dma train-agent` trains agent seed K: `agent/` for 0 (as before there were seeds), else
+        `agent/seed<K>/`."""
+        return self.agent if agent_seed == 0 else self.agent / f"seed{agent_seed}"
 
-    def agent_export(self, stage: str) -> AnyPath:
-        return self.agent / f"export-{stage}"
+    def agent_stage(self, stage: str, agent_seed: int = 0) -> AnyPath:
+        return self.agent_dir(agent_seed) / stage
 
-    def agent_exports(self) -> dict[str, AnyPath]:
-        """{policy name: export folder} of the agents CPT can load."""
-        return {f"agent-{stage}": self.agent_export(stage) for stage in AGENT_STAGES}
+    def agent_export(self, stage: str, agent_seed: int = 0) -> AnyPath:
+        return self.agent_dir(agent_seed) / f"export-{stage}"
+
+    def agent_exports(self) -> AgentExports:
+        """{policy name: export folder} of the agents CPT can load, any agent seed's (`AgentExports`)."""
+        return AgentExports(self)
 
     @property
     def cpt(self) -> AnyPath:
@@ -210,14 +240,14 @@ class RunDir:
     def swept(self) -> bool:
         return (self.offline / OFFLINE_META).is_file()
 
-    def agent_trained(self, stage: str) -> bool:
+    def agent_trained(self, stage: str, agent_seed: int = 0) -> bool:
         steps = (self.cfg.agent.sft if stage == "sft" else self.cfg.agent.cql).steps
-        return latest_step(self.agent_stage(stage) / "checkpoints") == steps
+        return latest_step(self.agent_stage(stage, agent_seed) / "checkpoints") == steps
 
-    def agent_exported(self, stage: str) -> bool:
+    def agent_exported(self, stage: str, agent_seed: int = 0) -> bool:
         """The export's spec (written last) names the final step of the stage's training."""
         steps = (self.cfg.agent.sft if stage == "sft" else self.cfg.agent.cql).steps
-        return _read_json(self.agent_export(stage) / AGENT_SPEC_FILE).get("step") == steps
+        return _read_json(self.agent_export(stage, agent_seed) / AGENT_SPEC_FILE).get("step") == steps
 
     def cpt_done(self, policy: str, seed: int) -> bool:
         return history.is_finished(self.cpt_run(policy, seed), dump_config(self.cfg)["cpt"])
@@ -227,3 +257,25 @@ class RunDir:
         md = self.report / "report.md"
         hists = list(self.cpt.glob(f"*/seed*/{history.FILE}")) if self.cpt.is_dir() else []
         return md.is_file() and all(h.stat().st_mtime <= md.stat().st_mtime for h in hists)
+
+
+class AgentExports(Mapping):
+    """{policy name: export folder}: `agent-<stage>` (agent seed 0) and `agent-<stage>@K` map to
+    `RunDir.agent_export(stage, K)` for any K, exported or not (the policy says which is missing); iterating lists the
+    names of `agent.seeds` (and seed 0)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def __getitem__(self, name: str) -> AnyPath:
+        parsed = agent_policy(name) if isinstance(name, str) else None
+        if parsed is None:
+            raise KeyError(name)
+        return self.run.agent_export(*parsed)
+
+    def __iter__(self) -> Iterator[str]:
+        seeds = sorted({0, *self.run.cfg.agent.seeds})
+        return iter([agent_policy_name(stage, k) for k in seeds for stage in AGENT_STAGES])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))

@@ -9,6 +9,7 @@ import pydantic
 from dma_jax.config.sections import Section
 
 PosInt = pydantic.PositiveInt
+NonNegInt = pydantic.NonNegativeInt
 PosFloat = pydantic.PositiveFloat
 NonNegFloat = pydantic.NonNegativeFloat
 
@@ -95,7 +96,9 @@ class AgentConfig(Section):
     """The agent: model, both training stages, and how the loops dispatch, log and checkpoint.
 
     Updates run `updates_per_dispatch` at a time under `lax.scan`; one metrics
-    record (the mean over the dispatch) is logged per dispatch.
+    record (the mean over the dispatch) is logged per dispatch. `seeds`: the agents `dma train-agent` trains, one
+    per agent seed K, each with training seed `run.seed + K` (its parameter init, minibatch order and CQL's action
+    samples); seed 0 is the agent in `agent/`, seed K > 0 the one in `agent/seed<K>/` (`runs.RunDir.agent_dir`).
     """
 
     model: AgentModelConfig = AgentModelConfig()
@@ -107,6 +110,22 @@ class AgentConfig(Section):
     keep_checkpoints: PosInt = 2
     on_nonfinite: Literal["stop", "skip"] = "stop"  # as optim.on_nonfinite (dma_jax.numerics), per update
     max_loss_spike: float | None = pydantic.Field(None, gt=1.0)  # on bc_nll (SFT) / critic_loss (CQL)
+    # Left out of the dumped config at its default, so the run folders and config hashes of one agent stay as they were
+    seeds: tuple[NonNegInt, ...] = (0,)
+
+    @pydantic.model_serializer(mode="wrap")
+    def _drop_default_seeds(self, handler):
+        out = handler(self)
+        if self.seeds == type(self).model_fields["seeds"].default:
+            out.pop("seeds", None)
+        return out
+
+    @pydantic.field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct agent seeds")
+        return v
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> AgentConfig:
