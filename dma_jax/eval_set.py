@@ -28,6 +28,14 @@ class EvalSet(NamedTuple):
     slots at or beyond an item's `n_choices` are empty rows. `choice_bytes` / `choice_chars`: the UTF-8 bytes /
     characters of each choice string (0 for empty slots); `field_of_domain`: each held-out domain's field;
     `domain_scored`: 1 where a domain's held-out loss counts in its field's score, 0 for `eval.unscored_domains`.
+
+    The same items packed (`pack_items`), which `dma_jax.evaluation` scores: R rows of W = Lb inputs, each holding
+    one or more groups [eos] + context, then every choice that shares that (left-truncated) context, less its
+    last token. `pack_span` ids a context or choice (0: padding), `pack_parent` the context a choice token also
+    attends to, `pack_positions` each token's position in its dense row. Targets: token `pack_target` is
+    predicted by the output at index `pack_from` of its row; it is choice `pack_slot` (= item * C + slot).
+    The demo's 32 items (max_len 96): 89 rows of 96 (8,275 real inputs) instead of 128 dense rows; the 17 items
+    whose context is cut share nothing (`pack_items`).
     """
 
     heldout_tokens_DxExL1: np.ndarray  # int32
@@ -42,6 +50,14 @@ class EvalSet(NamedTuple):
     choice_chars_IxC: np.ndarray  # float32
     field_of_domain_D: np.ndarray  # int32, index into field_names
     domain_scored_D: np.ndarray  # float32, 1 = in its field's held-out loss term
+    pack_tokens_RxW: np.ndarray  # int32
+    pack_positions_RxW: np.ndarray  # int32
+    pack_span_RxW: np.ndarray  # int32
+    pack_parent_RxW: np.ndarray  # int32
+    pack_target_RxT: np.ndarray  # int32 token ids
+    pack_from_RxT: np.ndarray  # int32 index into the row
+    pack_slot_RxT: np.ndarray  # int32 item * C + choice slot
+    pack_weight_RxT: np.ndarray  # float32, 1 = a target, 0 = padding
 
     @classmethod
     def for_space(cls, space: DomainSpace, ec: EvalConfig) -> EvalSet:
@@ -238,11 +254,77 @@ def build_eval_set(heldout_windows_per_domain: Sequence, benchmarks: Mapping[str
         for c, (ids, n_answer) in enumerate(item_rows):
             tokens_IxCxL1[i, c, : len(ids)] = ids
             answer_IxCxL[i, c, len(ids) - 1 - n_answer: len(ids) - 1] = 1.0
+    packed = pack_items(rows, n_slots, max_len, tokenizer.pad_id)
     return EvalSet(
         heldout_tokens, heldout_segments, tokens_IxCxL1, answer_IxCxL,
         np.array([len(r) for r in rows], np.int32), np.array(golds, np.int32), np.array(fields, np.int32),
         np.bincount(fields, minlength=len(field_names)).astype(np.int32),
         sizes_IxCx2[..., 0], sizes_IxCx2[..., 1],
         np.array([list(field_names).index(f) for f in domain_fields], np.int32),
-        np.array(scored, np.float32),
+        np.array(scored, np.float32), *packed,
     )
+
+
+def pack_items(rows: Sequence[Sequence[tuple[Sequence[int], int]]], n_slots: int, width: int,
+               pad_id: int) -> tuple[np.ndarray, ...]:
+    """`EvalSet`'s pack_* arrays from each item's dense rows (`_row`: [eos] + context + choice, choice length).
+
+    Choices of an item whose rows hold the same context share one copy of it, in a group [context, each choice
+    less its last token] of at most `width` = max_len inputs (a new copy starts when the next choice does not
+    fit). A context cut from the left fills its dense row with its choice, so it is never shared: every output
+    of it depends on where the cut falls, which differs with the choice's length. Groups are placed in rows
+    first-fit by decreasing length. Each choice keeps its dense row's tokens, positions and attention exactly,
+    so its log-likelihood is the dense one."""
+    groups: list[tuple[int, list[int], list[tuple[int, list[int]]]]] = []  # (item, context, [(slot, choice)])
+    for i, item_rows in enumerate(rows):
+        open_group: dict[tuple[int, ...], int] = {}  # context -> its group still being filled
+        for c, (ids, n) in enumerate(item_rows):
+            context, choice = list(ids[:-n]), list(ids[-n:])
+            g = open_group.get(tuple(context))
+            if g is None or _group_len(groups[g]) + n - 1 > width:
+                g = open_group[tuple(context)] = len(groups)
+                groups.append((i, context, []))
+            groups[g][2].append((c, choice))
+    lengths = [_group_len(g) for g in groups]
+    row_groups: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(groups)), key=lambda g: -lengths[g]):  # stable: ties keep item order
+        r = next((r for r, free in enumerate(room) if free >= lengths[g]), len(room))
+        if r == len(room):
+            row_groups.append([])
+            room.append(width)
+        row_groups[r].append(g)
+        room[r] -= lengths[g]
+    R = len(row_groups)
+    tokens, positions, span, parent = (np.zeros((R, width), np.int32) for _ in range(4))
+    tokens[:] = pad_id
+    targets: list[list[tuple[int, int, int]]] = [[] for _ in range(R)]  # (token, from, slot) per row
+    for r, gs in enumerate(row_groups):
+        at, n_spans = 0, 0
+        for g in gs:
+            i, context, choices = groups[g]
+            k, ctx_span = len(context), n_spans + 1
+            n_spans += 1
+            tokens[r, at: at + k], positions[r, at: at + k] = context, np.arange(k)
+            span[r, at: at + k] = parent[r, at: at + k] = ctx_span
+            last_ctx, at = at + k - 1, at + k
+            for c, choice in choices:
+                n_spans += 1
+                m = len(choice) - 1  # inputs of this choice: all but its last token
+                tokens[r, at: at + m], positions[r, at: at + m] = choice[:-1], k + np.arange(m)
+                span[r, at: at + m], parent[r, at: at + m] = n_spans, ctx_span
+                targets[r] += [(t, last_ctx if j == 0 else at + j - 1, i * n_slots + c) for j, t in enumerate(choice)]
+                at += m
+    T = max(len(t) for t in targets)
+    target_RxTx3 = np.zeros((R, T, 3), np.int32)
+    weight_RxT = np.zeros((R, T), np.float32)
+    for r, ts in enumerate(targets):
+        target_RxTx3[r, : len(ts)] = ts
+        weight_RxT[r, : len(ts)] = 1.0
+    return (tokens, positions, span, parent, target_RxTx3[..., 0], target_RxTx3[..., 1], target_RxTx3[..., 2],
+            weight_RxT)
+
+
+def _group_len(group) -> int:
+    """Inputs of a group: its context, then each choice but its last token (no output reads it)."""
+    return len(group[1]) + sum(len(choice) - 1 for _, choice in group[2])

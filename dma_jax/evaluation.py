@@ -48,6 +48,7 @@ from dma_jax.config import BALANCED_HOW, EvalConfig
 from dma_jax.errors import DmaError
 from dma_jax.eval_set import (SUBSET_SEED, EvalSet, _row, build_eval_set, cut_windows,  # noqa: F401
                               in_loop_items, select_items)  # re-exported: callers read them as `ev.X`
+from dma_jax.models import attention
 from dma_jax.models.lm import LMDef, Params
 from dma_jax.train import batch_from_tokens, token_losses
 
@@ -81,6 +82,42 @@ def _target_ll(lm: LMDef, params: Params, tokens_RxL1: jax.Array, segments_RxL1:
     return ll_NxB.reshape(n_batches * B)[:R]
 
 
+def _packed_item_ll(lm: LMDef, params: Params, es: EvalSet, batch_size: int) -> jax.Array:
+    """log p(choice | context) [I, C] from the packed rows (`EvalSet` pack_*), `batch_size` rows at a time: each
+    row's log-softmax is taken once per position, so the outputs a group's choices share (the context's last
+    one predicts every first choice token) are normalised once. Empty slots: 0. Needs the `xla` attention."""
+    I, C = es.choice_bytes_IxC.shape
+    R = es.pack_tokens_RxW.shape[0]
+    n_batches = -(-R // batch_size)
+    B = -(-R // n_batches)  # equal chunks of at most batch_size rows: the least padding
+    arrays = (es.pack_tokens_RxW, es.pack_positions_RxW, es.pack_span_RxW, es.pack_parent_RxW,
+              es.pack_target_RxT, es.pack_from_RxT, es.pack_weight_RxT)  # extra rows: padding, weight 0
+    chunks = [jnp.pad(x, ((0, n_batches * B - R), (0, 0))).reshape(n_batches, B, x.shape[1]) for x in arrays]
+
+    def score(batch):
+        tokens_BxW, positions_BxW, span_BxW, parent_BxW, target_BxT, from_BxT, weight_BxT = batch
+        W = tokens_BxW.shape[1]
+        # query i attends key j <= i of its own span (context or choice) or of its choice's context
+        key_BxWxW = span_BxW[:, None, :]
+        mask_BxWxW = ((key_BxWxW == span_BxW[:, :, None]) | (key_BxWxW == parent_BxW[:, :, None])) & jnp.tril(
+            jnp.ones((W, W), bool))[None]
+        logits_BxWxV = lm.apply(params, tokens_BxW, positions_BxL=positions_BxW, mask_BxLxL=mask_BxWxW)
+        lse_BxW = jax.nn.logsumexp(logits_BxWxV, axis=-1)
+        rows_Bx1 = jnp.arange(tokens_BxW.shape[0])[:, None]
+        return (logits_BxWxV[rows_Bx1, from_BxT, target_BxT] - lse_BxW[rows_Bx1, from_BxT]) * weight_BxT
+
+    ll_RxT = jax.lax.map(score, chunks).reshape(n_batches * B, -1)[:R]
+    ll_S = jax.ops.segment_sum(ll_RxT.reshape(-1), es.pack_slot_RxT.reshape(-1), num_segments=I * C)
+    return ll_S.reshape(I, C)
+
+
+def _dense_item_ll(lm: LMDef, params: Params, es: EvalSet, batch_size: int) -> jax.Array:
+    """log p(choice | context) [I, C] from one dense row per choice (the kernels that take no explicit mask)."""
+    I, C, Lb1 = es.tokens_IxCxL1.shape
+    answer_RxL = es.answer_mask_IxCxL.reshape(I * C, Lb1 - 1)
+    return _target_ll(lm, params, es.tokens_IxCxL1.reshape(I * C, Lb1), None, answer_RxL, batch_size).reshape(I, C)
+
+
 SUMMARY_KEYS = ("domain_loss", "field_loss", "answer_bpb", "accuracy", "acc_norm", "chance")  # [D] or [F]
 UNIT_KEYS = ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field",
              "window_nll", "window_tokens", "domain_field", "domain_scored")  # per item / window: what the SEs use
@@ -91,6 +128,8 @@ def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> d
 
     Pure: jit it with `eval_set` as an argument (not a closed-over constant) and vmap it over a
     leading proxy axis of `params` (`in_axes=(0, None)`); memory is bounded by `batch_size` rows.
+    Items are scored on the packed rows (choices share their context) with the `xla` attention, on dense rows
+    (one per choice) with the others; the log-likelihoods are the same.
     """
     if batch_size < 1:
         raise DmaError(f"evaluate: batch_size={batch_size} must be >= 1")
@@ -113,8 +152,8 @@ def evaluate(lm: LMDef, params: Params, eval_set: EvalSet, batch_size: int) -> d
     field_tokens_F = jax.ops.segment_sum(window_tokens_DxE.sum(axis=1) * scored_D, es.field_of_domain_D,
                                          num_segments=F)
 
-    answer_RxL = es.answer_mask_IxCxL.reshape(I * C, Lb1 - 1)
-    ll_IxC = _target_ll(lm, params, es.tokens_IxCxL1.reshape(I * C, Lb1), None, answer_RxL, batch_size).reshape(I, C)
+    item_ll = _packed_item_ll if attention.resolve(lm.cfg) == "xla" else _dense_item_ll
+    ll_IxC = item_ll(lm, params, es, batch_size)
     valid_IxC = jnp.arange(C)[None, :] < es.n_choices_I[:, None]
     correct_I = jnp.argmax(jnp.where(valid_IxC, ll_IxC, -jnp.inf), axis=1) == es.gold_of_item_I
     per_char_IxC = ll_IxC / jnp.maximum(es.choice_chars_IxC, 1.0)

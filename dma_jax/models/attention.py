@@ -119,8 +119,8 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret
 
 
 def attend(impl: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, segment_ids_BxL):
-    """Attention output [B, L, H, K] by `impl` (a `resolve`d name): `xla` reads `mask_BxLxL` (`causal_mask`),
-    the others `segment_ids_BxL` (None: one document per row)."""
+    """Attention output [B, L, H, K] by `impl` (a `resolve`d name): `xla` reads `mask_BxLxL` (`causal_mask`, or
+    any explicit pattern: `LM`'s `mask_BxLxL`), the others `segment_ids_BxL` (None: one document per row)."""
     if impl == "xla":
         return xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL)
     backend = jax.default_backend()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dma_jax.config import ModelConfig
+from dma_jax.errors import DmaError
 from dma_jax.models import attention
 
 # What the backward pass keeps of each block (`ModelConfig.remat`; "none": everything, no `jax.checkpoint`):
@@ -110,10 +111,14 @@ class Block(nnx.Module):
 
 
 class LM(nnx.Module):
-    """`LM(cfg, rngs)(tokens_BxL, segment_ids_BxL=None) -> logits_BxLxV` (float32).
+    """`LM(cfg, rngs)(tokens_BxL, segment_ids_BxL=None, positions_BxL=None, mask_BxLxL=None) -> logits_BxLxV`
+    (float32).
 
     `segment_ids_BxL` (optional) marks packed documents: a token attends only to
     earlier tokens of its own segment, and positions restart at each segment.
+    `positions_BxL` / `mask_BxLxL` (optional) replace the positions / the attention pattern those give: each
+    token's rotary position, and whether query i may attend key j (bool; e.g. the shared-context rows of
+    `dma_jax.eval_set`). An explicit mask needs the `xla` attention kernel.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -124,18 +129,27 @@ class LM(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head_DxV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+                 positions_BxL: jax.Array | None = None, mask_BxLxL: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         chex.assert_rank(tokens_BxL, 2)
         B, L = tokens_BxL.shape
         dt = jnp.dtype(cfg.compute_dtype)
-        if segment_ids_BxL is None:
+        impl = attention.resolve(cfg)
+        if positions_BxL is not None:
+            chex.assert_equal_shape([tokens_BxL, positions_BxL])
+        elif segment_ids_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
         else:
             chex.assert_equal_shape([tokens_BxL, segment_ids_BxL])
             positions_BxL = segment_positions(segment_ids_BxL)
-        # the `xla` kernel reads a [B, L, L] mask (built once for all layers), the others the segment ids
-        mask_BxLxL = attention.causal_mask(segment_ids_BxL, B, L) if attention.resolve(cfg) == "xla" else None
+        if mask_BxLxL is not None:
+            if impl != "xla":
+                raise DmaError(f"model attention={cfg.attention} ({impl}): an explicit attention mask needs "
+                               "attention=xla")
+            chex.assert_shape(mask_BxLxL, (B, L, L))
+        elif impl == "xla":  # the `xla` kernel reads a [B, L, L] mask (built once for all layers), others the ids
+            mask_BxLxL = attention.causal_mask(segment_ids_BxL, B, L)
         cos_BxLxK, sin_BxLxK = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
         block_fn = Block.__call__ if cfg.remat == "none" else nnx.remat(Block.__call__, policy=REMAT[cfg.remat])
@@ -205,5 +219,7 @@ class LMDef:
         del graphdef
         return nnx.to_pure_dict(state)
 
-    def apply(self, params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        return nnx.merge(self.graphdef, params)(tokens_BxL, segment_ids_BxL)
+    def apply(self, params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+              positions_BxL: jax.Array | None = None, mask_BxLxL: jax.Array | None = None) -> jax.Array:
+        """Logits [B, L, V] of `params` (`LM.__call__`'s arguments)."""
+        return nnx.merge(self.graphdef, params)(tokens_BxL, segment_ids_BxL, positions_BxL, mask_BxLxL)
