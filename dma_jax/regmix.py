@@ -87,15 +87,16 @@ def fit_lightgbm(actions_NxTxD, returns_N, n_candidates: int = 100_000, seed: in
                  top_k: int = TOP_K, where: str = "regmix"):
     """RegMix: a LightGBM regressor of the return on the average mixture; (best mixture [D], the model).
 
-    Reproducible: fixed `random_state`, `deterministic=True`, one thread, column-wise histograms."""
+    Reproducible: fixed `seed`, `deterministic=True`, one thread, column-wise histograms."""
     import lightgbm
 
     X_NxD, y_N = sweep_mixtures(actions_NxTxD, returns_N, where)
     N = len(X_NxD)
-    model = lightgbm.LGBMRegressor(
-        boosting_type="gbdt", objective="regression", n_estimators=LGBM_ROUNDS, learning_rate=LGBM_LEARNING_RATE,
-        min_child_samples=int(np.clip(round(0.04 * N), 2, 20)), random_state=LGBM_SEED, deterministic=True,
-        force_col_wise=True, n_jobs=1, verbose=-1)
-    model.fit(X_NxD, y_N)
+    # LightGBM's own training API (its scikit-learn wrapper needs scikit-learn); the parameters are what
+    # LGBMRegressor(n_estimators=1000, learning_rate=1e-2, random_state=42, ...) passes to it
+    params = {"boosting_type": "gbdt", "objective": "regression", "learning_rate": LGBM_LEARNING_RATE,
+              "min_child_samples": int(np.clip(round(0.04 * N), 2, 20)), "seed": LGBM_SEED, "deterministic": True,
+              "force_col_wise": True, "num_threads": 1, "verbose": -1}
+    model = lightgbm.train(params, lightgbm.Dataset(X_NxD, y_N, params=params), num_boost_round=LGBM_ROUNDS)
     C_MxD = candidates(X_NxD, n_candidates, seed)
     return _mean_of_top(C_MxD, model.predict(C_MxD), top_k), model

@@ -33,7 +33,7 @@ def test_lightgbm_finds_the_interior_optimum_the_linear_fit_misses(D, N, seed):
     assert best_gbm.shape == (D,) and best_gbm.sum() == pytest.approx(1.0) and np.all(best_gbm >= 0)
     assert d_gbm < 0.1, d_gbm
     assert d_gbm < 0.5 * d_lin, (d_gbm, d_lin)
-    assert model.n_estimators == regmix.LGBM_ROUNDS and coef.shape == (D + 1,)
+    assert model.num_trees() == regmix.LGBM_ROUNDS and coef.shape == (D + 1,)
 
 
 def test_linear_fit_finds_the_best_mixture_of_a_linear_world():
