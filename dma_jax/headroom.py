@@ -36,7 +36,7 @@ from dma_jax import sharding as shd
 from dma_jax import sweep
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.config import Config, dump_config
-from dma_jax.config.sections import HeadroomConfig
+from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import (AnyPath, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file,

@@ -16,7 +16,7 @@ from dma_jax import policies
 from dma_jax import sweep as sweep_mod
 from dma_jax.cli import main
 from dma_jax.config import load_config
-from dma_jax.config.sections import HeadroomConfig
+from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.errors import DmaError
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params

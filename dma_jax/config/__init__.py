@@ -21,7 +21,8 @@ import pydantic
 import yaml
 
 from dma_jax.config.agent import AgentConfig, AgentModelConfig, CqlConfig, SftConfig
-from dma_jax.config.sections import (BALANCED_HOW, BenchmarkInput, CptConfig, DataConfig, DomainInput, EvalConfig, HeadroomConfig, MeshConfig,
+from dma_jax.config.headroom import HeadroomConfig
+from dma_jax.config.sections import (BALANCED_HOW, BenchmarkInput, CptConfig, DataConfig, DomainInput, EvalConfig, MeshConfig,
                                      ModelConfig, OptimConfig, PretrainConfig, RunConfig, SamplerConfig, Section,
                                      SweepConfig, TokenizerConfig)
 from dma_jax.errors import DmaError

@@ -336,27 +336,3 @@ class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/demo"
     seed: NonNegInt = 0
-
-
-class HeadroomConfig(Section):
-    """`dma headroom`: how much a domain choice or a schedule can beat the best size-spread fixed share.
-
-    On the target (CPT, `cpt.*` settings) and on proxies (the sweep's environment), over `seeds`: fixed target
-    shares spread by size, the same shares on the scored domains only (`eval.unscored_domains` left out), the
-    hand schedules `high_low` (start share -> end share, linear) and `low_high`, source-only and target-only.
-    H = best(clean or scheduled) - best(size-spread fixed share), per seed paired.
-    """
-
-    shares: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.7)
-    high_low: tuple[float, float] = (0.7, 0.1)
-    low_high: tuple[float, float] = (0.1, 0.7)
-    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
-    proxy_seeds: tuple[NonNegInt, ...] = (0, 1, 2, 3)
-    on: tuple[Literal["target", "proxy"], ...] = ("target", "proxy")
-
-    @pydantic.field_validator("shares")
-    @classmethod
-    def _check_shares(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or not all(0.0 < x < 1.0 for x in v):
-            raise ValueError(f"{list(v)} must be a non-empty list of shares in (0, 1)")
-        return v
