@@ -7,6 +7,12 @@ sha256 of the npz bytes, into which np.savez writes the time), the exported agen
 parameters and specs (minus that sha256), every CPT history (minus its wall-clock `timings`),
 every `records.jsonl`, and `report.md` (with the run folder's path replaced).
 
+XLA:CPU compiles for the host's instruction set (and its matmul kernels dispatch on it), so the same code gives
+other low-order bits on another CPU. The golden file also holds the recording machine's `platform` and a few
+`values` (every CPT run's balanced scores, the sweep's returns, the agents' parameter norms): on the recording
+platform the digests must match exactly; on another one the data order (records.jsonl, which no float decides for
+the fixed policies) must, and the values must agree to `RTOL` (`compare` says which check ran).
+
 Record anew (only when a change of behaviour is intended, and say so in the commit):
     .venv/bin/python -m tests.golden --record
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import platform as _platform
 import sys
 from pathlib import Path
 
@@ -26,6 +33,28 @@ GOLDEN = Path(__file__).with_name("golden_tiny_demo.json")
 DEMO_ARGS = ["--no-progress", "demo", "--variant", "tiny", "data.demo_fields=[source, math]", "pretrain.steps=2",
              "mesh.data=1"]
 _PATH_KEYS = ("out_dir", "dir", "data_dir")
+RTOL = 1e-3  # values on another platform (see the module docstring)
+_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "neon", "asimd")
+_FLOAT_FREE = ("fixed-", "source-only", "target-only", "curriculum")  # policies whose data order no float decides
+
+
+def platform() -> str:
+    """The CPU and the jax build the numbers depend on."""
+    import jax
+    import jaxlib
+
+    model, flags = _platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                model = val.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags |= set(val.split())
+    except OSError:
+        pass
+    return (f"{_platform.machine()} | {model} | {' '.join(f for f in _ISA if f in flags)} | jax {jax.__version__} "
+            f"jaxlib {jaxlib.__version__}")
 
 
 def _sha(data: bytes) -> str:
@@ -91,11 +120,39 @@ def digests(run_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def compare(run_dir: str | Path, golden: Path = GOLDEN) -> list[str]:
-    """The names whose digest differs from the recorded one (missing or extra names included)."""
-    want = json.loads(golden.read_text())["digests"]
-    got = digests(run_dir)
-    return sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+def values(run_dir: str | Path) -> dict[str, list[float]]:
+    """The numbers the other-platform check compares: balanced scores per CPT run, the sweep's returns, the norm
+    of each exported actor's parameters."""
+    run = Path(run_dir)
+    with np.load(io.BytesIO((run / "sweep" / "offline" / "data.npz").read_bytes()), allow_pickle=False) as z:
+        out = {"sweep/offline/returns": np.asarray(z["returns"], np.float64).tolist()}
+    for stage in ("sft", "cql"):
+        exp = run / "agent" / f"export-{stage}" / "checkpoint"
+        step = max((p for p in exp.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        arrays = _orbax_arrays(step / "state")
+        out[f"agent/export-{stage}/actor"] = [float(np.sqrt(sum(float((np.asarray(a, np.float64) ** 2).sum())
+                                                               for a in arrays.values())))]
+    for hist in sorted((run / "cpt").glob("*/seed*/history.json")):
+        out[hist.relative_to(run).as_posix()] = [float(x) for x in json.loads(hist.read_text())["balanced"]]
+    return out
+
+
+def compare(run_dir: str | Path, golden: Path = GOLDEN, on: str | None = None) -> list[str]:
+    """What differs from the recording (empty: nothing). On its platform (`on`, default this machine's): the names
+    whose digest differs (missing or extra names included). On another: the data order of the runs no float
+    decides, and every value beyond RTOL."""
+    doc = json.loads(golden.read_text())
+    want, got = doc["digests"], digests(run_dir)
+    if (on or platform()) == doc.get("platform"):
+        return sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    bad = [k for k in want if k.endswith("records.jsonl") and k.split("/")[1].startswith(_FLOAT_FREE)
+           and want[k] != got.get(k)]
+    mine = values(run_dir)
+    for k, ref in doc["values"].items():
+        v = mine.get(k)
+        if v is None or len(v) != len(ref) or not np.allclose(v, ref, rtol=RTOL, atol=0.0):
+            bad.append(k)
+    return sorted(bad)
 
 
 def record(tmp: Path) -> None:
@@ -104,7 +161,8 @@ def record(tmp: Path) -> None:
     assert main([*DEMO_ARGS, f"run.out_dir={tmp}"]) == 0
     import jax
 
-    doc = {"command": "dma " + " ".join(DEMO_ARGS), "jax": jax.__version__, "digests": digests(tmp)}
+    doc = {"command": "dma " + " ".join(DEMO_ARGS), "jax": jax.__version__, "platform": platform(),
+           "digests": digests(tmp), "values": values(tmp)}
     GOLDEN.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"recorded {len(doc['digests'])} digests in {GOLDEN}")
 
