@@ -5,12 +5,9 @@ only, two linear ramps and their scored versions, source-only, target-only) is r
 return (final balanced score - base, `evaluation.balanced_score`) is measured on two sides:
 - target: `cpt.run_cpt` per (policy, seed of `headroom.seeds`). These are `dma cpt`'s own runs
   (`cpt/<policy>/seed<k>/`), so a finished one is read and not run again;
-- proxy: the policies as trajectories [N, T, D] on the sweep's proxies (`sweep.Sweep`: the sweep's
-  environment and evaluation), one vmapped run for each seed of `headroom.proxy_seeds` (`run.seed` = the seed,
-  which sets the data order). All policies of a seed draw their batches with the same keys (trajectory id 0,
-  common random numbers), which cuts the noise in their paired differences. The run is checkpointed after
-  every re-weighting step under `headroom/proxy/seed<k>/checkpoints/` until its `result.json` (the returns) is
-  written; a seed with a result is not run again, one written with another config is refused.
+- proxy: the policies as trajectories [N, T, D] on the sweep's proxies, one vmapped, resumable run for each seed
+  of `headroom.proxy_seeds` in `headroom/proxy/seed<k>/` (`proxy_runs.run_seed`: the sweep's environment and
+  evaluation, common random numbers across the policies of a seed).
 H = the mean over seeds of (best_alt - best_fixed), paired per seed. best_fixed is the `fixed-P` with the
 highest mean return; best_alt is the best scored or ramp policy. Choosing both on the seeds that measure H
 biases H upward. Outputs: headroom.json, headroom.md and response.png under `headroom/` (`runs.RunDir`).
@@ -19,35 +16,22 @@ biases H upward. Outputs: headroom.json, headroom.md and response.png under `hea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from dma_jax import cpt
-from dma_jax import evaluation as ev
+from dma_jax import cpt, proxy_runs, sweep
 from dma_jax import sharding as shd
-from dma_jax import sweep
-from dma_jax.checkpoint import Checkpointer
-from dma_jax.config import Config, dump_config
+from dma_jax.config import Config
 from dma_jax.config.headroom import HeadroomConfig
-from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import (AnyPath, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file,
-                             rmtree)
-from dma_jax.policies import PolicyInput, SpaceInfo, make_policy
+from dma_jax.io_utils import AnyPath, atomic_write_bytes, atomic_write_json, atomic_write_text
 from dma_jax.runs import RunDir
-from dma_jax.stage_loop import StageLoop
-from dma_jax.train import load_base_params
 
 FORMAT = "dma-headroom-v1"
-RESULT = "result.json"  # a proxy seed's returns, written last
 SIDES = ("target", "proxy")
 SELECTION_NOTE = ("best_fixed and best_alt are chosen on the same seeds that measure H, so H is inflated "
                   "(selection bias); the study chooses on tuning seeds and tests on fresh ones.")
@@ -148,113 +132,15 @@ def target_returns(cfg: Config, policies, progress: bool = True) -> tuple[np.nda
 # ------------------------------------------------------------------------------------------------ proxy
 
 
-def proxy_trajectories(cfg: Config, space: DomainSpace, policies) -> np.ndarray:
-    """The policies' mixtures [N, T, D] over the sweep's domain space, T = sweep.num_stages."""
-    info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cfg.sweep.target_field,
-                     tuple(float(x) for x in space.train_tokens))
-    out = []
-    for name in policies:
-        policy = make_policy(name, info, spread=cfg.cpt.spread, exclude=cfg.eval.unscored_domains)
-        history = PolicyInput([], [], cfg.sweep.num_stages)
-        for _ in range(cfg.sweep.num_stages):
-            history.weights.append(np.asarray(policy(history), np.float64))
-        out.append(np.stack(history.weights))
-    return np.stack(out).astype(np.float32)
-
-
-def proxy_config(cfg: Config, seed: int, n_policies: int) -> Config:
-    """The sweep config of one proxy seed: `run.seed` = seed (the data order), one trajectory per policy."""
-    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": seed}),
-                                  "sweep": cfg.sweep.model_copy(update={"num_trajectories": n_policies})})
-
-
-def _proxy_key(cfg: Config, seed: int, policies, weights_NxTxD: np.ndarray) -> str:
-    """What a proxy seed's numbers depend on (not chunking, devices or the sampler of `dma sample`)."""
-    d = dump_config(cfg)
-    doc = {k: d[k] for k in ("data", "proxy", "optim", "pretrain", "eval")}
-    doc["sweep"] = {k: v for k, v in d["sweep"].items() if k not in ("sampler", "num_trajectories", "chunk_size",
-                                                                     "devices")}
-    doc |= {"seed": seed, "policies": list(policies), "weights": np.round(weights_NxTxD, 7).tolist()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def proxy_seed(cfg: Config, space: DomainSpace, policies, weights_NxTxD: np.ndarray, seed: int, base_params,
-               progress: bool = True, devices=None) -> dict:
-    """One proxy seed: every policy's trajectory trained from the base proxy (resumable); its result document."""
-    folder = RunDir(cfg).headroom_proxy(seed)
-    key = _proxy_key(cfg, seed, policies, weights_NxTxD)
-    stale = DmaError(f"{folder}: written with another config or policy list; delete it or restore the config")
-    if (folder / RESULT).is_file():  # done: nothing to compute
-        found = read_json_file(folder / RESULT, "")
-        if found.get("key") != key:
-            raise stale
-        return found
-    ckpt = Checkpointer(RunDir(cfg).headroom_proxy_checkpoints(seed), keep=2)
-    if ckpt.latest_step() is not None and ckpt.read_meta().get("key") != key:
-        ckpt.close()
-        raise stale
-    N, T, _ = weights_NxTxD.shape
-    sw = sweep.Sweep(proxy_config(cfg, seed, N), space, devices)
-    base = shd.put_global(base_params(), sw.replicated)
-    base_full = shd.to_host(sw.eval_single(base, sw.eval_set))
-    base_raw, ec = ev.summary(base_full), cfg.eval  # as run_sweep: every score relative to the base proxy
-    normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, ec))))
-    base_fb = np.asarray(ev.feedback_vector(ev.normalise(base_full, base_raw, ec)), np.float32)
-    feedback_NxT1xM = np.repeat(base_fb[None, None], N, axis=0).repeat(T + 1, axis=1)
-    n = sw.chunk
-    start, state = 0, None
-    if ckpt.latest_step() is not None:
-        abstract = {"state": sw.abstract_state,
-                    "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32, sharding=sw.replicated)}
-        restored, _, _ = ckpt.restore(abstract)
-        start, feedback_NxT1xM = ckpt.latest_step(), np.array(restored["feedback"])
-        state = restored["state"] if start % T else None
-
-    def unit(u: int) -> None:  # re-weighting step t of chunk c; the last chunk wraps, its extra rows dropped
-        nonlocal state
-        c, t = divmod(u, T)
-        rows_n = np.arange(c * n, (c + 1) * n)
-        state = sw.init_chunk(base) if state is None else state
-        state, _ = sw.stage(state, weights_NxTxD[rows_n % N, t], np.zeros(n, np.int32), t)
-        fb_nxM = shd.to_host(normalise_n(sw.evaluate(state.params)))
-        feedback_NxT1xM[rows_n[rows_n < N], t + 1] = fb_nxM[rows_n < N]
-
-    def save(done: int) -> None:
-        nonlocal state
-        ckpt.save(done, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
-                  meta={"key": key})
-        state = None if done % T == 0 else state
-
-    StageLoop(f"headroom proxy seed {seed}", ckpt, math.ceil(N / n) * T, "stage", progress).run(start, unit, save)
-    idx, se_idx = ev.field_score_index(space.names, space.fields), ev.field_score_se_index(space.names, space.fields)
-    balanced_NxT1 = np.asarray(ev.balanced_score(jnp.asarray(feedback_NxT1xM[..., idx]), ec.balanced), np.float64)
-    se_N = ev.balanced_se(feedback_NxT1xM[:, -1, idx], feedback_NxT1xM[:, -1, se_idx], ec.balanced)
-    returns_N = balanced_NxT1[:, -1] - balanced_NxT1[:, 0]
-    if not np.isfinite(returns_N).all():
-        raise DmaError(f"headroom proxy seed {seed}: policy {policies[int(np.argmax(~np.isfinite(returns_N)))]} "
-                       "has a non-finite return (a NaN/Inf loss; see optim.on_nonfinite)")
-    doc = {"format": FORMAT, "seed": seed, "key": key, "policies": list(policies), "returns": returns_N.tolist(),
-           "eval_se": np.asarray(se_N, np.float64).tolist(), "balanced": balanced_NxT1.tolist(),
-           "weights": weights_NxTxD.tolist()}
-    if shd.is_primary():
-        atomic_write_json(folder / RESULT, doc)
-        rmtree(RunDir(cfg).headroom_proxy_checkpoints(seed))  # the result is the seed's whole output (the proxies are not kept)
-    return doc
-
-
 def proxy_returns(cfg: Config, policies, progress: bool = True, devices=None) -> tuple[np.ndarray, np.ndarray]:
-    """(returns, final balanced SEs) [policy, seed] of the proxies, one resumable run per proxy seed."""
+    """(returns, final balanced SEs) [policy, seed] of the proxies, one resumable run per proxy seed
+    (`proxy_runs.run_seed`, open loop, in `headroom/proxy/seed<k>/`)."""
     space = sweep.sweep_space(cfg)
-    weights_NxTxD = proxy_trajectories(cfg, space, policies)
-    base: list = []  # the base proxy, loaded once and only if a seed has work to do
-
-    def base_params():
-        if not base:
-            base.append(load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy")))
-        return base[0]
-
-    docs = [proxy_seed(cfg, space, policies, weights_NxTxD, s, base_params, progress, devices)
-            for s in cfg.headroom.proxy_seeds]
+    weights_NxTxD = proxy_runs.trajectories(cfg, space, policies)
+    base = proxy_runs.base_loader(cfg)
+    docs = [proxy_runs.run_seed(cfg, space, policies, s, base, RunDir(cfg).headroom_proxy(s),
+                                weights_NxTxD=weights_NxTxD, progress=progress, devices=devices,
+                                desc="headroom proxy") for s in cfg.headroom.proxy_seeds]
     return (np.array([d["returns"] for d in docs], np.float64).T, np.array([d["eval_se"] for d in docs]).T)
 
 

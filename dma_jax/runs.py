@@ -12,6 +12,7 @@ demo, the study and the CLI ask it whether a stage is done (so a second `make de
       agent/seed<K>/...          the same for agent seed K > 0 (agent.seeds)  (dma train-agent --agent-seed K)
       cpt/<policy>/seed<k>/      history.json, records.jsonl, checkpoints/            (dma cpt)
       headroom/                  headroom.{md,json}, proxy/seed<k>/ (target runs: cpt/)  (dma headroom)
+      protocol/                  gate.json, q_vs_share.{json,png}, proxy/{gate,policies}/seed<k>/  (dma study)
       report/                    report.md, mixtures.png, scores.png                  (dma report)
       export/target-<policy>-seed<k>/  orbax/, hf/                                    (dma export target)
       export/schedules/          <policy>-seed<k>.{json,csv}, agent-<stage>-<file>.*  (dma export schedule)
@@ -197,6 +198,25 @@ class RunDir:
 
     def headroom_proxy_checkpoints(self, seed: int) -> AnyPath:
         return self.headroom_proxy(seed) / "checkpoints"
+
+    @property
+    def protocol(self) -> AnyPath:
+        """The study's protocol outputs in its main run (`study.protocol`)."""
+        return self.root / "protocol"
+
+    @property
+    def protocol_gate(self) -> AnyPath:
+        return self.protocol / "gate.json"
+
+    @property
+    def protocol_probe(self) -> AnyPath:
+        """The critics' Q against the target share, per agent seed (`agent.probe`): q_vs_share.json and .png."""
+        return self.protocol / "q_vs_share.json"
+
+    def protocol_proxy(self, kind: str, seed: int) -> AnyPath:
+        """One proxy seed of the study: `gate` (the gate's two open-loop policies) or `policies` (every compared
+        policy, closed loop): result.json (written last), checkpoints/ while running."""
+        return self.protocol / "proxy" / kind / f"seed{seed}"
 
     @property
     def report(self) -> AnyPath:

@@ -12,7 +12,7 @@ import pytest
 
 from dma_jax import evaluation as ev
 from dma_jax import headroom as hr
-from dma_jax import policies
+from dma_jax import policies, proxy_runs
 from dma_jax import sweep as sweep_mod
 from dma_jax.cli import main
 from dma_jax.config import load_config
@@ -169,7 +169,7 @@ def _unscored(cfg):
 def _direct_source_only_return(cfg, seed):
     """The second code path: one proxy trained alone on the source-only mixture (numpy), trajectory id 0, scored
     by the field scores' plain mean (eval.balanced = mean)."""
-    cfg1 = hr.proxy_config(cfg, seed, 1).model_copy(
+    cfg1 = proxy_runs.seed_config(cfg, seed, 1).model_copy(
         update={"sweep": cfg.sweep.model_copy(update={"num_trajectories": 1, "chunk_size": 1})})
     space = sweep_mod.sweep_space(cfg1)
     sizes = space.train_tokens.astype(np.float64)
@@ -213,7 +213,7 @@ def test_proxy_headroom_end_to_end_and_resume(prepared_world, tmp_path, monkeypa
             hr.run_headroom(cfg, progress=False)
     run = RunDir(cfg)
     assert (run.headroom_proxy(0) / "checkpoints" / str(units - 1)).is_dir()
-    assert not (run.headroom_proxy(0) / hr.RESULT).exists()
+    assert not (run.headroom_proxy(0) / proxy_runs.RESULT).exists()
     r = hr.run_headroom(cfg, progress=False)
     assert set(r.sides) == {"proxy"} and r.json_path == run.headroom_json and r.table_path == run.headroom_table
     doc = json.loads(run.headroom_json.read_text())["sides"]["proxy"]
@@ -221,7 +221,7 @@ def test_proxy_headroom_end_to_end_and_resume(prepared_world, tmp_path, monkeypa
     assert doc["policies"] == names and doc["seeds"] == [0, 1] and len(names) == 10
     md = run.headroom_table.read_text()
     assert "## proxy" in md and "selection bias" in md and "**H = " in md
-    results = [run.headroom_proxy(s) / hr.RESULT for s in (0, 1)]
+    results = [run.headroom_proxy(s) / proxy_runs.RESULT for s in (0, 1)]
     per_seed = [json.loads(p.read_text()) for p in results]
     assert not (run.headroom_proxy(0) / "checkpoints").exists()
     w = np.array(per_seed[0]["weights"])

@@ -101,6 +101,10 @@ def test_sub_runs_declare_what_their_stages_read():
                 if p.startswith(("replay", "regmix")) or {"agent-sft", "agent-cql", "sample"} & set(sub.stages):
                     assert "sweep" in has, (sub, p)
         assert {s.name for s in runs if "rescore" in s.stages} == {"main", "wide-sweep"}
+        # the pre-registered protocol is main's: the gate before any agent, the proxies after the CPT runs
+        assert [s.name for s in runs if s.protocol] == ["main"]
+        st = runs[0].stages
+        assert st.index("sweep") < st.index("gate") < st.index("agent-sft") < st.index("cpt") < st.index("proxy-policies")
         assert [s.space for s in runs if s.space != "full"] == ["source-subset"]
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         SubRun("x", "main", "X", (), (), (), ("train",))
@@ -112,7 +116,7 @@ class _FakeRun:
     """A RunDir whose is-done checks answer from a set of names."""
 
     def __init__(self, root, done):
-        self.root, self.cfg, self.done = root, SimpleNamespace(root=root), set(done)
+        self.root, self.cfg, self.done = root, SimpleNamespace(root=root, agent=SimpleNamespace(seeds=(0,))), set(done)
 
     def prepared(self):
         return "prepare" in self.done
@@ -126,10 +130,10 @@ class _FakeRun:
     def swept(self):
         return "sweep" in self.done
 
-    def agent_trained(self, stage):
+    def agent_trained(self, stage, agent_seed=0):
         return f"agent-{stage}" in self.done or f"trained-{stage}" in self.done
 
-    def agent_exported(self, stage):
+    def agent_exported(self, stage, agent_seed=0):
         return f"agent-{stage}" in self.done
 
     def cpt_done(self, policy, seed):
@@ -171,7 +175,7 @@ def test_runner_runs_the_declared_stages_that_are_not_done(tmp_path, monkeypatch
     printed = []
     study_run.run_sub(study_run.SubRunContext(sub, run, main, QUICK, False), echo=printed.append)
     assert calls == [("pretrain", "x", "proxy", False, {}), ("sweep", "x", False, {}),
-                     ("train_agent", "x", "cql", False, {}),  # trained but not exported: train (resumes) + export
+                     ("train_agent", "x", "cql", False, 0, {}),  # trained, not exported: train (resumes) + export
                      ("cpt", "x", "q", 0, False, {"space": None}), ("report", "x", {"title": "study x: X"})]
     assert printed == ["  pretrain ok", "  sweep ok", "  train_agent ok", "  cpt ok", "  report ok"]
     # main's outputs are relative symlinks at the same place, so a moved study folder still works
@@ -248,28 +252,48 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     first = time.perf_counter() - t0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not run yet" not in text.lower()
-    for heading in ("## 1. Sweep and agent", "## 2. Main comparison", "### 2b. Wider sweep", "### 2c. Re-scored",
-                    "(a) code target field",
-                    "(c) larger target",
-                    "## 4. Ablations", "## 5. Proxy fidelity", "## 6. Reading", "paired t 95% CI"):
+    for heading in ("## Pre-registration", "## 1. Sweep and agent", "## 1a. Headroom gate",
+                    "## 2. Main comparison (test seeds)", "### Verdicts", "### Size of the test", "### 2b. Wider sweep",
+                    "### 2c. Re-scored", "(a) code target field", "(c) larger target", "## 4. Ablations",
+                    "## 5. Proxy fidelity", "## 6. Reading", "paired t 95% CI"):
         assert heading in text
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
-                "fidelity/fidelity.png"):
+                "fidelity/fidelity.png", "main/headroom/response.png", "main/protocol/q_vs_share.png"):
         assert (tmp_path / png).is_file() and f"]({png})" in text
-    # The numbers in RESULTS.md, recomputed from the raw history.json and rescore files (not through dma_jax).
-    final = {(d["policy"], d["seed"]): d["balanced"][-1]
-             for d in (json.loads(p.read_text()) for p in tmp_path.glob("main/cpt/*/seed*/history.json"))}
-    for policy in ("fixed-0.3", "agent-sft", "agent-cql"):
-        b = np.array([final[(policy, s)] for s in (0, 1)])
-        assert f" | {b.mean():.4f} ± {b.std(ddof=1):.4f} |\n" in text.split("### 2b.")[0].split(f"| {policy} | 2 |")[1]
-    d = np.array([final[("agent-cql", s)] - final[("fixed-0.3", s)] for s in (0, 1)])
-    # the paired t interval and p-value by scipy; two seeds: every bootstrap resample has probability 1/4 > 2.5%,
-    # so the percentile interval is [min, max]
+    # The pre-registration was frozen, and names the quick plan's seeds.
+    frozen = json.loads((tmp_path / "preregistration.json").read_text())["study"]
+    assert frozen["tuning_seeds"] == [0, 1] and frozen["test_seeds"] == [2, 3] and frozen["agent_seeds"] == [0, 1]
+    # The numbers of section 2, recomputed from the raw history.json and result.json files (not through dma_jax).
+    ret = {}
+    for p in tmp_path.glob("main/cpt/*/seed*/history.json"):
+        d = json.loads(p.read_text())
+        ret[(d["policy"].split("@")[0], d["seed"])] = d["balanced"][-1] - d["balanced"][0]
+    # agent seeds cycle: the second seed of each list (1: tuning, 3: test) used agent seed 1
+    assert {p.name for p in tmp_path.glob("main/cpt/agent-cql@1/seed*")} == {"seed1", "seed3"}
+    assert (tmp_path / "main/agent/seed1/export-cql/agent_spec.json").is_file()
+    probe = json.loads((tmp_path / "main/protocol/q_vs_share.json").read_text())
+    assert set(probe) == {"agent seed 0", "agent seed 1"} and probe["agent seed 0"] != probe["agent seed 1"]
+    assert "- agent seed 1: Q peaks at target share" in text
+    learned = max(("regmix", "replay-best"), key=lambda b: np.mean([ret[(b, s)] for s in (0, 1)]))
+    d = np.array([ret[("agent-cql", s)] - ret[(learned, s)] for s in (2, 3)])
     lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
-    assert (f"- Main (math): agent-cql − fixed-0.3: {d.mean():+.4f} (paired t 95% CI [{lo:+.4f}, {hi:+.4f}], "
-            f"p = {scipy.stats.ttest_1samp(d, 0.0).pvalue:.3g}; bootstrap [{d.min():+.4f}, {d.max():+.4f}]; "
-            f"seeds [0, 1], ahead on {int((d > 0).sum())} of 2)") in text
-    rescored = [json.loads(p.read_text())["balanced"] for p in tmp_path.glob("main/cpt/agent-cql/seed*/rescore-8x4.json")]
+    assert f"target agent-cql − {learned}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}], p = " in text
+    proxy = {}
+    for s in (0, 1, 2, 3):
+        doc = json.loads((tmp_path / f"main/protocol/proxy/policies/seed{s}/result.json").read_text())
+        proxy |= {(n.split("@")[0], s): r for n, r in zip(doc["policies"], doc["returns"])}
+    learned_p = max(("regmix", "replay-best"), key=lambda b: np.mean([proxy[(b, s)] for s in (0, 1)]))
+    d = np.array([proxy[("agent-cql", s)] - proxy[(learned_p, s)] for s in (2, 3)])
+    lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert f"proxies agent-cql − {learned_p}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}], p = " in text
+    # the gate: H on the test seeds of the two policies chosen on the tuning seeds
+    gate = json.loads((tmp_path / "main/protocol/gate.json").read_text())
+    fixed, alt = gate["target"]["policies"]
+    h = np.array([ret[(alt, s)] - ret[(fixed, s)] for s in (2, 3)])
+    assert gate["target"]["H"] == pytest.approx(h.mean(), abs=1e-12)
+    assert gate["target"]["H_se"] == pytest.approx(scipy.stats.sem(h), rel=1e-9)
+    assert ("gate passed" if gate["passed"] else "gate FAILED") in text
+    rescored = [json.loads(p.read_text())["balanced"] for p in tmp_path.glob("main/cpt/agent-cql*/seed[23]/rescore-8x4.json")]
     section = text.split("### 2c.")[1].split("## 3.")[0]
     assert f" | {np.mean(rescored):.4f} ± {np.std(rescored, ddof=1):.4f} |\n" in section.split("| agent-cql | 2 |")[1]
     # 5: Spearman's rho of the proxies' and the target's final balanced scores, by scipy
@@ -288,7 +312,11 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         assert spec["trained_on"]["dataset_sha256"] == ds.meta["data_sha256"]
     assert shares["wide-sweep"] > shares["main"] + 0.05, shares
     # 2c: every main and wide-sweep run was re-scored (each file equal to its run's own re-evaluation: test_cpt.py).
-    assert len(list(tmp_path.glob("main/cpt/*/seed*/rescore-8x4.json"))) == 3 * 2  # 3 policies x 2 seeds
+    # main: its test runs only (2 seeds x the 2 agents, the chosen learned baseline, the gate's two policies, the
+    # best hand schedule and source-only, some of which may coincide)
+    tested = {p.parent.parent.name.split("@")[0] for p in tmp_path.glob("main/cpt/*/seed[23]/history.json")}
+    assert 5 <= len(tested) <= 7 and "agent-cql" in tested
+    assert len(list(tmp_path.glob("main/cpt/*/seed*/rescore-8x4.json"))) == 2 * len(tested)
     assert len(list(tmp_path.glob("wide-sweep/cpt/*/seed*/rescore-8x4.json"))) == 2
     # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
     code = collect(tmp_path / "gen-code" / "cpt")

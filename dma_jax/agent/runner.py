@@ -221,6 +221,20 @@ def _find_checkpoints(path: Path) -> Path:
     raise DmaError(f"{path}: no agent checkpoint here (looked for cql/checkpoints, sft/checkpoints, checkpoints)")
 
 
+def load_trained_critic(out_dir: str | Path) -> tuple[AgentDef, Any, dict]:
+    """(agent, the critic's parameters, the spec) of the latest CQL checkpoint under `out_dir` (`<out_dir>/cql/`)."""
+    ckpt = Checkpointer(upath(out_dir) / "cql" / "checkpoints")
+    if ckpt.latest_step() is None:
+        raise DmaError(f"{upath(out_dir) / 'cql' / 'checkpoints'}: no CQL checkpoint (run `dma train-agent`)")
+    spec = ckpt.read_meta()["spec"]
+    cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
+    agent = AgentDef.build(cfg.model)  # only shapes matter: hyper-parameters do not change the state's layout
+    init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
+    state, _, _ = ckpt.restore(_abstract(init_fn))
+    ckpt.close()
+    return agent, state.critic, spec
+
+
 def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dict:
     """Write the latest actor (CQL if trained, else SFT) as a standalone checkpoint + JSON spec; returns the spec."""
     ckpt = Checkpointer(_find_checkpoints(upath(ckpt_dir_or_out_dir)))

@@ -25,11 +25,12 @@ from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.config.sections import (BALANCED_HOW, BenchmarkInput, CptConfig, DataConfig, DomainInput, EvalConfig, MeshConfig,
                                      ModelConfig, OptimConfig, PretrainConfig, RunConfig, SamplerConfig, Section,
                                      SweepConfig, TokenizerConfig)
+from dma_jax.config.study import StudyConfig
 from dma_jax.errors import DmaError
 
 __all__ = ["BALANCED_HOW", "AgentConfig", "AgentModelConfig", "BenchmarkInput", "Config", "CptConfig", "CqlConfig", "DataConfig",
            "DomainInput", "EvalConfig", "HeadroomConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig",
-           "SamplerConfig", "Section", "SftConfig", "SweepConfig", "TokenizerConfig", "config_from_dict",
+           "SamplerConfig", "Section", "SftConfig", "StudyConfig", "SweepConfig", "TokenizerConfig", "config_from_dict",
            "config_variants", "dump_config", "load_config", "parse_override"]
 
 
@@ -47,6 +48,16 @@ class Config(Section):
     agent: AgentConfig = AgentConfig()
     eval: EvalConfig = EvalConfig()
     headroom: HeadroomConfig = HeadroomConfig()
+    # `dma study`'s pre-registration; left out of the dumped config at its default (run folders, config hashes
+    # and the golden run of every other command stay as they were)
+    study: StudyConfig = StudyConfig()
+
+    @pydantic.model_serializer(mode="wrap")
+    def _drop_default_study(self, handler):
+        out = handler(self)
+        if self.study == StudyConfig():
+            out.pop("study", None)
+        return out
 
     @pydantic.model_validator(mode="after")
     def _check_cross(self) -> Config:

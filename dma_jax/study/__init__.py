@@ -1,7 +1,11 @@
-"""`dma study` (`make study`): a CPU-scale check of the paper's claims (issue 10), written up in RESULTS.md.
+"""`dma study` (`make study`): a CPU-scale check of the paper's claims (issues 10, 18), written up in RESULTS.md.
 
-  main/           (1, 2) pretrain proxy + target, sample + sweep (math), agent SFT then CQL,
-                  CPT under every policy of `cpt.policies` x `cpt.seeds`, report
+  preregistration.json  the `study` section of the config, frozen before the first test-seed run
+  main/           (1, 2) pretrain proxy + target, sample + sweep (math); the headroom gate (`dma headroom` on the
+                  tuning seeds, its two chosen policies on the test seeds: protocol/gate.json); agents (SFT, CQL)
+                  on every seed of `study.agent_seeds`; their critics' Q vs target share (protocol/q_vs_share.*);
+                  CPT of the learned baselines and agents on the tuning seeds, then of the compared policies on
+                  the test seeds; every compared policy on the proxies (protocol/proxy/); report
   wide-sweep/     (2b) a second sweep whose trajectories drift faster toward the target field
                   (`sweep.sampler.drift_rate_range` of the plan), agents trained on it, and the
                   policies that read a sweep, compared with main's other baselines (the same runs)
@@ -17,9 +21,10 @@
   RESULTS.md, study.json (wall time per part, summed over invocations)
 
 Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
-its stages and links), `run` (the runner), `fidelity` (part 5's trajectories and section), `rescore` (2c),
-`stats` (ranks, Spearman, t intervals and tests, bootstraps, Holm, paired differences), `results` (RESULTS.md
-from a `StudyView`).
+its stages and links), `run` (the runner), `protocol` (the pre-registration, the gate, tuning and test runs),
+`fidelity` (part 5's trajectories and section), `rescore` (2c), `stats` (ranks, Spearman, t intervals and
+tests, bootstraps, Holm, paired differences), `verdicts` (the pre-registered sections of RESULTS.md), `results`
+(RESULTS.md from a `StudyView`).
 `--quick` runs `plan.QUICK` on the `tiny` variant.
 """
 

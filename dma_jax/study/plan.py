@@ -16,8 +16,8 @@ from dma_jax.runs import RunDir
 
 # Stages a sub-run can declare, in the order the runner would meet them. "fidelity-trajectories" writes the
 # fidelity sub-run's own trajectories (static mixtures + some of main's) in place of "sample".
-STAGES = ("prepare", "pretrain-proxy", "pretrain-target", "sample", "fidelity-trajectories", "sweep", "agent-sft",
-          "agent-cql", "cpt", "report", "rescore")
+STAGES = ("prepare", "pretrain-proxy", "pretrain-target", "sample", "fidelity-trajectories", "sweep", "gate",
+          "agent-sft", "agent-cql", "critic-probe", "cpt", "proxy-policies", "report", "rescore")
 # Outputs of main/ a sub-run can share: a relative symlink from this folder of its own run to main's.
 LINKS: dict[str, Callable[[RunDir], AnyPath]] = {
     "pretrain-proxy": lambda run: run.pretrain("proxy"),
@@ -60,7 +60,9 @@ FULL = StudyPlan()
 QUICK = StudyPlan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
                   cql_alphas=(0.0,), n_static=3, n_sampled=1, side_seeds=(0,), no_feedback_policies=("agent-cql",),
                   wide_policies=("agent-cql",), rescore_items=8, rescore_windows=4,
-                  overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]",))
+                  overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]", "study.tuning_seeds=[0, 1]",
+                             "study.test_seeds=[2, 3]", "study.proxy_test_seeds=[2, 3]", "study.agent_seeds=[0, 1]",
+                             "study.anchors=[source-only]", "study.gate=report", "headroom.shares=[0.5]"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,8 @@ class SubRun:
     stages: tuple[str, ...]  # of STAGES, run in this order (each skipped when its output is there)
     links: tuple[str, ...] = ()  # of LINKS: main/'s outputs this sub-run reads instead of making its own
     space: str = "full"  # of SPACES
+    # its CPT runs are the protocol's (`protocol.cpt_pairs`: tuning, then test seeds), not policies x seeds
+    protocol: bool = False
 
     def __post_init__(self):
         for what, given, known in (("stage", self.stages, STAGES), ("link", self.links, LINKS),
@@ -92,10 +96,12 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
     rescore = ("rescore",) if plan.rescore_items else ()
     cpt = ("cpt", "report")
     shared = ("pretrain-target", "sweep", "agent")
+    st = cfg.study
     runs = [
-        SubRun("main", "main", "Main comparison", (), tuple(cfg.cpt.policies), seeds,
-               ("prepare", "pretrain-proxy", "pretrain-target", "sample", "sweep", "agent-sft", "agent-cql", *cpt,
-                *rescore)),
+        SubRun("main", "main", "Main comparison (pre-registered)", (f"agent.seeds=[{', '.join(map(str, st.agent_seeds))}]",),
+               (*st.learned_baselines, "agent-sft", "agent-cql", *st.anchors), tuple(st.test_seeds),
+               ("prepare", "pretrain-proxy", "pretrain-target", "sample", "sweep", "gate", "agent-sft", "agent-cql",
+                "critic-probe", "cpt", "proxy-policies", "report", *rescore), protocol=True),
         SubRun("gen-code", "gen", "(a) code target field", ("cpt.target_field=code",), plan.gen_policies, side,
                cpt, shared),
         SubRun("gen-domains", "gen", f"(b) fewer domains: source domains 0, {plan.source_keep_every}, "

@@ -21,7 +21,7 @@ from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory, collect
 from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_jsonl
 from dma_jax.runs import AGENT_STAGES, RunDir
-from dma_jax.study import fidelity, rescore
+from dma_jax.study import fidelity, protocol, rescore, verdicts
 from dma_jax.study.plan import StudyPlan, SubRun
 from dma_jax.study.stats import paired, paired_scores, t_quantile
 
@@ -53,12 +53,21 @@ class StudyView:
 
 # ---------------------------------------------------------------------------------- reading sub-runs
 def sub_status(view: StudyView, sub: SubRun) -> tuple[list[RunHistory], int, int]:
-    """(complete runs of the sub-run's policies x seeds, how many, how many expected)."""
-    want = {(p, s) for p in sub.policies for s in sub.seeds}
+    """(complete runs of the sub-run's policies x seeds, how many, how many expected). The protocol's sub-run:
+    its test runs (`protocol.test_pairs`), each agent under its generic name (`agent-cql`, whatever its seed)."""
+    run = view.dirs[sub.name]
+    if sub.protocol:
+        want = set(protocol.test_pairs(run, run.cfg) or ())
+        if not want:
+            return [], 0, 1
+    else:
+        want = {(p, s) for p in sub.policies for s in sub.seeds}
     try:
-        runs = [r for r in collect(view.dirs[sub.name].cpt) if r.complete and (r.policy, r.seed) in want]
+        runs = [r for r in collect(run.cpt) if r.complete and (r.policy, r.seed) in want]
     except DmaError:
         runs = []
+    if sub.protocol:
+        runs = [dataclasses.replace(r, policy=protocol.generic(r.policy)) for r in runs]
     return runs, len(runs), len(want)
 
 
@@ -141,13 +150,18 @@ def _sweep_agent(view: StudyView) -> list[str]:
     lines += [f"Sweep: {r.size} proxy trajectories; return (final − initial balanced score) min {r.min():+.4f}, "
               f"median {np.median(r):+.4f}, max {r.max():+.4f}, std {r.std():.4f}. "
               f"[Sampled trajectories]({view.rel(main.trajectories.with_suffix('.png'))}).", ""]
-    for stage in AGENT_STAGES:
-        path = main.agent_stage(stage) / "metrics.jsonl"
-        last = read_jsonl(path)[-1] if path.is_file() and read_jsonl(path) else None
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in (last or {}).items()
-                          if isinstance(v, float) and k != "updates_per_s")
-        lines.append(f"- Agent {stage}: " + (f"{last['step']} updates; last metrics: {shown}." if last else
-                                              "not run yet."))
+    for k in main.cfg.agent.seeds:  # CQL's q_data, q_random and cql_gap per agent seed: does the penalty bind?
+        for stage in AGENT_STAGES:
+            path = main.agent_stage(stage, k) / "metrics.jsonl"
+            last = read_jsonl(path)[-1] if path.is_file() and read_jsonl(path) else None
+            shown = ", ".join(f"{name} {v:.4g}" for name, v in (last or {}).items()
+                              if isinstance(v, float) and name != "updates_per_s")
+            lines.append(f"- Agent {stage}, agent seed {k}: " + (f"{last['step']} updates; last metrics: {shown}."
+                                                                 if last else "not run yet."))
+    if main.protocol_probe.is_file():
+        lines += ["", f"The CQL critics' Q against the target share, per step, on the offline states "
+                  f"([plot]({view.rel(main.protocol_probe.with_suffix('.png'))})):", "",
+                  *protocol.probe_lines(read_json_file(main.protocol_probe, ""))]
     return lines + [""]
 
 
@@ -207,12 +221,16 @@ def _rescored(view: StudyView) -> tuple[list[str], list[str]]:
     docs = {}
     for sub in (s for s in view.runs if "rescore" in s.stages):
         tag = "" if sub.name == "main" else " (wide)"
-        for p in sub.policies:
-            for s in sub.seeds:
-                path = rescore.path(view.dirs[sub.name].cpt_run(p, s), items, windows)
-                if not path.is_file():
-                    return lines + ["Not run yet.", ""], []
-                docs[(p + tag, s)] = read_json_file(path, "missing")
+        run = view.dirs[sub.name]
+        pairs = (protocol.test_pairs(run, run.cfg) if sub.protocol else
+                 [(p, s) for p in sub.policies for s in sub.seeds])
+        if not pairs:
+            return lines + ["Not run yet.", ""], []
+        for p, s in pairs:
+            path = rescore.path(run.cpt_run(p, s), items, windows)
+            if not path.is_file():
+                return lines + ["Not run yet.", ""], []
+            docs[(protocol.generic(p) + tag, s)] = read_json_file(path, "missing")
     fields = [*next(iter(docs.values()))["fields"], "balanced"]
     value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
     policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
@@ -307,12 +325,14 @@ def _coverage(view: StudyView, sub: SubRun) -> list[str]:
 
 def write_results(view: StudyView) -> Path:
     """Write RESULTS.md from the sub-runs' files; returns its path."""
-    tf = view.base.cpt.target_field
     main = view.sub("main")
-    body, p_main = _comparison(view, main)
     lines = ["# Study: does the Data Mixing Agent beat the baselines? (CPU scale)", "", *_setup(view),
-             *_sweep_agent(view), "## 2. Main comparison", "", *body]
-    reading = [f"- Main ({tf}): " + (_paired_line(p_main) if p_main else "not run yet.")]
+             *verdicts.preregistration_section(view), *_sweep_agent(view), *verdicts.sections(view)]
+    runs, n, want = sub_status(view, main)
+    if n == want:
+        lines += ["All test runs, final balanced score (mean ± std over seeds):", "", *policy_table(runs), "",
+                  _plots(view, "main"), ""]
+    reading = ["- Main: the verdicts of section 2 (pre-registered rules)."]
     for section in (_wide, _rescored):
         body, more = section(view)
         lines += body
@@ -333,7 +353,8 @@ def write_results(view: StudyView) -> Path:
               f"{t_quantile(0.975, n - 1):.3f} standard errors), so it is wide; " if n > 1 else
               "one seed gives no paired t interval; ")
     lines += ["## 6. Reading", "", *reading, "",
-              "Caveats: the best baseline is picked on the same runs it is compared on (this favours the baseline); "
+              "Caveats (sections 2b-5; section 2 follows the pre-registration): the best baseline is picked on the "
+              "same runs it is compared on (this favours the baseline); "
               f"with {n} seeds {t_note}the percentile bootstrap beside it is too narrow (for 3 seeds its 95% "
               "interval is exactly [min, max] of the paired differences); p-values are not corrected for the number "
               "of comparisons.", ""]

@@ -22,7 +22,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
 from dma_jax.runs import RunDir
-from dma_jax.study import fidelity, rescore
+from dma_jax.study import fidelity, protocol, rescore
 from dma_jax.study.plan import FULL, LINKS, QUICK, StudyPlan, SubRun, sub_runs
 from dma_jax.study.results import StudyView, write_results
 
@@ -54,8 +54,21 @@ class SubRunContext:
         keep = [i for i, d in enumerate(domains) if i in source or d["field"] == self.cfg.cpt.target_field]
         return DomainSpace(full.dir, full.manifest, keep)
 
+    @property
+    def root(self) -> Path:
+        """The study's root folder (every sub-run's `run.out_dir` is `<root>/<sub-run>`)."""
+        return Path(self.run.root).parent
+
     def cpt_runs(self) -> list[tuple[str, int]]:
+        if self.sub.protocol:
+            return protocol.cpt_pairs(self.run, self.cfg)
         return [(p, s) for p in self.sub.policies for s in self.sub.seeds]
+
+    def compared_runs(self) -> list[tuple[str, int]]:
+        """The runs RESULTS.md compares (and 2c re-scores): the protocol's test runs, or every CPT run."""
+        if self.sub.protocol:
+            return protocol.test_pairs(self.run, self.cfg) or []
+        return self.cpt_runs()
 
 
 def _unless(done: Callable[[SubRunContext], bool], run: Callable[[SubRunContext], str]):
@@ -63,14 +76,29 @@ def _unless(done: Callable[[SubRunContext], bool], run: Callable[[SubRunContext]
 
 
 def _cpt(c: SubRunContext) -> list[str]:
-    todo = [(p, s) for p, s in c.cpt_runs() if not c.run.cpt_done(p, s)]
-    space = c.space() if todo else None
-    return [pipeline.cpt(c.cfg, p, s, c.progress, space=space) for p, s in todo]
+    """Every CPT run not done yet; for the protocol's sub-run again until none is left (its test runs are known
+    once its tuning runs are done)."""
+    lines: list[str] = []
+    while todo := [(p, s) for p, s in c.cpt_runs() if not c.run.cpt_done(p, s)]:
+        space = c.space()
+        lines += [pipeline.cpt(c.cfg, p, s, c.progress, space=space) for p, s in todo]
+        if not c.sub.protocol:
+            break
+    return lines
+
+
+def _gate(c: SubRunContext) -> list[str]:
+    """The headroom gate; under `study.gate: enforce` a failed gate stops the study (`protocol.StudyStopped`)."""
+    doc = protocol.run_gate(c.cfg, c.root, c.progress)
+    line = protocol.gate_line(doc)
+    if not doc["passed"] and c.cfg.study.gate == "enforce":
+        raise protocol.StudyStopped(f"study stopped before training agents: {line}")
+    return [line]
 
 
 def _rescore(c: SubRunContext) -> list[str]:
     items, windows = c.plan.rescore_items, c.plan.rescore_windows
-    dirs = [c.run.cpt_run(p, s) for p, s in c.cpt_runs()]
+    dirs = [c.run.cpt_run(p, s) for p, s in c.compared_runs()]
     if all(rescore.path(d, items, windows).is_file() for d in dirs):
         return []
     docs = rescore.rescore_runs(c.cfg, dirs, items, windows, space=c.space())
@@ -78,8 +106,10 @@ def _rescore(c: SubRunContext) -> list[str]:
 
 
 def _agent(stage: str):
-    return _unless(lambda c: c.run.agent_trained(stage) and c.run.agent_exported(stage),
-                   lambda c: pipeline.train_agent(c.cfg, stage, c.progress))
+    def step(c: SubRunContext) -> list[str]:  # every agent seed of the sub-run's config (agent.seeds)
+        return [pipeline.train_agent(c.cfg, stage, c.progress, k) for k in c.cfg.agent.seeds
+                if not (c.run.agent_trained(stage, k) and c.run.agent_exported(stage, k))]
+    return step
 
 
 def _pretrain(which: str):
@@ -98,7 +128,11 @@ STEPS: dict[str, Callable[[SubRunContext], list[str]]] = {
     "sweep": _unless(lambda c: c.run.swept(), lambda c: pipeline.sweep(c.cfg, c.progress)),
     "agent-sft": _agent("sft"),
     "agent-cql": _agent("cql"),
+    "gate": _gate,
+    "critic-probe": _unless(lambda c: c.run.protocol_probe.is_file(), lambda c: protocol.run_probe(c.cfg)),
     "cpt": _cpt,
+    "proxy-policies": _unless(lambda c: protocol.proxies_done(c.cfg),
+                              lambda c: "\n".join(protocol.run_proxy_policies(c.cfg, c.progress))),
     "report": _unless(lambda c: c.run.report_fresh(),
                       lambda c: pipeline.report(c.cfg, title=f"study {c.sub.name}: {c.sub.title}")),
     "rescore": _rescore,
@@ -166,14 +200,20 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
         return StudyView(root, Path(results) if results else root / "RESULTS.md", base, plan, runs, dirs,
                          _timings(runs, seconds), command, config, variant)
 
+    protocol.freeze(root, dirs["main"].cfg, write=False)  # a changed pre-registration is refused up front
     todo = [s for s in runs if only is None or s.name in only]
     for i, sub in enumerate(todo, 1):
         print(f"study: [{i}/{len(todo)}] {sub.name}: {sub.title}", flush=True)
         t0 = time.perf_counter()
-        run_sub(SubRunContext(sub, dirs[sub.name], dirs["main"], plan, progress),
-                echo=lambda line: print(line, flush=True))
-        seconds[sub.name] = seconds.get(sub.name, 0.0) + time.perf_counter() - t0
-        atomic_write_json(timing_path, {"seconds": seconds, "command": command})
+        try:
+            run_sub(SubRunContext(sub, dirs[sub.name], dirs["main"], plan, progress),
+                    echo=lambda line: print(line, flush=True))
+        except protocol.StudyStopped as stop:
+            print(f"study: {stop}", flush=True)
+            return write_results(view())
+        finally:
+            seconds[sub.name] = seconds.get(sub.name, 0.0) + time.perf_counter() - t0
+            atomic_write_json(timing_path, {"seconds": seconds, "command": command})
         write_results(view())
     print("study: wall time per sub-run (summed over invocations): "
           + "; ".join(f"{k} {v:.0f} s" for k, v in _timings(runs, seconds).items())
