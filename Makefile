@@ -25,7 +25,8 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/dma demo
 
-# The study of issue 10 (not in CI; ~2 h on 2 CPU cores; resumable): runs/study/RESULTS.md.
+# The study (issues 10, 18; not in CI, resumable): runs/study/RESULTS.md. The first study took ~2.8 h on 2 CPU
+# cores; the pre-registered v2 protocol has not been timed end to end yet (README: the study).
 study: install
 	$(BIN)/dma study
 
