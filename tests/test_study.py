@@ -319,6 +319,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert len(list(tmp_path.glob("main/cpt/*/seed*/rescore-8x4.json"))) == 2 * len(tested)
     assert len(list(tmp_path.glob("wide-sweep/cpt/*/seed*/rescore-8x4.json"))) == 2
     # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
+    # 3: every generalisation run's mixture concentration, recomputed from the raw history.json files
+    w = [np.array(json.loads(p.read_text())["weights"]) for p in tmp_path.glob("gen-code/cpt/agent-cql/seed*/history.json")]
+    largest = np.mean([x.max(-1) for x in w], 0).max()
+    entropy = np.mean([-(x * np.log(np.where(x > 0, x, 1.0))).sum(-1) for x in w], 0).min()
+    gen_code = text.split("(a) code target field")[1].split("### ")[0]
+    assert f"| agent-cql | {largest:.3f} | {entropy:.3f} |" in gen_code
     code = collect(tmp_path / "gen-code" / "cpt")
     assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
     main_d = len(collect(tmp_path / "main" / "cpt")[0].domain_names)

@@ -138,3 +138,24 @@ def test_results_md_states_the_same_preregistration_as_the_config():
                    f"below {st.min_headroom_se:g} standard errors", f"U < {st.fail_fraction:g} H on the proxies",
                    f"U < {st.cql_fraction:g} H on the target", "anchors " + ", ".join(st.anchors)):
         assert phrase in text, phrase
+
+
+def test_mixture_concentration_and_the_collapse_flag():
+    from types import SimpleNamespace
+
+    from dma_jax.study import mixtures
+
+    spread = np.full((3, 4), 0.25)
+    peaked = np.array([[0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.91, 0.03, 0.03, 0.03]])
+    runs = [SimpleNamespace(policy="fixed-0.3", weights_TxD=spread),
+            SimpleNamespace(policy="agent-cql", weights_TxD=peaked),
+            SimpleNamespace(policy="agent-cql", weights_TxD=spread)]
+    stats = mixtures.per_step(runs)
+    np.testing.assert_allclose(stats["agent-cql"][0], [0.25, 0.475, 0.58])  # mean over the two seeds
+    ent = lambda w: -(w * np.log(w)).sum()  # noqa: E731
+    np.testing.assert_allclose(stats["agent-cql"][1], [(ent(p) + ent(s)) / 2 for p, s in zip(peaked, spread)])
+    assert not any("collapses" in line for line in mixtures.lines(runs))  # 0.58 on average: not collapsed
+    text = "\n".join(mixtures.lines(runs[:2]))
+    assert "| agent-cql | 0.910 | " in text and "**agent-cql collapses onto one domain** (largest weight 0.910 at step 2)" in text
+    runs.append(SimpleNamespace(policy="target-only", weights_TxD=np.tile([0.0, 0.0, 0.0, 1.0], (3, 1))))
+    assert "collapses" not in "\n".join(mixtures.lines(runs[:2] + runs[3:]))  # a baseline collapses too: no flag

@@ -21,7 +21,7 @@ from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory, collect
 from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_jsonl
 from dma_jax.runs import AGENT_STAGES, RunDir
-from dma_jax.study import fidelity, protocol, rescore, verdicts
+from dma_jax.study import fidelity, mixtures, protocol, rescore, verdicts
 from dma_jax.study.plan import StudyPlan, SubRun
 from dma_jax.study.stats import paired, paired_scores, t_quantile
 
@@ -341,7 +341,8 @@ def write_results(view: StudyView) -> Path:
               "The main run's agent, unchanged, against the baselines that need no sweep of the new setting.", ""]
     for sub in (s for s in view.runs if s.part == "gen"):
         body, p = _comparison(view, sub)
-        lines += [f"### {sub.title}", "", *body]
+        runs, n, want = sub_status(view, sub)
+        lines += [f"### {sub.title}", "", *body, *(mixtures.lines(runs) if n == want and n else [])]
         reading.append(f"- Generalisation {sub.title}: " + (_paired_line(p) if p else "not run yet."))
     for section in (_ablations, _fidelity):
         body, more = section(view)
