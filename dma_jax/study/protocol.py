@@ -211,6 +211,14 @@ def test_pairs(run: RunDir, cfg: Config) -> list[tuple[str, int]] | None:
     return [(p, s) for p in test_policies(cfg, gate, learned) for s in seeds] + agent_pairs(cfg, seeds)
 
 
+def compared_pairs(sub, run: RunDir) -> list[tuple[str, int]] | None:
+    """The (policy, seed) runs a sub-run's tables compare and 2c re-scores: the protocol's test runs (None until
+    they are known), or any other sub-run's policies x seeds. One answer for the runner, RESULTS.md and 2c."""
+    if sub.protocol:
+        return test_pairs(run, run.cfg)
+    return [(p, s) for p in sub.policies for s in sub.seeds]
+
+
 def cpt_pairs(run: RunDir, cfg: Config) -> list[tuple[str, int]]:
     """Every CPT run of the main sub-run the protocol knows so far: the tuning runs, then the test runs."""
     return tuning_pairs(cfg) + (test_pairs(run, cfg) or [])

@@ -6,7 +6,7 @@ start with the smaller ones). `rescore_runs` loads each run's last checkpoint (t
 evaluates it, and the base target, on up to `items` items per field and `windows` held-out windows
 per domain; field and balanced scores are computed exactly as CPT computes them
 (`evaluation.normalise`, relative to the base model on the same set). One `rescore-<items>x<windows>.json`
-per run, next to its history.json (`path`), so re-running reads it back.
+per run, next to its history.json (`path`), so re-running reads it back. `section` writes RESULTS.md's 2c from them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file, upath
 from dma_jax.runs import RunDir
+from dma_jax.study import protocol
+from dma_jax.study.stats import paired_scores
+from dma_jax.study.text import AGENT, cell, paired_line
 from dma_jax.train import load_base_params, shared_trainer
 
 
@@ -72,3 +75,52 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
                 atomic_write_json(path(d, items, windows), doc)
             out[str(d)] = doc
     return [out[str(d)] for d in run_dirs]
+
+
+def section(view) -> tuple[list[str], list[str]]:
+    """RESULTS.md's 2c (a `results.StudyView`): the final models of the sub-runs that re-score (main, wide-sweep)
+    on every benchmark item; (lines, reading lines)."""
+    items, windows = view.plan.rescore_items, view.plan.rescore_windows
+    if not items:
+        return [], []
+    ec = view.base.eval
+    lines = [f"### 2c. Re-scored on up to {items} benchmark items per field", "",
+             f"CPT's scores use {ec.benchmark_items_per_field} items per field (a stratified subset, "
+             "`evaluation.select_items`); here "
+             f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
+             f"{windows} held-out windows per domain (`dma_jax/study/rescore.py`). The agents chose their mixtures "
+             "from feedback on the first of these items; the rest they never saw.", ""]
+    docs = {}
+    for sub in (s for s in view.runs if "rescore" in s.stages):
+        tag = "" if sub.name == "main" else " (wide)"
+        run = view.dirs[sub.name]
+        pairs = protocol.compared_pairs(sub, run)
+        if not pairs:
+            return lines + ["Not run yet.", ""], []
+        for p, s in pairs:
+            file = path(run.cpt_run(p, s), items, windows)
+            if not file.is_file():
+                return lines + ["Not run yet.", ""], []
+            docs[(protocol.generic(p) + tag, s)] = read_json_file(file, "missing")
+    fields = [*next(iter(docs.values()))["fields"], "balanced"]
+    value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
+    policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
+                                                                      if q == p]))
+    n_items = next(iter(docs.values()))["items"]
+    lines += [f"Items per field: {', '.join(f'{f} {n}' for f, n in n_items.items())}.", "",
+              "| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
+    for p in policies:
+        rows = [d for (q, _), d in docs.items() if q == p]
+        cells = [np.array([value(d, f) for d in rows]) for f in fields]
+        lines.append(f"| {p} | {len(rows)} | " + " | ".join(
+            cell(c.mean(), c.std(ddof=1) if c.size > 1 else 0.0, c.size) for c in cells) + " |")
+    best = next((p for p in policies if not p.startswith("agent-")), None)
+    balanced = {name: {s: d["balanced"] for (q, s), d in docs.items() if q == name} for name in policies}
+    reading = []
+    for agent in (p for p in policies if p.startswith(AGENT)):
+        p = paired_scores(balanced[agent], balanced[best], agent, best) if best else None
+        if p is None:
+            continue
+        lines += ["", f"Paired by seed: {paired_line(p)}"]
+        reading.append(f"- Re-scored on all items (2c): {paired_line(p)}")
+    return lines + [""], reading

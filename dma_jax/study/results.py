@@ -23,9 +23,9 @@ from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_js
 from dma_jax.runs import AGENT_STAGES, RunDir
 from dma_jax.study import fidelity, mixtures, protocol, rescore, verdicts
 from dma_jax.study.plan import StudyPlan, SubRun
-from dma_jax.study.stats import paired, paired_scores, t_quantile
+from dma_jax.study.stats import paired, t_quantile
+from dma_jax.study.text import AGENT, cell, paired_line, verdict
 
-AGENT = "agent-cql"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +56,14 @@ def sub_status(view: StudyView, sub: SubRun) -> tuple[list[RunHistory], int, int
     """(complete runs of the sub-run's policies x seeds, how many, how many expected). The protocol's sub-run:
     its test runs (`protocol.test_pairs`), each agent under its generic name (`agent-cql`, whatever its seed)."""
     run = view.dirs[sub.name]
-    if sub.protocol:
-        want = set(protocol.test_pairs(run, run.cfg) or ())
-        if not want:
-            return [], 0, 1
-    else:
-        want = {(p, s) for p in sub.policies for s in sub.seeds}
+    want = set(protocol.compared_pairs(sub, run) or ())
+    if not want:
+        return [], 0, 1
     try:
         runs = [r for r in collect(run.cpt) if r.complete and (r.policy, r.seed) in want]
     except DmaError:
         runs = []
-    if sub.protocol:
-        runs = [dataclasses.replace(r, policy=protocol.generic(r.policy)) for r in runs]
+    runs = [dataclasses.replace(r, policy=protocol.generic(r.policy)) for r in runs]
     return runs, len(runs), len(want)
 
 
@@ -79,22 +75,6 @@ def best_baseline(runs) -> str | None:
     return rows[0]["policy"] if rows else None
 
 
-def _verdict(p: dict) -> str:
-    return "ahead" if p["lo"] > 0 else "behind" if p["hi"] < 0 else "not distinguishable from zero"
-
-
-def _paired_line(p: dict | None) -> str:
-    if p is None:
-        return "no paired comparison (no common seeds)."
-    return (f"{p['a']} − {p['b']}: {p['mean']:+.4f} (paired t 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}], "
-            f"p = {p['p']:.3g}; bootstrap [{p['boot_lo']:+.4f}, {p['boot_hi']:+.4f}]; seeds {p['seeds']}, ahead on "
-            f"{p['wins']} of {len(p['seeds'])}): {_verdict(p)}.")
-
-
-def _cell(m: float, s: float, n: int) -> str:
-    return f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
-
-
 def policy_table(runs) -> list[str]:
     from dma_jax.report import summary_table
 
@@ -103,7 +83,7 @@ def policy_table(runs) -> list[str]:
     lines = ["| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
     for row in rows:
         lines.append(f"| {row['policy']} | {row['n']} | "
-                     + " | ".join(_cell(row["mean"][f], row["std"][f], row["n"]) for f in fields) + " |")
+                     + " | ".join(cell(row["mean"][f], row["std"][f], row["n"]) for f in fields) + " |")
     return lines
 
 
@@ -174,7 +154,7 @@ def _comparison(view: StudyView, sub: SubRun) -> tuple[list[str], dict | None]:
     p = paired(runs, AGENT, runs, best) if best and AGENT in sub.policies else None
     lines = policy_table(runs) + [""]
     if p:
-        lines += [f"Paired by seed, final balanced score: {_paired_line(p)}", ""]
+        lines += [f"Paired by seed, final balanced score: {paired_line(p)}", ""]
     return lines + [_plots(view, sub.name), ""], p
 
 
@@ -198,61 +178,12 @@ def _wide(view: StudyView) -> tuple[list[str], list[str]]:
     lines += policy_table(both) + [""]
     reading = []
     if p:
-        lines.append(f"Paired by seed, final balanced score: {_paired_line(p)}")
-        reading.append(f"- Wider sweep (2b): {_paired_line(p)}")
+        lines.append(f"Paired by seed, final balanced score: {paired_line(p)}")
+        reading.append(f"- Wider sweep (2b): {paired_line(p)}")
     if p_main:
-        lines.append(f"Against main's agent (narrow sweep): {_paired_line(p_main)}")
-        reading.append(f"- Wider sweep (2b) vs narrow sweep, same agent recipe: {_paired_line(p_main)}")
+        lines.append(f"Against main's agent (narrow sweep): {paired_line(p_main)}")
+        reading.append(f"- Wider sweep (2b) vs narrow sweep, same agent recipe: {paired_line(p_main)}")
     return lines + ["", _plots(view, sub.name), "", *_coverage(view, sub), ""], reading
-
-
-def _rescored(view: StudyView) -> tuple[list[str], list[str]]:
-    """2c: the final models of the sub-runs that re-score (main, wide-sweep) on every benchmark item."""
-    items, windows = view.plan.rescore_items, view.plan.rescore_windows
-    if not items:
-        return [], []
-    ec = view.base.eval
-    lines = [f"### 2c. Re-scored on up to {items} benchmark items per field", "",
-             f"CPT's scores use {ec.benchmark_items_per_field} items per field (a stratified subset, "
-             "`evaluation.select_items`); here "
-             f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
-             f"{windows} held-out windows per domain (`dma_jax/study/rescore.py`). The agents chose their mixtures "
-             "from feedback on the first of these items; the rest they never saw.", ""]
-    docs = {}
-    for sub in (s for s in view.runs if "rescore" in s.stages):
-        tag = "" if sub.name == "main" else " (wide)"
-        run = view.dirs[sub.name]
-        pairs = (protocol.test_pairs(run, run.cfg) if sub.protocol else
-                 [(p, s) for p in sub.policies for s in sub.seeds])
-        if not pairs:
-            return lines + ["Not run yet.", ""], []
-        for p, s in pairs:
-            path = rescore.path(run.cpt_run(p, s), items, windows)
-            if not path.is_file():
-                return lines + ["Not run yet.", ""], []
-            docs[(protocol.generic(p) + tag, s)] = read_json_file(path, "missing")
-    fields = [*next(iter(docs.values()))["fields"], "balanced"]
-    value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
-    policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
-                                                                      if q == p]))
-    n_items = next(iter(docs.values()))["items"]
-    lines += [f"Items per field: {', '.join(f'{f} {n}' for f, n in n_items.items())}.", "",
-              "| policy | seeds | " + " | ".join(fields) + " |", "|---|---:|" + "---:|" * len(fields)]
-    for p in policies:
-        rows = [d for (q, _), d in docs.items() if q == p]
-        cells = [np.array([value(d, f) for d in rows]) for f in fields]
-        lines.append(f"| {p} | {len(rows)} | " + " | ".join(
-            _cell(c.mean(), c.std(ddof=1) if c.size > 1 else 0.0, c.size) for c in cells) + " |")
-    best = next((p for p in policies if not p.startswith("agent-")), None)
-    balanced = {name: {s: d["balanced"] for (q, s), d in docs.items() if q == name} for name in policies}
-    reading = []
-    for agent in (p for p in policies if p.startswith(AGENT)):
-        p = paired_scores(balanced[agent], balanced[best], agent, best) if best else None
-        if p is None:
-            continue
-        lines += ["", f"Paired by seed: {_paired_line(p)}"]
-        reading.append(f"- Re-scored on all items (2c): {_paired_line(p)}")
-    return lines + [""], reading
 
 
 def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
@@ -279,11 +210,11 @@ def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
             continue
         p = paired(runs, policy, main_runs, AGENT) if n == want and (runs is not main_runs or policy != AGENT) else None
         delta = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else "–"
-        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(row["mean"][f], row["std"][f], row["n"])
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(cell(row["mean"][f], row["std"][f], row["n"])
                                                              for f in (tf, "source", "balanced")) + f" | {delta} |")
         if p:
             reading.append(f"- Ablation {label} vs main {AGENT}: {p['mean']:+.4f} (paired t 95% CI [{p['lo']:+.4f}, "
-                           f"{p['hi']:+.4f}], p = {p['p']:.3g}), {_verdict(p)}.")
+                           f"{p['hi']:+.4f}], p = {p['p']:.3g}), {verdict(p)}.")
     return lines + [""], reading
 
 
@@ -333,7 +264,7 @@ def write_results(view: StudyView) -> Path:
         lines += ["All test runs, final balanced score (mean ± std over seeds):", "", *policy_table(runs), "",
                   _plots(view, "main"), ""]
     reading = ["- Main: the verdicts of section 2 (pre-registered rules)."]
-    for section in (_wide, _rescored):
+    for section in (_wide, rescore.section):
         body, more = section(view)
         lines += body
         reading += more
@@ -343,7 +274,7 @@ def write_results(view: StudyView) -> Path:
         body, p = _comparison(view, sub)
         runs, n, want = sub_status(view, sub)
         lines += [f"### {sub.title}", "", *body, *(mixtures.lines(runs) if n == want and n else [])]
-        reading.append(f"- Generalisation {sub.title}: " + (_paired_line(p) if p else "not run yet."))
+        reading.append(f"- Generalisation {sub.title}: " + (paired_line(p) if p else "not run yet."))
     for section in (_ablations, _fidelity):
         body, more = section(view)
         lines += body

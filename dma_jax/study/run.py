@@ -65,10 +65,8 @@ class SubRunContext:
         return [(p, s) for p in self.sub.policies for s in self.sub.seeds]
 
     def compared_runs(self) -> list[tuple[str, int]]:
-        """The runs RESULTS.md compares (and 2c re-scores): the protocol's test runs, or every CPT run."""
-        if self.sub.protocol:
-            return protocol.test_pairs(self.run, self.cfg) or []
-        return self.cpt_runs()
+        """The runs RESULTS.md compares and 2c re-scores (`protocol.compared_pairs`; none while unknown)."""
+        return protocol.compared_pairs(self.sub, self.run) or []
 
 
 def _unless(done: Callable[[SubRunContext], bool], run: Callable[[SubRunContext], str]):

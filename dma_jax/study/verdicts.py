@@ -17,9 +17,10 @@ from dma_jax.io_utils import read_json_file
 from dma_jax.runs import RunDir
 from dma_jax.study import protocol
 from dma_jax.study.stats import holm, min_detectable_effect, paired_scores, t_interval
+from dma_jax.study.text import AGENT
 
 Scores = Mapping[str, Mapping[int, float]]  # {generic policy: {seed: return}}
-AGENT, SFT = "agent-cql", "agent-sft"
+SFT = "agent-sft"
 
 
 def target_test_scores(run: RunDir, cfg: Config) -> dict[str, dict[int, float]] | None:
