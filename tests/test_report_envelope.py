@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dma_jax import offline_data
-from dma_jax import report as report_mod
+from dma_jax import report_plots as plots_mod
 from dma_jax import trajectories as traj
 from dma_jax.report import write_report
 from tests.test_report import DOMAINS, FINAL, _history, _write
@@ -102,8 +102,8 @@ def test_response_surface_plots_the_sweep(run, monkeypatch):
     w = _sweep(run, 4)
     offline_data.save(_offline(w), run / "sweep" / "offline")
     figures = {}
-    save_png = report_mod._save_png
-    monkeypatch.setattr(report_mod, "_save_png", lambda fig, path: (figures.__setitem__(path.name, fig),
+    save_png = plots_mod._save_png
+    monkeypatch.setattr(plots_mod, "_save_png", lambda fig, path: (figures.__setitem__(path.name, fig),
                                                                     save_png(fig, path)))
     path = write_report(run / "cpt", run / "report", offline_dir=run / "sweep" / "offline")
     assert "![Response surface](response_surface.png)" in path.read_text()
