@@ -136,7 +136,9 @@ def test_results_md_states_the_same_preregistration_as_the_config():
                    f"({span(st.test_seeds)})", f"{len(st.proxy_test_seeds)} proxy seeds ({span(st.proxy_test_seeds)})",
                    f"{len(st.agent_seeds)} agent-training seeds", f"i mod {len(st.agent_seeds)}",
                    f"below {st.min_headroom_se:g} standard errors", f"U < {st.fail_fraction:g} H on the proxies",
-                   f"U < {st.cql_fraction:g} H on the target", "anchors " + ", ".join(st.anchors)):
+                   f"U < {st.cql_fraction:g} H on the target",
+                   "anchors " + ", ".join(st.anchors) if st.anchors else "no anchors on the test seeds",
+                   f"alpha = {load_config(STUDY_CONFIG).agent.cql.alpha:g}"):
         assert phrase in text, phrase
 
 

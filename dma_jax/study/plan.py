@@ -36,7 +36,7 @@ class StudyPlan:
     gen_policies: tuple[str, ...] = ("source-only", "fixed-0.3", "fixed-0.7", "curriculum", "agent-cql")
     large_target: tuple[str, ...] = ("target.d_model=192", "target.n_layers=8", "target.d_ff=512")
     source_keep_every: int = 2  # 3b keeps source domains 0, k, 2k, ... (and every target-field domain)
-    cql_alphas: tuple[float, ...] = (0.0, 3.0)  # besides agent.cql.alpha of the config (main's agent)
+    cql_alphas: tuple[float, ...] = (0.0, 0.3, 3.0)  # besides agent.cql.alpha of the config (main's agent)
     n_static: int = 8  # fidelity: static mixtures, target share evenly spaced in [0, 1]
     n_sampled: int = 4  # fidelity: sweep trajectories at evenly spaced return quantiles
     fidelity_seeds: tuple[int, ...] = (0,)

@@ -93,7 +93,8 @@ def preregistration(cfg: Config, frozen: dict | None) -> list[str]:
             f"the proxies; agents: {a} agent-training seeds {list(st.agent_seeds)}, the i-th seed of a list uses "
             f"agent seed i mod {a}, so intervals hold agent-training variance.",
             f"- Compared on the test seeds: {AGENT}, {SFT}, the chosen learned baseline, the best fixed share, the "
-            f"best clean-or-scheduled policy, the best hand schedule, anchors {', '.join(st.anchors)}.",
+            f"best clean-or-scheduled policy, the best hand schedule"
+            + (f", anchors {', '.join(st.anchors)}." if st.anchors else " (no anchors)."),
             f"- Gate: H (best clean or scheduled − best fixed, chosen on tuning seeds) >= {st.min_headroom_se:g} SE "
             f"on the test seeds of the target and of the proxies, else the study stops (`study.gate: {st.gate}`).",
             f"- Rules: *the method fails at this scale* if {AGENT} − best learned baseline has a 95% upper bound "
