@@ -115,8 +115,8 @@ def test_sub_runs_declare_what_their_stages_read():
 class _FakeRun:
     """A RunDir whose is-done checks answer from a set of names."""
 
-    def __init__(self, root, done):
-        self.root, self.cfg, self.done = root, SimpleNamespace(root=root, agent=SimpleNamespace(seeds=(0,))), set(done)
+    def __init__(self, root, done, agent_seeds=(0,)):
+        self.root, self.cfg, self.done = root, SimpleNamespace(root=root, agent=SimpleNamespace(seeds=agent_seeds)), set(done)
 
     def prepared(self):
         return "prepare" in self.done
@@ -153,8 +153,8 @@ class _FakeRun:
     def agent(self):
         return self.root / "agent"
 
-    def agent_stage(self, stage):
-        return self.agent / stage
+    def agent_stage(self, stage, agent_seed=0):
+        return self.agent / (f"seed{agent_seed}" if agent_seed else "") / stage
 
 
 def test_runner_runs_the_declared_stages_that_are_not_done(tmp_path, monkeypatch):
@@ -182,6 +182,12 @@ def test_runner_runs_the_declared_stages_that_are_not_done(tmp_path, monkeypatch
     assert os.readlink(run.pretrain("target")) == os.path.join("..", "main", "pretrain-target")
     assert os.readlink(run.agent_stage("sft")) == os.path.join("..", "..", "main", "agent", "sft")
     assert run.agent_stage("sft").resolve() == main.agent_stage("sft").resolve()
+    # with several agent seeds, each seed's SFT actor is linked (the CQL of that seed starts from it)
+    main2, run2 = _FakeRun(tmp_path / "main2", (), (0, 2)), _FakeRun(tmp_path / "x2", {"prepare"}, (0, 2))
+    for path in (main2.pretrain("target"), main2.agent_stage("sft"), main2.agent_stage("sft", 2)):
+        path.mkdir(parents=True)
+    study_run.link_shared(study_run.SubRunContext(sub, run2, main2, QUICK, False))
+    assert os.readlink(run2.agent_stage("sft", 2)) == os.path.join("..", "..", "..", "main2", "agent", "seed2", "sft")
     # all done: nothing runs, the links stay
     calls.clear()
     done = _FakeRun(run.root, {"prepare", "pretrain-proxy", "sample", "sweep", "agent-cql", "cpt p 0", "cpt q 0",
@@ -296,6 +302,14 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     rescored = [json.loads(p.read_text())["balanced"] for p in tmp_path.glob("main/cpt/agent-cql*/seed[23]/rescore-8x4.json")]
     section = text.split("### 2c.")[1].split("## 3.")[0]
     assert f" | {np.mean(rescored):.4f} ± {np.std(rescored, ddof=1):.4f} |\n" in section.split("| agent-cql | 2 |")[1]
+    # the two-level bootstrap's point estimate is the re-scored difference of the raw rescore files
+    two = text.split("### Two-level bootstrap (target, re-scored)")[1].split("### ")[0]
+    bal = {}
+    for p in tmp_path.glob("main/cpt/agent-*/seed[23]/rescore-8x4.json"):
+        doc = json.loads(p.read_text())
+        bal[(doc["policy"].split("@")[0], doc["seed"])] = doc["balanced"]
+    got = float(two.split("- agent-cql − agent-sft: two-level bootstrap ")[1].split(" ")[0])
+    assert got == pytest.approx(np.mean([bal[("agent-cql", s)] - bal[("agent-sft", s)] for s in (2, 3)]), abs=2e-4)
     # 5: Spearman's rho of the proxies' and the target's final balanced scores, by scipy
     meta = json.loads((tmp_path / "fidelity" / "sweep" / "offline" / "meta.json").read_text())
     proxy = od.load(tmp_path / "fidelity" / "sweep" / "offline").returns + 1.0
@@ -320,7 +334,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert len(list(tmp_path.glob("wide-sweep/cpt/*/seed*/rescore-8x4.json"))) == 2
     # 3a/3b: the math-trained agent ran on another target field and on fewer domains.
     # 3: every generalisation run's mixture concentration, recomputed from the raw history.json files
-    w = [np.array(json.loads(p.read_text())["weights"]) for p in tmp_path.glob("gen-code/cpt/agent-cql/seed*/history.json")]
+    w = [np.array(json.loads(p.read_text())["weights"]) for p in tmp_path.glob("gen-code/cpt/agent-cql*/seed*/history.json")]
     largest = np.mean([x.max(-1) for x in w], 0).max()
     entropy = np.mean([-(x * np.log(np.where(x > 0, x, 1.0))).sum(-1) for x in w], 0).min()
     gen_code = text.split("(a) code target field")[1].split("### ")[0]
@@ -329,6 +343,16 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
     main_d = len(collect(tmp_path / "main" / "cpt")[0].domain_names)
     assert len(collect(tmp_path / "gen-domains" / "cpt")[0].domain_names) < main_d
+    # side runs pair agent seeds with seeds as main does: the second side seed (1) used agent seed 1 everywhere
+    for sub in ("gen-code", "gen-domains", "gen-large", "no-feedback", "cql-alpha-0"):
+        assert (tmp_path / sub / "cpt" / "agent-cql@1" / "seed1" / "history.json").is_file(), sub
+    assert (tmp_path / "no-feedback/agent/seed1/export-cql/agent_spec.json").is_file()
+    # 4: Δ against main's agent on the same (tuning) seeds, recomputed from the raw history files
+    final = lambda sub, s: json.loads(next((tmp_path / sub / "cpt").glob(f"agent-cql*/seed{s}/history.json"))  # noqa: E731
+                                      .read_text())["balanced"][-1]
+    delta = np.mean([final("no-feedback", s) - final("main", s) for s in (0, 1)])
+    row = next(line for line in text.split("## 4. Ablations")[1].splitlines() if line.startswith("| no feedback"))
+    assert row.split(" | ")[-1].startswith(f"{delta:+.4f} ["), row
     # 4: the no-feedback agent was exported with its mask.
     spec = json.loads((tmp_path / "no-feedback" / "agent" / "export-cql" / "agent_spec.json").read_text())
     assert spec["feature_stats"]["feedback_masked"] is True and spec["model"]["use_feedback"] is False

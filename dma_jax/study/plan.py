@@ -18,13 +18,13 @@ from dma_jax.runs import RunDir
 # fidelity sub-run's own trajectories (static mixtures + some of main's) in place of "sample".
 STAGES = ("prepare", "pretrain-proxy", "pretrain-target", "sample", "fidelity-trajectories", "sweep", "gate",
           "agent-sft", "agent-cql", "critic-probe", "cpt", "proxy-policies", "report", "rescore")
-# Outputs of main/ a sub-run can share: a relative symlink from this folder of its own run to main's.
-LINKS: dict[str, Callable[[RunDir], AnyPath]] = {
-    "pretrain-proxy": lambda run: run.pretrain("proxy"),
-    "pretrain-target": lambda run: run.pretrain("target"),
-    "sweep": lambda run: run.sweep,  # trajectories and offline data
-    "agent": lambda run: run.agent,  # both stages and their exports
-    "agent-sft": lambda run: run.agent_stage("sft"),  # the SFT actor CQL starts from
+# Outputs of main/ a sub-run can share: relative symlinks from these folders of its own run to main's.
+LINKS: dict[str, Callable[[RunDir], list[AnyPath]]] = {
+    "pretrain-proxy": lambda run: [run.pretrain("proxy")],
+    "pretrain-target": lambda run: [run.pretrain("target")],
+    "sweep": lambda run: [run.sweep],  # trajectories and offline data
+    "agent": lambda run: [run.agent],  # both stages and their exports, every agent seed
+    "agent-sft": lambda run: [run.agent_stage("sft", k) for k in run.cfg.agent.seeds],  # the SFT actors CQL starts from
 }
 SPACES = ("full", "source-subset")  # the CPT domain space: the config's, or source domains 0, k, 2k, ... only
 
@@ -49,7 +49,7 @@ class StudyPlan:
     # one item = 0.016 of the balanced score) and more held-out windows (dma_jax/study/rescore.py)
     rescore_items: int | None = 200
     rescore_windows: int = 16
-    side_seeds: tuple[int, ...] | None = None  # seeds of the generalisation and ablation runs (None: cpt.seeds)
+    side_seeds: tuple[int, ...] | None = None  # seeds of every sub-run but main (None: study.tuning_seeds)
     no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
     overrides: tuple[str, ...] = ()
 
@@ -58,7 +58,7 @@ FULL = StudyPlan()
 # The pulse test: every part, as few CPT runs and distinct compiled programs as that allows (each CPT run
 # traces its train step and evaluation anew, seconds each; a new CQL alpha or model size compiles anew).
 QUICK = StudyPlan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
-                  cql_alphas=(0.0,), n_static=3, n_sampled=1, side_seeds=(0,), no_feedback_policies=("agent-cql",),
+                  cql_alphas=(0.0,), n_static=3, n_sampled=1, no_feedback_policies=("agent-cql",),
                   wide_policies=("agent-cql",), rescore_items=8, rescore_windows=4,
                   overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]", "study.tuning_seeds=[0, 1]",
                              "study.test_seeds=[2, 3]", "study.proxy_test_seeds=[2, 3]", "study.agent_seeds=[0, 1]",
@@ -92,22 +92,23 @@ class SubRun:
 def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
     """Every sub-run of the study, in the order they run."""
     alpha = cfg.agent.cql.alpha
-    seeds, side = tuple(cfg.cpt.seeds), tuple(plan.side_seeds or cfg.cpt.seeds)
+    side = tuple(plan.side_seeds or cfg.study.tuning_seeds)  # with main's tuning runs as the ablations' reference
     rescore = ("rescore",) if plan.rescore_items else ()
     cpt = ("cpt", "report")
     shared = ("pretrain-target", "sweep", "agent")
     st = cfg.study
+    agents = f"agent.seeds=[{', '.join(map(str, st.agent_seeds))}]"  # every sub-run: its agents, or main's it reads
     runs = [
-        SubRun("main", "main", "Main comparison (pre-registered)", (f"agent.seeds=[{', '.join(map(str, st.agent_seeds))}]",),
+        SubRun("main", "main", "Main comparison (pre-registered)", (agents,),
                (*st.learned_baselines, "agent-sft", "agent-cql", *st.anchors), tuple(st.test_seeds),
                ("prepare", "pretrain-proxy", "pretrain-target", "sample", "sweep", "gate", "agent-sft", "agent-cql",
                 "critic-probe", "cpt", "proxy-policies", "report", *rescore), protocol=True),
-        SubRun("gen-code", "gen", "(a) code target field", ("cpt.target_field=code",), plan.gen_policies, side,
+        SubRun("gen-code", "gen", "(a) code target field", ("cpt.target_field=code", agents), plan.gen_policies, side,
                cpt, shared),
         SubRun("gen-domains", "gen", f"(b) fewer domains: source domains 0, {plan.source_keep_every}, "
-               f"{2 * plan.source_keep_every}, ... only", (), plan.gen_policies, side, cpt, shared,
+               f"{2 * plan.source_keep_every}, ... only", (agents,), plan.gen_policies, side, cpt, shared,
                space="source-subset"),
-        SubRun("gen-large", "gen", "(c) larger target model", plan.large_target, plan.gen_policies, side,
+        SubRun("gen-large", "gen", "(c) larger target model", (*plan.large_target, agents), plan.gen_policies, side,
                ("pretrain-target", *cpt), ("sweep", "agent")),
     ]
     if plan.wide_drift is not None:
@@ -117,18 +118,18 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
                               f"start share [{s0:g}, {s1:g}]",
                               (f"sweep.sampler.drift_rate_range=[{lo}, {hi}]",
                                f"sweep.sampler.init_target_share_range=[{s0}, {s1}]",
-                               f"cpt.policies=[{', '.join(plan.wide_policies)}]"),
-                              plan.wide_policies, seeds, ("sample", "sweep", "agent-sft", "agent-cql", *cpt, *rescore),
+                               f"cpt.policies=[{', '.join(plan.wide_policies)}]", agents),
+                              plan.wide_policies, side, ("sample", "sweep", "agent-sft", "agent-cql", *cpt, *rescore),
                               ("pretrain-proxy", "pretrain-target")))
     for a in plan.cql_alphas:
         if a != alpha:
-            runs.append(SubRun(f"cql-alpha-{a:g}", "ablation", f"CQL, alpha={a:g}", (f"agent.cql.alpha={a}",),
+            runs.append(SubRun(f"cql-alpha-{a:g}", "ablation", f"CQL, alpha={a:g}", (f"agent.cql.alpha={a}", agents),
                                ("agent-cql",), side, ("agent-cql", *cpt), ("pretrain-target", "sweep", "agent-sft")))
     runs.append(SubRun("no-feedback", "ablation", "no feedback features (mixture history only)",
-                       ("agent.model.use_feedback=false",), plan.no_feedback_policies, side,
+                       ("agent.model.use_feedback=false", agents), plan.no_feedback_policies, side,
                        ("agent-sft", "agent-cql", *cpt), ("pretrain-target", "sweep")))
     n = plan.n_static + plan.n_sampled
-    runs.append(SubRun("fidelity", "fidelity", "Proxy fidelity", (f"sweep.num_trajectories={n}",),
+    runs.append(SubRun("fidelity", "fidelity", "Proxy fidelity", (f"sweep.num_trajectories={n}", agents),
                        tuple(f"replay-{k}" for k in range(n)), plan.fidelity_seeds,
                        ("fidelity-trajectories", "sweep", *cpt), ("pretrain-proxy", "pretrain-target")))
     return runs

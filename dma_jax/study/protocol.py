@@ -211,12 +211,24 @@ def test_pairs(run: RunDir, cfg: Config) -> list[tuple[str, int]] | None:
     return [(p, s) for p in test_policies(cfg, gate, learned) for s in seeds] + agent_pairs(cfg, seeds)
 
 
+def side_pairs(cfg: Config, policies: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int]]:
+    """policies x seeds, an agent (`agent-sft`, `agent-cql`) on the i-th seed being the one of agent seed
+    agent_seeds[i mod A], as on the protocol's seeds: agent-training variance is in the side runs' intervals too."""
+    out = []
+    for p in policies:
+        parsed = agent_policy(p)
+        for s in seeds:
+            out.append((agent_policy_name(parsed[0], agent_seed_for(cfg, seeds, s)), s) if parsed and parsed[1] == 0
+                       else (p, s))
+    return out
+
+
 def compared_pairs(sub, run: RunDir) -> list[tuple[str, int]] | None:
     """The (policy, seed) runs a sub-run's tables compare and 2c re-scores: the protocol's test runs (None until
-    they are known), or any other sub-run's policies x seeds. One answer for the runner, RESULTS.md and 2c."""
+    they are known), or any other sub-run's `side_pairs`. One answer for the runner, RESULTS.md and 2c."""
     if sub.protocol:
         return test_pairs(run, run.cfg)
-    return [(p, s) for p in sub.policies for s in sub.seeds]
+    return side_pairs(run.cfg, sub.policies, sub.seeds)
 
 
 def cpt_pairs(run: RunDir, cfg: Config) -> list[tuple[str, int]]:

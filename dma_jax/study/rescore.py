@@ -6,7 +6,9 @@ start with the smaller ones). `rescore_runs` loads each run's last checkpoint (t
 evaluates it, and the base target, on up to `items` items per field and `windows` held-out windows
 per domain; field and balanced scores are computed exactly as CPT computes them
 (`evaluation.normalise`, relative to the base model on the same set). One `rescore-<items>x<windows>.json`
-per run, next to its history.json (`path`), so re-running reads it back. `section` writes RESULTS.md's 2c from them.
+per run, next to its history.json (`path`), so re-running reads it back; each keeps the final model's per-unit raw
+metrics and the base's field values (`unit_bootstrap`: the two-level bootstrap of the verdicts). `section` writes
+RESULTS.md's 2c from them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file, upath
 from dma_jax.runs import RunDir
-from dma_jax.study import protocol
+from dma_jax.study import protocol, unit_bootstrap
 from dma_jax.study.stats import paired_scores
 from dma_jax.study.text import AGENT, cell, paired_line
 from dma_jax.train import load_base_params, shared_trainer
@@ -40,9 +42,10 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
     ec = cfg.eval.model_copy(update={"benchmark_items_per_field": items, "heldout_windows_per_domain": windows})
     out, todo = {}, []
     for d in run_dirs:
-        if path(d, items, windows).is_file():
-            out[str(d)] = read_json_file(path(d, items, windows), "missing")
-        else:
+        doc = read_json_file(path(d, items, windows), "missing") if path(d, items, windows).is_file() else None
+        if doc is not None and "units" in doc:
+            out[str(d)] = doc
+        else:  # not scored yet, or scored before the per-unit values were kept (for the two-level bootstrap)
             todo.append(d)
     if todo:
         cc = cfg.cpt
@@ -70,11 +73,26 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
             doc = {"policy": hist.policy, "seed": hist.seed, "fields": list(space.fields),
                    "field_scores": dict(zip(space.fields, scores.tolist())),
                    "balanced": float(ev.balanced_score(np.asarray(norm["field_score"]), ec.balanced)),
-                   "items_per_field": items, "heldout_windows_per_domain": windows, "items": n_items}
+                   "items_per_field": items, "heldout_windows_per_domain": windows, "items": n_items,
+                   "units": unit_bootstrap.units_doc(raw), "base": unit_bootstrap.base_doc(base_raw)}
             if shd.is_primary():
                 atomic_write_json(path(d, items, windows), doc)
             out[str(d)] = doc
     return [out[str(d)] for d in run_dirs]
+
+
+def test_docs(run: RunDir, items: int, windows: int) -> dict[str, dict[int, dict]] | None:
+    """{generic policy: {seed: rescore doc}} of the protocol's test runs (target), or None until every one is
+    re-scored with its per-unit values."""
+    pairs = protocol.test_pairs(run, run.cfg)
+    out: dict[str, dict[int, dict]] = {}
+    for p, s in pairs or ():
+        file = path(run.cpt_run(p, s), items, windows)
+        doc = read_json_file(file, "missing") if file.is_file() else None
+        if doc is None or "units" not in doc:
+            return None
+        out.setdefault(protocol.generic(p), {})[s] = doc
+    return out or None
 
 
 def section(view) -> tuple[list[str], list[str]]:

@@ -62,7 +62,7 @@ class SubRunContext:
     def cpt_runs(self) -> list[tuple[str, int]]:
         if self.sub.protocol:
             return protocol.cpt_pairs(self.run, self.cfg)
-        return [(p, s) for p in self.sub.policies for s in self.sub.seeds]
+        return protocol.side_pairs(self.cfg, self.sub.policies, self.sub.seeds)
 
     def compared_runs(self) -> list[tuple[str, int]]:
         """The runs RESULTS.md compares and 2c re-scores (`protocol.compared_pairs`; none while unknown)."""
@@ -150,10 +150,16 @@ def _link(target: AnyPath, link: AnyPath) -> None:
     os.replace(tmp, link)
 
 
+def link_shared(c: SubRunContext) -> None:
+    """Link what the sub-run shares with main/ (`SubRun.links`; several folders for some, e.g. one per agent seed)."""
+    for name in c.sub.links:
+        for target, link in zip(LINKS[name](c.main), LINKS[name](c.run), strict=True):
+            _link(target, link)
+
+
 def run_sub(c: SubRunContext, echo: Callable[[str], None] = print) -> None:
     """Link what the sub-run shares with main/, then run each of its stages that is not done yet."""
-    for name in c.sub.links:
-        _link(LINKS[name](c.main), LINKS[name](c.run))
+    link_shared(c)
     for stage in c.sub.stages:
         for line in STEPS[stage](c):
             echo("  " + line.replace("\n", "\n  "))

@@ -1,0 +1,130 @@
+"""The two-level bootstrap of a paired difference of returns (issue 18.5): seeds, then evaluation units.
+
+A return's noise has two sources: the CPT seed (data order, and through `protocol.agent_seed_for` the agent's
+training seed) and the finite evaluation set (benchmark items, held-out windows). The paired t interval over
+seeds holds the first; this bootstrap holds both. Each replicate draws S seeds with replacement and, for each
+drawn seed, the items of each field and the held-out windows of each domain with replacement (strata: the
+evaluation draws a fixed number per field and per domain); both policies of the pair are scored on the same
+drawn units (they were evaluated on the same set), the field scores recomputed from the drawn units exactly as
+`evaluation.normalise` computes them (pooled bits per byte and held-out loss; the base model's values held
+fixed, as for `field_score_se`), the balanced score taken, and the mean over the drawn seeds of a - b kept.
+
+Read from the re-scored final models (`study.rescore`: their per-unit raw metrics, `units`), so the interval is
+of the re-scored return (more items than the CPT's in-loop feedback), said so wherever it is reported.
+The accuracy term (`eval.acc_weight`, 0 by default) uses each run's full-set chance level (the items' choice
+counts are not stored per unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from dma_jax.config import EvalConfig
+
+UNIT_KEYS = ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field", "window_nll",
+             "window_tokens", "domain_field", "domain_scored", "chance")
+BASE_KEYS = ("answer_bpb", "field_loss", "accuracy", "acc_norm", "chance")
+LN2 = float(np.log(2.0))
+
+
+def units_doc(raw: Mapping) -> dict:
+    """The per-unit entries of `evaluation.evaluate`'s raw output, as JSON lists (what a rescore doc keeps)."""
+    return {k: np.asarray(raw[k]).tolist() for k in UNIT_KEYS}
+
+
+def base_doc(raw: Mapping) -> dict:
+    return {k: np.asarray(raw[k]).tolist() for k in BASE_KEYS}
+
+
+def _stack(docs: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    return {k: np.stack([np.asarray(d[k], np.float64) for d in docs]) for k in UNIT_KEYS}
+
+
+def _balanced(score_xF: np.ndarray, how: str) -> np.ndarray:
+    if how == "mean":
+        return score_xF.mean(-1)
+    if how == "min":
+        return score_xF.min(-1)
+    return score_xF.shape[-1] / (1.0 / np.maximum(score_xF, 1e-6)).sum(-1)  # harmonic (evaluation.balanced_score)
+
+
+class _Draws:
+    """Unit indices of B replicates x S drawn seeds: per field, items; per domain, windows (None: all units)."""
+
+    def __init__(self, u: Mapping[str, np.ndarray], B: int, rng: np.random.Generator | None):
+        S, F = u["item_nll"].shape[0], u["chance"].shape[1]
+        field_I = u["item_field"][0].astype(int)
+        D, E = u["window_nll"].shape[1:]
+        self.seed_BxS = rng.integers(0, S, size=(B, S)) if rng else np.tile(np.arange(S), (B, 1))
+        self.items = []  # per field: [B, S, n_f] item ids
+        for f in range(F):
+            ids = np.flatnonzero(field_I == f)
+            self.items.append(ids[rng.integers(0, ids.size, size=(B, S, ids.size))] if rng
+                              else np.broadcast_to(ids, (B, S, ids.size)))
+        self.windows = (rng.integers(0, E, size=(B, S, D, E)) if rng
+                        else np.broadcast_to(np.arange(E), (B, S, D, E)))
+
+
+def _field_scores(u: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], ec: EvalConfig,
+                  dr: _Draws) -> np.ndarray:
+    """[B, S, F] field scores of one policy's runs under the draws."""
+    s_BxS = dr.seed_BxS
+    F = u["chance"].shape[1]
+    acc_key = "item_correct" if ec.acc_metric == "acc" else "item_correct_norm"
+    bpb, acc = [], []
+    for f in range(F):
+        take = lambda k: u[k][s_BxS[..., None], dr.items[f]]  # noqa: E731,B023
+        bpb.append(take("item_nll").sum(-1) / take("item_bytes").sum(-1) / LN2)
+        acc.append(take(acc_key).mean(-1))
+    bpb_BxSxF, acc_BxSxF = np.stack(bpb, -1), np.stack(acc, -1)
+    D = u["window_nll"].shape[1]
+    d_ix = np.arange(D)[None, None, :, None]
+    s_ix = s_BxS[..., None, None]
+    nll_BxSxD = u["window_nll"][s_ix, d_ix, dr.windows].sum(-1)
+    tok_BxSxD = u["window_tokens"][s_ix, d_ix, dr.windows].sum(-1)
+    member_DxF = (u["domain_field"][0].astype(int)[:, None] == np.arange(F)) * u["domain_scored"][0][:, None]
+    loss_BxSxF = (nll_BxSxD @ member_DxF) / (tok_BxSxD @ member_DxF)
+    chance_BxSxF = u["chance"][s_BxS]
+    centred = lambda a, c: (a - c) / (1.0 - c)  # noqa: E731  (evaluation.centred)
+    acc0_F = np.asarray(base["accuracy" if ec.acc_metric == "acc" else "acc_norm"], np.float64)
+    return (1.0 + ec.bpb_weight * (1.0 - bpb_BxSxF / np.asarray(base["answer_bpb"], np.float64))
+             + ec.loss_weight * (1.0 - loss_BxSxF / np.asarray(base["field_loss"], np.float64))
+             + ec.acc_weight * (centred(acc_BxSxF, chance_BxSxF)
+                                - centred(acc0_F, np.asarray(base["chance"], np.float64))))
+
+
+def _scores(u, base, ec: EvalConfig, dr: _Draws) -> np.ndarray:
+    """[B, S] balanced scores of one policy's runs under the draws."""
+    return _balanced(_field_scores(u, base, ec, dr), ec.balanced)
+
+
+def field_scores(units: Mapping, base: Mapping, ec: EvalConfig = EvalConfig()) -> np.ndarray:
+    """[F] field scores of one run from its units, all of them (no resampling): what `evaluation.normalise`
+    gives (a test checks it)."""
+    u = _stack([units])
+    return _field_scores(u, {k: np.asarray(base[k], np.float64) for k in BASE_KEYS}, ec, _Draws(u, 1, None))[0, 0]
+
+
+def paired(units_a: Sequence[Mapping], units_b: Sequence[Mapping], base: Mapping, ec: EvalConfig = EvalConfig(),
+           n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """a - b: the re-scored balanced scores of two policies on the same S seeds (in order), with the two-level
+    bootstrap: {"n", "mean" (all units, the point estimate), "lo", "hi" (percentile interval), "se" (the
+    replicates' standard deviation)}."""
+    if len(units_a) != len(units_b) or len(units_a) < 2:
+        raise ValueError(f"two-level bootstrap: need the same >= 2 seeds for both policies, got {len(units_a)} "
+                         f"and {len(units_b)}")
+    ua, ub = _stack(units_a), _stack(units_b)
+    base = {k: np.asarray(base[k], np.float64) for k in BASE_KEYS}
+    full = _Draws(ua, 1, None)
+    mean = float((_scores(ua, base, ec, full) - _scores(ub, base, ec, full)).mean())
+    rng = np.random.default_rng(seed)
+    reps, chunk = [], 250
+    for start in range(0, n_boot, chunk):
+        dr = _Draws(ua, min(chunk, n_boot - start), rng)
+        reps.append((_scores(ua, base, ec, dr) - _scores(ub, base, ec, dr)).mean(-1))
+    reps_B = np.concatenate(reps)
+    tail = (1.0 - level) / 2
+    return {"n": len(units_a), "mean": mean, "lo": float(np.quantile(reps_B, tail)),
+            "hi": float(np.quantile(reps_B, 1.0 - tail)), "se": float(reps_B.std(ddof=1))}
