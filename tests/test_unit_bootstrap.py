@@ -35,59 +35,77 @@ def test_field_scores_of_a_real_evaluation(setup):  # noqa: F811
     np.testing.assert_allclose(ub.field_scores(ub.units_doc(raw_a), ub.base_doc(raw_0)), want, rtol=1e-5)
 
 
-def _linear_runs(S, n_items, D, E, seed):
-    """Runs whose scores are linear in unit means: every item 1 byte, every window 10 tokens, one field per
-    domain pair; per seed a shift (seed effect) plus unit noise."""
+def _linear_runs(S, n_items, D, E, seed, unit_effect):
+    """Runs whose scores are linear in unit means: every item 1 byte, every window 10 tokens. Per seed a shift
+    (the seed effect) and fresh unit noise; `unit_effect`: each item's and window's own offset, the same on every
+    seed (the evaluation set is shared, so what an item adds to a - b is shared too)."""
     rng = np.random.default_rng(seed)
     F = len(n_items)
     item_field = np.repeat(np.arange(F), n_items)
     domain_field = np.arange(D) % F
+    item_eff, win_eff = rng.exponential(unit_effect, item_field.size), rng.exponential(unit_effect, (D, E))
     runs = []
     for s in range(S):
         shift = rng.normal() * 0.05
-        runs.append({"item_nll": 1.0 + shift + rng.exponential(0.3, item_field.size),
+        runs.append({"item_nll": 1.0 + shift + item_eff + rng.exponential(0.3, item_field.size),
                      "item_bytes": np.ones(item_field.size), "item_correct": np.zeros(item_field.size),
                      "item_correct_norm": np.zeros(item_field.size), "item_field": item_field,
-                     "window_nll": 10 * (2.0 + shift + rng.exponential(0.2, (D, E))),
+                     "window_nll": 10 * (2.0 + shift + win_eff + rng.exponential(0.2, (D, E))),
                      "window_tokens": np.full((D, E), 10.0), "domain_field": domain_field,
                      "domain_scored": np.ones(D), "chance": np.full(F, 0.25)})
     return runs
 
 
-@pytest.mark.parametrize("S, n_items, D, E", [(6, (20, 12), 4, 5), (3, (9,), 2, 3)])
-def test_bootstrap_sd_is_the_two_stage_variance(S, n_items, D, E):
-    a, b = _linear_runs(S, n_items, D, E, 1), _linear_runs(S, n_items, D, E, 2)
+def _crossed_var(X_SxN):
+    """(seed part is left to the caller) the unit parts of a crossed bootstrap of the mean of X: the unit
+    effects' variance / N + the interaction's / (S N), both ddof 0 (two-way decomposition of X)."""
+    S, N = X_SxN.shape
+    g = X_SxN.mean()
+    col = X_SxN.mean(0) - g
+    inter = X_SxN - X_SxN.mean(1, keepdims=True) - X_SxN.mean(0, keepdims=True) + g
+    return (col**2).mean() / N + (inter**2).mean() / (S * N)
+
+
+@pytest.mark.parametrize("S, n_items, D, E, unit_effect", [(6, (20, 12), 4, 5, 0.4), (3, (9,), 2, 3, 0.0),
+                                                            (8, (15,), 2, 6, 1.0)])
+def test_bootstrap_sd_is_the_crossed_variance(S, n_items, D, E, unit_effect):
+    # A replicate's mean of a - b = the mean over drawn seeds of d_s (seed part: var0(d) / S) + for each stratum
+    # (a field's items, a domain's windows; drawn independently, shared by the seed slots) its weight^2 x
+    # (unit effects' variance / n + interaction's / (S n)); the cross terms vanish (two-way centring).
+    a, b = _linear_runs(S, n_items, D, E, 1, unit_effect), _linear_runs(S, n_items, D, E, 2, 0.0)
     F = len(n_items)
     base = {"answer_bpb": np.full(F, 1.5), "field_loss": np.full(F, 2.2), "accuracy": np.zeros(F),
             "acc_norm": np.zeros(F), "chance": np.full(F, 0.25)}
     cfg = EvalConfig()  # 0.5 bits per byte + 0.5 held-out loss, balanced mean
     c_item = cfg.bpb_weight / (F * math.log(2) * 1.5)  # d score / d mean item nll, per field
-    c_win = cfg.loss_weight / (F * 2.2 * 10.0)  # d score / d window nll (10 tokens each), per pooled mean
-    d_S, v_S = [], []
-    for ra, rb in zip(a, b):
-        di = rb["item_nll"] - ra["item_nll"]  # a - b of -c * nll: b's nll minus a's
-        dw = rb["window_nll"] - ra["window_nll"]
-        d, v = 0.0, 0.0
-        for f in range(F):
-            items = di[ra["item_field"] == f]
-            doms = np.flatnonzero(ra["domain_field"] == f)
-            d += c_item * items.mean() + c_win * dw[doms].mean()
-            v += c_item**2 * items.var() / items.size
-            v += c_win**2 * sum(dw[k].var() for k in doms) / (E * doms.size**2)
-        d_S.append(d)
-        v_S.append(v)
-    d_S = np.array(d_S)
-    sd = math.sqrt((np.mean((d_S - d_S.mean()) ** 2) + np.mean(v_S)) / S)
+    c_win = cfg.loss_weight / (F * 2.2 * 10.0)  # d score / d mean window nll of a field (10 tokens each)
+    di = np.stack([rb["item_nll"] - ra["item_nll"] for ra, rb in zip(a, b)])  # a - b of -c * nll: b's minus a's
+    dw = np.stack([rb["window_nll"] - ra["window_nll"] for ra, rb in zip(a, b)])
+    field_I, field_D = a[0]["item_field"], a[0]["domain_field"]
+    d_S, units = np.zeros(S), 0.0
+    for f in range(F):
+        d_S += c_item * di[:, field_I == f].mean(1)
+        units += c_item**2 * _crossed_var(di[:, field_I == f])
+        doms = np.flatnonzero(field_D == f)
+        for k in doms:
+            d_S += c_win / doms.size * dw[:, k].mean(1)
+            units += (c_win / doms.size) ** 2 * _crossed_var(dw[:, k])
+    sd = math.sqrt(d_S.var() / S + units)
     B = 8000
     out = ub.paired(a, b, base, cfg, n_boot=B, seed=3)
     assert out["mean"] == pytest.approx(d_S.mean(), rel=1e-9)
     assert out["se"] == pytest.approx(sd, rel=4 / math.sqrt(2 * B))
+    if unit_effect >= 1.0:  # the shared unit effects dominate: a seeds-only interval would be far too narrow
+        assert out["se"] > 2 * math.sqrt(d_S.var(ddof=1) / S)
     assert out["lo"] < out["mean"] < out["hi"]
     assert ub.paired(a, b, base, cfg, n_boot=B, seed=3) == out
 
 
 def test_bootstrap_input_errors():
-    a = _linear_runs(2, (4,), 2, 2, 0)
+    a = _linear_runs(2, (4,), 2, 2, 0, 0.1)
     base = {"answer_bpb": [1.0], "field_loss": [1.0], "accuracy": [0.0], "acc_norm": [0.0], "chance": [0.25]}
     with pytest.raises(ValueError, match="two-level bootstrap"):
         ub.paired(a, a[:1], base)
+    other = [dict(r, domain_scored=np.array([1.0, 0.0])) for r in a]
+    with pytest.raises(ValueError, match="different evaluation sets"):
+        ub.paired(a, other, base)

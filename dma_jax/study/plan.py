@@ -93,6 +93,8 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
     """Every sub-run of the study, in the order they run."""
     alpha = cfg.agent.cql.alpha
     side = tuple(plan.side_seeds or cfg.study.tuning_seeds)  # with main's tuning runs as the ablations' reference
+    if side != tuple(cfg.study.tuning_seeds[:len(side)]):  # else seed k would pair with another agent seed in main
+        raise ValueError(f"side_seeds {list(side)}: must be the first tuning seeds {list(cfg.study.tuning_seeds)}")
     rescore = ("rescore",) if plan.rescore_items else ()
     cpt = ("cpt", "report")
     shared = ("pretrain-target", "sweep", "agent")

@@ -35,6 +35,12 @@ def path(run_dir: AnyPath, items: int, windows: int) -> AnyPath:
     return upath(run_dir) / f"rescore-{items}x{windows}.json"
 
 
+def done(run_dir: AnyPath, items: int, windows: int) -> bool:
+    """Whether the run's rescore doc is there with its per-unit values (older docs lack them: scored again)."""
+    file = path(run_dir, items, windows)
+    return file.is_file() and "units" in read_json_file(file, "missing")
+
+
 def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
                  space: DomainSpace | None = None) -> list[dict]:
     """{"policy", "seed", "field_scores" {field: score}, "balanced", "items" {field: n}} per run dir

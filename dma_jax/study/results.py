@@ -68,15 +68,17 @@ def sub_status(view: StudyView, sub: SubRun) -> tuple[list[RunHistory], int, int
 
 
 def main_tuning_runs(view: StudyView) -> tuple[list[RunHistory], bool]:
-    """(main's complete runs on the tuning seeds, generic names; whether all of them are there): the reference of
-    the ablations, whose seeds are the tuning seeds (`cpt.seeds` of configs/study.yaml) with the same agent seeds."""
+    """(main's complete runs on the tuning seeds: the gate's headroom policies, the learned baselines and the
+    agents, generic names; whether the protocol's tuning runs are all there): the reference of the side runs, whose
+    seeds are the tuning seeds with the same agent seeds (`protocol.side_pairs`)."""
     run = view.dirs["main"]
     want = set(protocol.tuning_pairs(run.cfg))
     try:
-        runs = [r for r in collect(run.cpt) if r.complete and (r.policy, r.seed) in want]
+        runs = [r for r in collect(run.cpt) if r.complete and r.seed in run.cfg.study.tuning_seeds]
     except DmaError:
         runs = []
-    return [dataclasses.replace(r, policy=protocol.generic(r.policy)) for r in runs], len(runs) == len(want)
+    done = want <= {(r.policy, r.seed) for r in runs}
+    return [dataclasses.replace(r, policy=protocol.generic(r.policy)) for r in runs], done
 
 
 def best_baseline(runs) -> str | None:
@@ -176,12 +178,12 @@ def _wide(view: StudyView) -> tuple[list[str], list[str]]:
     if sub is None:
         return [], []
     runs, n, want = sub_status(view, sub)
-    main_runs, m, m_want = sub_status(view, view.sub("main"))
+    main_runs, main_done = main_tuning_runs(view)  # the same (tuning) seeds and agent seeds
     lines = ["### 2b. " + sub.title, "",
              "The same comparison with a second sweep (same proxies, seeds and N) whose trajectories drift faster "
              f"toward the {view.base.cpt.target_field} field; the policies that read a sweep (RegMix, replay-best, "
-             "the agents) use it, the other baselines are main's runs.", ""]
-    if n < want or m < m_want:
+             "the agents) use it, the other baselines are main's runs on the same (tuning) seeds.", ""]
+    if n < want or not main_done:
         return lines + _not_run(n, want), []
     both = runs + [r for r in main_runs if r.policy not in sub.policies]
     best = best_baseline(both)
@@ -202,7 +204,6 @@ def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
     from dma_jax.report import summary_table
 
     main_runs, done = main_tuning_runs(view)
-    n = want = 0 if done else 1  # `n == want`: main's reference runs are all there
     alpha = view.base.agent.cql.alpha
     rows = [("SFT only (main, tuning seeds)", main_runs if done else None, "agent-sft"),
             (f"CQL, alpha={alpha:g} (main, tuning seeds)", main_runs if done else None, AGENT)]
@@ -221,7 +222,7 @@ def _ablations(view: StudyView) -> tuple[list[str], list[str]]:
         if row is None:
             lines.append(f"| {label} | – | not run yet | | | |")
             continue
-        p = paired(runs, policy, main_runs, AGENT) if n == want and (runs is not main_runs or policy != AGENT) else None
+        p = paired(runs, policy, main_runs, AGENT) if done and (runs is not main_runs or policy != AGENT) else None
         delta = f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else "–"
         lines.append(f"| {label} | {row['n']} | " + " | ".join(cell(row["mean"][f], row["std"][f], row["n"])
                                                              for f in (tf, "source", "balanced")) + f" | {delta} |")
@@ -293,7 +294,7 @@ def write_results(view: StudyView) -> Path:
         lines += body
         reading += more
     reading += _coverage(view, main)
-    n = len(view.base.cpt.seeds)
+    n = len(view.plan.side_seeds or view.base.study.tuning_seeds)  # the side runs' seeds
     t_note = (f"the paired t 95% CI has {n - 1} degrees of freedom (half-width t_0.975,{n - 1} = "
               f"{t_quantile(0.975, n - 1):.3f} standard errors), so it is wide; " if n > 1 else
               "one seed gives no paired t interval; ")

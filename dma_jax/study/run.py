@@ -97,7 +97,7 @@ def _gate(c: SubRunContext) -> list[str]:
 def _rescore(c: SubRunContext) -> list[str]:
     items, windows = c.plan.rescore_items, c.plan.rescore_windows
     dirs = [c.run.cpt_run(p, s) for p, s in c.compared_runs()]
-    if all(rescore.path(d, items, windows).is_file() for d in dirs):
+    if all(rescore.done(d, items, windows) for d in dirs):
         return []
     docs = rescore.rescore_runs(c.cfg, dirs, items, windows, space=c.space())
     return [f"rescore: {len(docs)} final models on up to {items} items per field and {windows} windows per domain"]

@@ -2,10 +2,11 @@
 
 A return's noise has two sources: the CPT seed (data order, and through `protocol.agent_seed_for` the agent's
 training seed) and the finite evaluation set (benchmark items, held-out windows). The paired t interval over
-seeds holds the first; this bootstrap holds both. Each replicate draws S seeds with replacement and, for each
-drawn seed, the items of each field and the held-out windows of each domain with replacement (strata: the
-evaluation draws a fixed number per field and per domain); both policies of the pair are scored on the same
-drawn units (they were evaluated on the same set), the field scores recomputed from the drawn units exactly as
+seeds holds the first; this bootstrap holds both. Each replicate draws S seeds with replacement, and the items
+of each field and the held-out windows of each domain with replacement (strata: the evaluation draws a fixed
+number per field and per domain). Every run was scored on the same set, so seeds and units are crossed: one
+draw of units per replicate serves all its drawn seeds and both policies of the pair; the field scores are
+recomputed from the drawn units exactly as
 `evaluation.normalise` computes them (pooled bits per byte and held-out loss; the base model's values held
 fixed, as for `field_score_se`), the balanced score taken, and the mean over the drawn seeds of a - b kept.
 
@@ -39,7 +40,11 @@ def base_doc(raw: Mapping) -> dict:
 
 
 def _stack(docs: Sequence[Mapping]) -> dict[str, np.ndarray]:
-    return {k: np.stack([np.asarray(d[k], np.float64) for d in docs]) for k in UNIT_KEYS}
+    out = {k: np.stack([np.asarray(d[k], np.float64) for d in docs]) for k in UNIT_KEYS}
+    for k in ("item_field", "domain_field", "domain_scored"):
+        if not (out[k] == out[k][:1]).all():
+            raise ValueError(f"two-level bootstrap: the runs were scored on different evaluation sets ({k} differs)")
+    return out
 
 
 def _balanced(score_xF: np.ndarray, how: str) -> np.ndarray:
@@ -51,20 +56,23 @@ def _balanced(score_xF: np.ndarray, how: str) -> np.ndarray:
 
 
 class _Draws:
-    """Unit indices of B replicates x S drawn seeds: per field, items; per domain, windows (None: all units)."""
+    """Indices of B replicates: S drawn seeds; per field, items; per domain, windows (rng None: all, in order)."""
 
     def __init__(self, u: Mapping[str, np.ndarray], B: int, rng: np.random.Generator | None):
         S, F = u["item_nll"].shape[0], u["chance"].shape[1]
         field_I = u["item_field"][0].astype(int)
         D, E = u["window_nll"].shape[1:]
         self.seed_BxS = rng.integers(0, S, size=(B, S)) if rng else np.tile(np.arange(S), (B, 1))
-        self.items = []  # per field: [B, S, n_f] item ids
+        # the units are drawn once per replicate and shared by its seed slots: every run was scored on the same
+        # set, so an item's effect is common to all seeds (crossed, not nested; nested draws would average it
+        # away over the S slots and understate the item variance S-fold)
+        self.items = []  # per field: [B, 1, n_f] item ids
         for f in range(F):
             ids = np.flatnonzero(field_I == f)
-            self.items.append(ids[rng.integers(0, ids.size, size=(B, S, ids.size))] if rng
-                              else np.broadcast_to(ids, (B, S, ids.size)))
-        self.windows = (rng.integers(0, E, size=(B, S, D, E)) if rng
-                        else np.broadcast_to(np.arange(E), (B, S, D, E)))
+            self.items.append(ids[rng.integers(0, ids.size, size=(B, 1, ids.size))] if rng
+                              else np.broadcast_to(ids, (B, 1, ids.size)))
+        self.windows = (rng.integers(0, E, size=(B, 1, D, E)) if rng
+                        else np.broadcast_to(np.arange(E), (B, 1, D, E)))
 
 
 def _field_scores(u: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], ec: EvalConfig,
@@ -115,7 +123,8 @@ def paired(units_a: Sequence[Mapping], units_b: Sequence[Mapping], base: Mapping
     if len(units_a) != len(units_b) or len(units_a) < 2:
         raise ValueError(f"two-level bootstrap: need the same >= 2 seeds for both policies, got {len(units_a)} "
                          f"and {len(units_b)}")
-    ua, ub = _stack(units_a), _stack(units_b)
+    both = _stack([*units_a, *units_b])  # one evaluation set for every run (checked)
+    ua, ub = ({k: v[i * len(units_a):(i + 1) * len(units_a)] for k, v in both.items()} for i in (0, 1))
     base = {k: np.asarray(base[k], np.float64) for k in BASE_KEYS}
     full = _Draws(ua, 1, None)
     mean = float((_scores(ua, base, ec, full) - _scores(ub, base, ec, full)).mean())

@@ -181,8 +181,9 @@ def two_level(run: RunDir, plan, target: Scores | None, learned_t: str | None) -
         return lines + ["Not run yet (the test runs' final models are re-scored last).", ""]
     ec = run.cfg.eval
     lines += [f"The same final models re-scored on up to {items} items per field and {windows} held-out windows "
-              "per domain (2c); a replicate draws the seeds, then each drawn seed's items and windows, with "
-              "replacement (2,000 replicates). Mean [95% interval] of the re-scored difference:", ""]
+              "per domain (2c); a replicate draws the seeds, and the items of each field and the windows of each domain "
+              "(once, shared by its seeds: every run was scored on the same set), with replacement (2,000 "
+              "replicates). Mean [95% interval] of the re-scored difference:", ""]
     for a, b in ((AGENT, learned_t), (AGENT, SFT)):
         seeds = sorted(set(docs.get(a, {})) & set(docs.get(b, {})))
         if len(seeds) < 2:
