@@ -114,18 +114,20 @@ def section(view) -> tuple[list[str], list[str]]:
              f"the same final models (and the base target, = 1) are evaluated on up to {items} items per field and "
              f"{windows} held-out windows per domain (`dma_jax/study/rescore.py`). The agents chose their mixtures "
              "from feedback on the first of these items; the rest they never saw.", ""]
-    docs = {}
+    docs, missing = {}, []
     for sub in (s for s in view.runs if "rescore" in s.stages):
         tag = "" if sub.name == "main" else " (wide)"
         run = view.dirs[sub.name]
         pairs = protocol.compared_pairs(sub, run)
-        if not pairs:
-            return lines + ["Not run yet.", ""], []
-        for p, s in pairs:
-            file = path(run.cpt_run(p, s), items, windows)
-            if not file.is_file():
-                return lines + ["Not run yet.", ""], []
-            docs[(protocol.generic(p) + tag, s)] = read_json_file(file, "missing")
+        files = [(p, s, path(run.cpt_run(p, s), items, windows)) for p, s in pairs or ()]
+        if not files or not all(f.is_file() for _, _, f in files):
+            missing.append(sub.name)  # a sub-run's table appears once all its runs are re-scored
+            continue
+        docs |= {(protocol.generic(p) + tag, s): read_json_file(f, "missing") for p, s, f in files}
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+    if not docs:
+        return lines, []
     fields = [*next(iter(docs.values()))["fields"], "balanced"]
     value = lambda d, f: d["balanced"] if f == "balanced" else d["field_scores"][f]  # noqa: E731
     policies = sorted({p for p, _ in docs}, key=lambda p: -np.mean([d["balanced"] for (q, _), d in docs.items()
