@@ -28,8 +28,8 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/dma demo
 
-# The study (issues 10, 18; not in CI, resumable): runs/study/RESULTS.md. The first study took ~2.8 h on 2 CPU
-# cores; the pre-registered v2 protocol has not been timed end to end yet (README: the study).
+# The study (issues 10, 18; not in CI, resumable): runs/study/RESULTS.md. The pre-registered v2 main run took
+# 98.7 min on 2 CPU cores (RESULTS.md); the side runs, each over 4 agent seeds, have not been timed yet.
 study: install
 	$(BIN)/dma study
 
