@@ -1,7 +1,5 @@
-"""The study (issue 10): its statistics against independent computations, the feedback-masked agent,
-`replay-K`, the runner's stage skipping and links, and a pulse run of `dma study --quick` end to end."""
+"""The study (issue 10): the feedback-masked agent, `replay-K`, the runner's stage skipping and links, and a pulse run of `dma study --quick` end to end."""
 
-import itertools
 import json
 import os
 import time
@@ -18,62 +16,7 @@ from dma_jax.agent.model import AgentDef
 from dma_jax.agent.runner import LoadedAgent
 from dma_jax.errors import DmaError
 from dma_jax.policies import SpaceInfo, make_policy
-from dma_jax.study.stats import bootstrap_ci, paired, rankdata, spearman
 from tests.toy_env import ToyEnv
-
-
-# ---------------------------------------------------------------------------------- statistics
-@pytest.mark.parametrize("n, ties", [(5, False), (12, True), (40, True)])
-def test_spearman_and_ranks_match_scipy(n, ties):
-    rng = np.random.default_rng(n)
-    x = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
-    y = x + rng.normal(size=n) if not ties else rng.integers(0, 3, n).astype(float)
-    np.testing.assert_allclose(rankdata(x), scipy.stats.rankdata(x, method="average"))
-    assert spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
-
-
-def test_spearman_edge_cases():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ranking
-    with pytest.raises(ValueError):
-        spearman([1, 2], [1, 2, 3])
-
-
-def test_bootstrap_ci_of_three_values_is_their_range():
-    # 27 equally likely resamples; the all-minimum (all-maximum) one alone has probability 1/27 > 2.5%,
-    # so the exact 2.5% and 97.5% quantiles of the bootstrap distribution are min(x) and max(x).
-    x = np.array([0.3, -0.1, 0.05])
-    means = [np.mean(c) for c in itertools.product(x, repeat=3)]
-    exact = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
-    assert bootstrap_ci(x) == pytest.approx((x.min(), x.max()))
-    assert tuple(exact) == pytest.approx((x.min(), x.max()))
-
-
-def test_bootstrap_ci_matches_scipy_and_is_deterministic():
-    x = np.random.default_rng(1).normal(0.2, 1.0, size=30)
-    lo, hi = bootstrap_ci(x)
-    ref = scipy.stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=20000, method="percentile",
-                                random_state=np.random.default_rng(7)).confidence_interval
-    width = ref.high - ref.low
-    assert abs(lo - ref.low) < 0.05 * width and abs(hi - ref.high) < 0.05 * width
-    assert bootstrap_ci(x) == (lo, hi)
-    assert lo < x.mean() < hi
-    with pytest.raises(ValueError):
-        bootstrap_ci([])
-
-
-def test_paired_pairs_by_seed():
-    # a has seeds 0, 1, 2 and b seeds 1, 2, 3: only 1 and 2 pair. With two differences every resample of size 2
-    # has probability 1/4 > 2.5%, so the 95% percentile interval is [min, max] of the differences.
-    run = lambda policy, seed, final: SimpleNamespace(policy=policy, seed=seed, balanced_T1=np.array([1.0, final]))
-    a = [run("agent-cql", 0, 1.5), run("agent-cql", 1, 1.2), run("agent-cql", 2, 1.1), run("fixed-0.3", 1, 9.0)]
-    b = [run("fixed-0.3", 1, 1.0), run("fixed-0.3", 2, 1.3), run("fixed-0.3", 3, 0.0)]
-    p = paired(a, "agent-cql", b, "fixed-0.3")
-    assert p["seeds"] == [1, 2] and p["diffs"] == pytest.approx([0.2, -0.2])
-    assert p["mean"] == pytest.approx(0.0, abs=1e-12) and p["wins"] == 1
-    assert (p["boot_lo"], p["boot_hi"]) == pytest.approx((-0.2, 0.2))
-    assert paired(a, "agent-cql", b, "source-only") is None
 
 
 # ---------------------------------------------------------------------------------- the runner
