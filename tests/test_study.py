@@ -24,12 +24,20 @@ def test_sub_runs_declare_what_their_stages_read():
     """Every sub-run's stages are known and in pipeline order, and what its stages read is made or linked."""
     from dma_jax.config import load_config
     from dma_jax.study import FULL, QUICK, STUDY_CONFIG, SubRun, sub_runs
-    from dma_jax.study.plan import LINKS, STAGES
+    from dma_jax.study.plan import FOLLOWUP, LINKS, STAGES, followup_run
     from dma_jax.study.run import STEPS
 
     assert set(STEPS) == set(STAGES)
     for plan, variant in ((FULL, None), (QUICK, "tiny")):
-        runs = sub_runs(load_config(STUDY_CONFIG, list(plan.overrides), variant), plan)
+        cfg = load_config(STUDY_CONFIG, list(plan.overrides), variant)
+        runs = sub_runs(cfg, plan)
+        # the follow-up joins once the tuning seeds chose an alpha: another than main's (the quick plan: any)
+        assert followup_run(cfg, plan, None) is None
+        same = followup_run(cfg, plan, {"alpha": cfg.agent.cql.alpha})
+        assert (same is None) == (plan is FULL)
+        runs.append(followup_run(cfg, plan, {"alpha": 0.3}))
+        assert runs[-1].name == FOLLOWUP and "agent.cql.alpha=0.3" in runs[-1].overrides
+        assert runs[-1].seeds == tuple(cfg.study.test_seeds)
         assert runs[0].name == "main" and len({s.name for s in runs}) == len(runs)
         for sub in runs:
             assert list(sub.stages) == sorted(sub.stages, key=STAGES.index), sub
@@ -203,7 +211,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert "not run yet" not in text.lower()
     for heading in ("## Pre-registration", "## 1. Sweep and agent", "## 1a. Headroom gate",
                     "## 2. Main comparison (test seeds)", "### Verdicts", "### Size of the test", "### 2b. Wider sweep",
-                    "### 2c. Re-scored", "(a) code target field", "(c) larger target", "## 4. Ablations",
+                    "### 2c. Re-scored", "### 2d. Follow-up", "(a) code target field", "(c) larger target", "## 4. Ablations",
                     "## 5. Proxy fidelity", "## 6. Reading", "paired t 95% CI"):
         assert heading in text
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
@@ -232,6 +240,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         doc = json.loads((tmp_path / f"main/protocol/proxy/policies/seed{s}/result.json").read_text())
         proxy |= {(n.split("@")[0], s): r for n, r in zip(doc["policies"], doc["returns"])}
     learned_p = max(("regmix", "replay-best"), key=lambda b: np.mean([proxy[(b, s)] for s in (0, 1)]))
+    main_proxy = proxy
     d = np.array([proxy[("agent-cql", s)] - proxy[(learned_p, s)] for s in (2, 3)])
     lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
     assert f"proxies agent-cql − {learned_p}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}], p = " in text
@@ -304,6 +313,30 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     traj = np.load(tmp_path / "fidelity" / "sweep" / "trajectories.npz")["weights_NxTxD"]
     r1 = next(r for r in fid if r.policy == "replay-1")
     np.testing.assert_allclose(r1.weights_TxD, traj[1], atol=1e-6)
+    # 2d: the follow-up's alpha is the best mean tuning return of agent-cql over main's alpha and the ablation's
+    choice = json.loads((tmp_path / "cql-choice.json").read_text())
+    cfg_alpha = choice["main_alpha"]
+    tuned = {cfg_alpha: np.mean([ret[("agent-cql", s)] for s in (0, 1)]),
+             0.0: np.mean([final("cql-alpha-0", s) - json.loads(next((tmp_path / "cql-alpha-0" / "cpt").glob(
+                 f"agent-cql*/seed{s}/history.json")).read_text())["balanced"][0] for s in (0, 1)])}
+    assert choice["alpha"] == max(tuned, key=tuned.get)
+    follow = {}
+    for p in tmp_path.glob("cql-chosen/cpt/agent-cql*/seed*/history.json"):
+        d = json.loads(p.read_text())
+        follow[d["seed"]] = d["balanced"][-1] - d["balanced"][0]
+    assert sorted(follow) == [2, 3] and (tmp_path / "cql-chosen/cpt/agent-cql@1/seed3/history.json").is_file()
+    if choice["alpha"] == cfg_alpha:  # the same recipe and seeds: the same agents and CPT runs as main's
+        for s in (2, 3):
+            assert follow[s] == pytest.approx(ret[("agent-cql", s)], abs=1e-12)
+    d = np.array([follow[s] - ret[(learned, s)] for s in (2, 3)])
+    lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    followup = text.split("### 2d.")[1].split("## 3.")[0]
+    assert f"- target, − {learned}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] (p = " in followup
+    fp = {s: json.loads((tmp_path / f"cql-chosen/protocol/proxy/policies/seed{s}/result.json").read_text())
+          for s in (2, 3)}
+    assert [fp[s]["policies"] for s in (2, 3)] == [["agent-cql", learned_p], ["agent-cql@1", learned_p]]
+    for s in (2, 3):  # the learned baseline re-run beside it: main's numbers (another batch of rows, same data)
+        assert fp[s]["returns"][1] == pytest.approx(main_proxy[(learned_p, s)], abs=1e-4)
     # Resumable: re-running a finished sub-run redoes nothing (no file of it is rewritten) and gives the same tables.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "main").rglob("*") if p.is_file()}
     t0 = time.perf_counter()

@@ -16,13 +16,15 @@
   gen-large/      (3c) ... on a larger target model (pre-trained there)
   cql-alpha-<a>/  (4) CQL retrained from main's SFT actor with penalty weight a
   no-feedback/    (4) SFT + CQL with the feedback features masked (mixture history only)
+  cql-chosen/     (2d, follow-up) once main's tuning runs and the alpha ablations are done: CQL with the alpha
+                  the tuning seeds choose (frozen in cql-choice.json) on main's test seeds, target and proxies
   fidelity/       (5) proxies trained along static mixtures and sampled trajectories, and the target
                   CPT'd along the same ones (policy `replay-K`): do their rankings agree?
   RESULTS.md, study.json (wall time per part, summed over invocations)
 
 Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
 its stages and links), `run` (the runner), `protocol` (the pre-registration, the gate, tuning and test runs),
-`fidelity` (part 5's trajectories and section), `rescore` (2c: the re-scoring and its section), `mixtures` (how
+`fidelity` (part 5's trajectories and section), `followup` (2d: the alpha choice, its proxies and section), `rescore` (2c: the re-scoring and its section), `mixtures` (how
 concentrated each policy's mixtures are), `text` (cells and paired lines), `stats` (ranks, Spearman, t intervals and
 tests, bootstraps, Holm, paired differences), `verdicts` (the pre-registered sections of RESULTS.md), `results`
 (RESULTS.md from a `StudyView`).

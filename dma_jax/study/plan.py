@@ -17,7 +17,7 @@ from dma_jax.runs import RunDir
 # Stages a sub-run can declare, in the order the runner would meet them. "fidelity-trajectories" writes the
 # fidelity sub-run's own trajectories (static mixtures + some of main's) in place of "sample".
 STAGES = ("prepare", "pretrain-proxy", "pretrain-target", "sample", "fidelity-trajectories", "sweep", "gate",
-          "agent-sft", "agent-cql", "critic-probe", "cpt", "proxy-policies", "report", "rescore")
+          "agent-sft", "agent-cql", "critic-probe", "cpt", "proxy-policies", "followup-proxies", "report", "rescore")
 # Outputs of main/ a sub-run can share: relative symlinks from these folders of its own run to main's.
 LINKS: dict[str, Callable[[RunDir], list[AnyPath]]] = {
     "pretrain-proxy": lambda run: [run.pretrain("proxy")],
@@ -26,7 +26,9 @@ LINKS: dict[str, Callable[[RunDir], list[AnyPath]]] = {
     "agent": lambda run: [run.agent],  # both stages and their exports, every agent seed
     "agent-sft": lambda run: [run.agent_stage("sft", k) for k in run.cfg.agent.seeds],  # the SFT actors CQL starts from
 }
-SPACES = ("full", "source-subset")  # the CPT domain space: the config's, or source domains 0, k, 2k, ... only
+SPACES = ("full", "source-subset")
+FOLLOWUP = "cql-chosen"  # the follow-up sub-run: CQL with the alpha the tuning seeds choose (`study.followup`)
+FOLLOWUP_WHEN = ("if-changed", "always", "never")  # the CPT domain space: the config's, or source domains 0, k, 2k, ... only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,9 @@ class StudyPlan:
     # one item = 0.016 of the balanced score) and more held-out windows (dma_jax/study/rescore.py)
     rescore_items: int | None = 200
     rescore_windows: int = 16
+    # the follow-up (study/followup.py): run when the tuning seeds choose another alpha than main's ("if-changed"),
+    # whatever they choose ("always": the pulse test checks the path), or not at all
+    followup: str = "if-changed"
     side_seeds: tuple[int, ...] | None = None  # seeds of every sub-run but main (None: study.tuning_seeds)
     no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
     overrides: tuple[str, ...] = ()
@@ -59,7 +64,7 @@ FULL = StudyPlan()
 # traces its train step and evaluation anew, seconds each; a new CQL alpha or model size compiles anew).
 QUICK = StudyPlan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
                   cql_alphas=(0.0,), n_static=3, n_sampled=1, no_feedback_policies=("agent-cql",),
-                  wide_policies=("agent-cql",), rescore_items=8, rescore_windows=4,
+                  wide_policies=("agent-cql",), rescore_items=8, followup="always", rescore_windows=4,
                   overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]", "study.tuning_seeds=[0, 1]",
                              "study.test_seeds=[2, 3]", "study.proxy_test_seeds=[2, 3]", "study.agent_seeds=[0, 1]",
                              "study.anchors=[source-only]", "study.gate=report", "headroom.shares=[0.5]"))
@@ -135,3 +140,18 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
                        tuple(f"replay-{k}" for k in range(n)), plan.fidelity_seeds,
                        ("fidelity-trajectories", "sweep", *cpt), ("pretrain-proxy", "pretrain-target")))
     return runs
+
+
+def followup_run(cfg: Config, plan: StudyPlan, choice: dict | None) -> SubRun | None:
+    """The follow-up sub-run once the alpha is chosen (`followup.choose`): CQL with it on main's test seeds."""
+    if plan.followup not in FOLLOWUP_WHEN:
+        raise ValueError(f"followup {plan.followup!r}: one of {', '.join(FOLLOWUP_WHEN)}")
+    if choice is None or plan.followup == "never" or (plan.followup == "if-changed"
+                                                      and choice["alpha"] == cfg.agent.cql.alpha):
+        return None
+    st, a = cfg.study, choice["alpha"]
+    agents = f"agent.seeds=[{', '.join(map(str, st.agent_seeds))}]"
+    return SubRun(FOLLOWUP, "followup", f"Follow-up: CQL, alpha={a:g} (chosen on the tuning seeds), on the test "
+                  "seeds", (f"agent.cql.alpha={a}", agents), ("agent-cql",), tuple(st.test_seeds),
+                  ("agent-cql", "critic-probe", "cpt", "followup-proxies", "report"),
+                  ("pretrain-proxy", "pretrain-target", "sweep", "agent-sft"))

@@ -21,7 +21,7 @@ from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory, collect
 from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_jsonl
 from dma_jax.runs import AGENT_STAGES, RunDir
-from dma_jax.study import fidelity, mixtures, protocol, rescore, verdicts
+from dma_jax.study import fidelity, followup, mixtures, protocol, rescore, verdicts
 from dma_jax.study.plan import StudyPlan, SubRun
 from dma_jax.study.stats import paired, t_quantile
 from dma_jax.study.text import AGENT, cell, paired_line, verdict
@@ -278,7 +278,7 @@ def write_results(view: StudyView) -> Path:
         lines += ["All test runs, final balanced score (mean ± std over seeds):", "", *policy_table(runs), "",
                   _plots(view, "main"), ""]
     reading = ["- Main: the verdicts of section 2 (pre-registered rules)."]
-    for section in (_wide, rescore.section):
+    for section in (_wide, rescore.section, followup.section):
         body, more = section(view)
         lines += body
         reading += more

@@ -22,8 +22,8 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
 from dma_jax.runs import RunDir
-from dma_jax.study import fidelity, protocol, rescore
-from dma_jax.study.plan import FULL, LINKS, QUICK, StudyPlan, SubRun, sub_runs
+from dma_jax.study import fidelity, followup, protocol, rescore
+from dma_jax.study.plan import FOLLOWUP, FULL, LINKS, QUICK, StudyPlan, SubRun, followup_run, sub_runs
 from dma_jax.study.results import StudyView, write_results
 
 STUDY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "study.yaml"
@@ -131,6 +131,8 @@ STEPS: dict[str, Callable[[SubRunContext], list[str]]] = {
     "cpt": _cpt,
     "proxy-policies": _unless(lambda c: protocol.proxies_done(c.cfg),
                               lambda c: "\n".join(protocol.run_proxy_policies(c.cfg, c.progress))),
+    "followup-proxies": _unless(lambda c: followup.proxies_done(c.run),
+                                lambda c: "\n".join(followup.run_proxies(c.cfg, c.main, c.progress))),
     "report": _unless(lambda c: c.run.report_fresh(),
                       lambda c: pipeline.report(c.cfg, title=f"study {c.sub.name}: {c.sub.title}")),
     "rescore": _rescore,
@@ -193,10 +195,21 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
                        "(copy it to a bucket afterwards)")
     root = Path(base.run.out_dir)
     runs = tuple(sub_runs(base, plan))
-    unknown = sorted(set(only or ()) - {s.name for s in runs})
+    unknown = sorted(set(only or ()) - {s.name for s in runs} - {FOLLOWUP})
     if unknown:
-        raise DmaError(f"study: no sub-run {unknown[0]!r} (sub-runs: {', '.join(s.name for s in runs)})")
+        raise DmaError(f"study: no sub-run {unknown[0]!r} (sub-runs: {', '.join(s.name for s in runs)}, {FOLLOWUP})")
     dirs = {s.name: RunDir(sub_config(config, overrides, variant, root, s)) for s in runs}
+
+    def with_followup(runs: tuple[SubRun, ...]) -> tuple[SubRun, ...]:
+        """`runs` and, once the tuning seeds have chosen CQL's alpha (`followup.choose`), the follow-up."""
+        if any(s.name == FOLLOWUP for s in runs):
+            return runs
+        sub = followup_run(base, plan, followup.choose(root, dirs, runs))
+        if sub is None:
+            return runs
+        dirs[sub.name] = RunDir(sub_config(config, overrides, variant, root, sub))
+        return (*runs, sub)
+
     timing_path = root / TIMINGS_FILE
     seconds = read_json_file(timing_path, "").get("seconds", {}) if timing_path.is_file() else {}
 
@@ -205,8 +218,9 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
                          _timings(runs, seconds), command, config, variant)
 
     protocol.freeze(root, dirs["main"].cfg, write=False)  # a changed pre-registration is refused up front
+    runs = with_followup(runs)
     todo = [s for s in runs if only is None or s.name in only]
-    for i, sub in enumerate(todo, 1):
+    for i, sub in enumerate(todo, 1):  # the follow-up joins `todo` when the sub-run before it completes its inputs
         print(f"study: [{i}/{len(todo)}] {sub.name}: {sub.title}", flush=True)
         t0 = time.perf_counter()
         try:
@@ -216,9 +230,17 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
             print(f"study: {stop}", flush=True)
             return write_results(view())
         finally:
+            # read again first: another `dma study --only` on the same root may have written its sub-runs' times
+            seconds = read_json_file(timing_path, "").get("seconds", {}) if timing_path.is_file() else {}
             seconds[sub.name] = seconds.get(sub.name, 0.0) + time.perf_counter() - t0
             atomic_write_json(timing_path, {"seconds": seconds, "command": command})
+        runs = with_followup(runs)
+        if runs[-1].name == FOLLOWUP and runs[-1] not in todo and (only is None or FOLLOWUP in only):
+            todo.append(runs[-1])
         write_results(view())
+    if only and FOLLOWUP in only and FOLLOWUP not in dirs:
+        print(f"study: {FOLLOWUP} is not run: it waits for main's tuning runs and every alpha ablation "
+              "(or the tuning seeds choose main's alpha)", flush=True)
     print("study: wall time per sub-run (summed over invocations): "
           + "; ".join(f"{k} {v:.0f} s" for k, v in _timings(runs, seconds).items())
           + f"; total {sum(seconds.values()):.0f} s")
