@@ -19,7 +19,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dma_jax.config import load_config  # noqa: E402
-from dma_jax.sweep import Sweep, sweep_space  # noqa: E402
+from dma_jax.data.domains import DomainSpace  # noqa: E402
+from dma_jax.sweep import Sweep  # noqa: E402
 
 
 def best(fn, reps=3):
@@ -33,7 +34,7 @@ def best(fn, reps=3):
 
 def main(run_dir: str, *overrides: str) -> dict:
     cfg = load_config("configs/demo.yaml", [f"run.out_dir={run_dir}", *overrides])
-    space = sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     sw = Sweep(cfg, space)
     n, D = sw.chunk, space.num_domains
     state = sw.init_chunk(sw.lm.init(0))

@@ -23,13 +23,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from dma_jax import cpt, proxy_runs, sweep
+from dma_jax import cpt, proxy_runs
 from dma_jax import sharding as shd
 from dma_jax.config import Config
 from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_bytes, atomic_write_json, atomic_write_text
 from dma_jax.runs import RunDir
+from dma_jax.data.domains import DomainSpace
 
 FORMAT = "dma-headroom-v1"
 SIDES = ("target", "proxy")
@@ -135,7 +136,7 @@ def target_returns(cfg: Config, policies, progress: bool = True) -> tuple[np.nda
 def proxy_returns(cfg: Config, policies, progress: bool = True, devices=None) -> tuple[np.ndarray, np.ndarray]:
     """(returns, final balanced SEs) [policy, seed] of the proxies, one resumable run per proxy seed
     (`proxy_runs.run_seed`, open loop, in `headroom/proxy/seed<k>/`)."""
-    space = sweep.sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     weights_NxTxD = proxy_runs.trajectories(cfg, space, policies)
     base = proxy_runs.base_loader(cfg)
     docs = [proxy_runs.run_seed(cfg, space, policies, s, base, RunDir(cfg).headroom_proxy(s),

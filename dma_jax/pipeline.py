@@ -39,7 +39,7 @@ def pretrain(cfg: Config, which: str, progress: bool = True) -> str:
 
 
 def sample(cfg: Config) -> str:
-    from dma_jax.sweep import run_sample
+    from dma_jax.sample import run_sample
 
     path = run_sample(cfg)
     return (f"sample: {cfg.sweep.num_trajectories} trajectories x {cfg.sweep.num_stages} re-weighting steps "

@@ -1,4 +1,4 @@
-"""`dma sample` and `dma sweep`: the proxy environment that produces the agent's offline data.
+"""`dma sweep`: the proxy environment that produces the agent's offline data.
 
 N proxies start from the base proxy and each follows its own mixture trajectory
 [T, D]. They are trained at once: the train state carries a leading trajectory
@@ -46,38 +46,12 @@ from dma_jax.io_utils import AnyPath
 from dma_jax.numerics import LossGuard, last_good
 from dma_jax.models.lm import LMDef
 from dma_jax.runs import RunDir
+from dma_jax.sample import run_sample
 from dma_jax.stage_loop import StageLoop
 from dma_jax.tb_log import events
 from dma_jax.train import TrainState, guarded_train_step, load_base_params, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
-
-
-def sweep_space(cfg: Config) -> DomainSpace:
-    return DomainSpace.for_config(cfg).subset(["source", cfg.sweep.target_field])
-
-
-# ------------------------------------------------------------------------------ sample
-
-
-def run_sample(cfg: Config) -> Path:
-    """Sample N trajectories [N, T, D]; write `trajectories.npz`, a PNG of a few and their coverage (PNG, table)."""
-    sc = cfg.sweep
-    space = sweep_space(cfg)
-    weights_NxTxD = trajectories.sample_trajectories(
-        sc.num_trajectories, sc.num_stages, space.fields_of_domain, space.train_tokens.astype(float),
-        sc.target_field, sc.sampler, cfg.run.seed,
-    )
-    run = RunDir(cfg)
-    if not shd.is_primary():  # every process samples the same trajectories; process 0 writes them
-        return run.trajectories
-    run.sweep.mkdir(parents=True, exist_ok=True)
-    trajectories.save(run.trajectories, weights_NxTxD, space.names, space.fields_of_domain, sc.target_field)
-    trajectories.plot_trajectories(weights_NxTxD, space.names, space.fields_of_domain,
-                                   run.trajectories.with_suffix(".png"))
-    trajectories.write_coverage(weights_NxTxD, space.names, space.fields_of_domain, run.coverage_plot,
-                                run.coverage_table)
-    return run.trajectories
 
 
 def load_trajectories(path: Path, space: DomainSpace, cfg: Config) -> np.ndarray:
@@ -264,7 +238,7 @@ class SweepResult:
 def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     sc = cfg.sweep
     run = RunDir(cfg)
-    space = sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     traj_path = run.trajectories
     if not traj_path.is_file():
         log.warning("no %s: sampling trajectories first (dma sample)", traj_path)

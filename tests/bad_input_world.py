@@ -63,7 +63,7 @@ def build_world(root: Path) -> Path:
     from dma_jax.agent.runner import export_agent, run_train_agent
     from dma_jax.models import hf
     from dma_jax.prepare import run_prepare
-    from dma_jax.sweep import run_sample
+    from dma_jax.sample import run_sample
     from tests.toy_env import ToyEnv
 
     cwd = os.getcwd()

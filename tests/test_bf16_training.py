@@ -13,6 +13,7 @@ from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params, load_cpt_params
+from dma_jax.data.domains import DomainSpace
 from tests.paths import DEMO
 
 DTYPES = ("float32", "bfloat16")
@@ -35,7 +36,7 @@ def test_sweep_in_bf16_follows_float32(prepared_world, tmp_path):
         cfg = load_config(DEMO, prepared_world.run_overrides(
             out, "sweep.num_trajectories=4", "sweep.chunk_size=4", f"sweep.num_stages={T}",
             f"sweep.steps_per_stage={S}", f"proxy.compute_dtype={dt}"), variant="tiny")
-        space = sweep_mod.sweep_space(cfg)
+        space = DomainSpace.for_sweep(cfg)
         if w_NxTxD is None:
             w_NxTxD = np.random.default_rng(0).dirichlet(np.ones(space.num_domains), size=(4, T)).astype(np.float32)
         sw = sweep_mod.Sweep(cfg, space, devices=jax.devices()[:4])

@@ -14,7 +14,7 @@ from dma_jax.data.tokenizer import ByteTokenizer
 from dma_jax.errors import DmaError
 from dma_jax.models import attention
 from dma_jax.models.lm import LMDef, segment_positions
-from dma_jax.sweep import sweep_space
+from dma_jax.data.domains import DomainSpace
 from tests.np_lm import forward as np_forward
 from tests.paths import DEMO
 
@@ -114,7 +114,7 @@ def test_evaluate_on_the_demo_eval_set_equals_the_dense_scorer(prepared_world, t
     demo_eval = ("eval.max_len=96", "eval.benchmark_items_per_field=16", "proxy.max_seq_len=128",
                  "target.max_seq_len=128")
     cfg = load_config(DEMO, prepared_world.run_overrides(tmp_path, *demo_eval), variant="tiny")
-    es = ev.EvalSet.for_space(sweep_space(cfg), cfg.eval)
+    es = ev.EvalSet.for_space(DomainSpace.for_sweep(cfg), cfg.eval)
     model = cfg.proxy.model_copy(update={"attention": "xla"})
     lm, lm_dense = LMDef.build(model), LMDef.build(model.model_copy(update={"attention": "cudnn"}))
     params = lm.init(5)

@@ -20,6 +20,7 @@ from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.errors import DmaError
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
+from dma_jax.data.domains import DomainSpace
 from tests.paths import DEMO
 
 NAMES = ("s1", "s2", "s3", "m1", "m2")
@@ -158,7 +159,7 @@ def test_target_side_collects_every_cpt_run(monkeypatch, tmp_path):
 
 def _unscored(cfg):
     """The last domain of each field that has more than one (so the scored policies differ from the plain ones)."""
-    space = sweep_mod.sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     out = []
     for field in space.fields:
         members = [n for n, f in zip(space.names, space.fields_of_domain) if f == field]
@@ -171,7 +172,7 @@ def _direct_source_only_return(cfg, seed):
     by the field scores' plain mean (eval.balanced = mean)."""
     cfg1 = proxy_runs.seed_config(cfg, seed, 1).model_copy(
         update={"sweep": cfg.sweep.model_copy(update={"num_trajectories": 1, "chunk_size": 1})})
-    space = sweep_mod.sweep_space(cfg1)
+    space = DomainSpace.for_sweep(cfg1)
     sizes = space.train_tokens.astype(np.float64)
     w_D = np.where(np.array(space.fields_of_domain) == "source", sizes, 0.0)
     w_D /= w_D.sum()

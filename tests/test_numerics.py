@@ -23,6 +23,7 @@ from dma_jax.cli import main
 from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import read_jsonl
+from dma_jax.data.domains import DomainSpace
 from tests.base_world import World
 from tests.paths import DEMO
 from tests.toy_env import ToyEnv
@@ -188,7 +189,7 @@ def test_sweep_skip_is_per_proxy(prepared_world, tmp_path):
     prepared_world.link_base(tmp_path, ("proxy",))
     cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER,
                              "optim.on_nonfinite=skip"], variant="tiny")
-    sw = sweep_mod.Sweep(cfg, sweep_mod.sweep_space(cfg), jax.devices()[:1])
+    sw = sweep_mod.Sweep(cfg, DomainSpace.for_sweep(cfg), jax.devices()[:1])
     params = load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy"))
     D = sw.space.num_domains
     w_nxD, ids = np.full((4, D), 1.0 / D, np.float32), np.arange(4)

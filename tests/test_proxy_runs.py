@@ -14,6 +14,7 @@ from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.policies import PolicyInput
+from dma_jax.data.domains import DomainSpace
 from tests.paths import DEMO
 
 
@@ -34,7 +35,7 @@ class _Reactive:
 def _setup(prepared_world, tmp_path):
     prepared_world.link_base(tmp_path, ("proxy",))
     cfg = load_config(DEMO, prepared_world.run_overrides(tmp_path, "sweep.num_stages=3"), variant="tiny")
-    return cfg, sweep_mod.sweep_space(cfg), proxy_runs.base_loader(cfg)
+    return cfg, DomainSpace.for_sweep(cfg), proxy_runs.base_loader(cfg)
 
 
 def test_closed_loop_equals_open_loop_for_fixed_mixtures(prepared_world, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dma_jax import offline_data
+from dma_jax import sample as sample_mod
 from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
 from dma_jax.data import device_sampler as ds
@@ -15,6 +16,7 @@ from dma_jax.evaluation import balanced_score
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
 from dma_jax.train import TrainState, train_step
+from dma_jax.data.domains import DomainSpace
 from tests.paths import DEMO
 
 SWEEP = ["sweep.num_trajectories=8", "sweep.num_stages=2", "sweep.steps_per_stage=3"]
@@ -32,15 +34,15 @@ def _link_pretrain(world, out):
 def test_sample_writes_simplex_trajectories_and_a_picture(prepared_world, tmp_path):
     _link_pretrain(prepared_world, tmp_path)
     cfg = _cfg(prepared_world, tmp_path)
-    path = sweep_mod.run_sample(cfg)
+    path = sample_mod.run_sample(cfg)
     with np.load(path, allow_pickle=False) as z:
         w = z["weights_NxTxD"]
         names = list(z["domain_names"])
-    space = sweep_mod.sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     assert names == space.names and w.shape == (8, 2, space.num_domains)
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
     assert (path.with_suffix(".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = sweep_mod.run_sample(cfg)
+    again = sample_mod.run_sample(cfg)
     with np.load(again, allow_pickle=False) as z:
         np.testing.assert_array_equal(z["weights_NxTxD"], w)
 
@@ -50,7 +52,7 @@ def test_vmapped_sharded_sweep_equals_the_plain_loop(prepared_world, tmp_path):
     `device_sampler.draw_stage` draws for it (so the sweep trains on the sampler's batches, masks included)."""
     cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=4", "sweep.num_trajectories=4")
     _link_pretrain(prepared_world, tmp_path)
-    space = sweep_mod.sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     sw = sweep_mod.Sweep(cfg, space)
     assert sw.mesh.shape["traj"] == 4
     rng = np.random.default_rng(0)

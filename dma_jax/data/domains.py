@@ -62,6 +62,11 @@ class DomainSpace:
                            f"data.record_len={cfg.data.record_len} (re-run `dma prepare`)")
         return space
 
+    @classmethod
+    def for_sweep(cls, cfg) -> DomainSpace:
+        """The sweep's space (`dma sample`, `dma sweep`, the proxies): source + `sweep.target_field` domains."""
+        return cls.for_config(cfg).subset(["source", cfg.sweep.target_field])
+
     def subset(self, fields: Sequence[str]) -> DomainSpace:
         """The domains of `fields` only (e.g. source + one target field for a sweep)."""
         unknown = [f for f in fields if f not in self.fields]

@@ -39,10 +39,10 @@ def trajectories_written(run: RunDir) -> bool:
 
 def write_trajectories(cfg: Config, main: RunDir, n_static: int, n_sampled: int) -> str:
     """`n_static` constant mixtures + `n_sampled` of main's sweep trajectories (spread over its returns)."""
-    from dma_jax.sweep import sweep_space
+    from dma_jax.data.domains import DomainSpace
 
     run = RunDir(cfg)
-    space = sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     info = SpaceInfo(tuple(space.names), tuple(space.fields_of_domain), cfg.sweep.target_field,
                      tuple(float(x) for x in space.train_tokens))
     T = cfg.sweep.num_stages

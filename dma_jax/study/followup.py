@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dma_jax import proxy_runs, sweep
+from dma_jax import proxy_runs
 from dma_jax.config import Config
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file, read_jsonl
 from dma_jax.runs import RunDir, agent_policy_name
@@ -26,6 +26,7 @@ from dma_jax.study.plan import FOLLOWUP
 from dma_jax.study.stats import paired_scores, t_interval
 from dma_jax.study.text import AGENT
 from dma_jax.study.verdicts import target_test_scores
+from dma_jax.data.domains import DomainSpace
 
 CHOICE_FILE = "cql-choice.json"  # under the study's root
 FORMAT = "dma-study-cql-choice-v1"
@@ -87,7 +88,7 @@ def proxies_done(run: RunDir) -> bool:
 def run_proxies(cfg: Config, main: RunDir, progress: bool = True) -> list[str]:
     """The follow-up's agent and main's learned baseline on main's proxy test seeds; the lines to print."""
     run, learned = RunDir(cfg), learned_on_proxies(main)
-    space, base = sweep.sweep_space(cfg), proxy_runs.base_loader(cfg)
+    space, base = DomainSpace.for_sweep(cfg), proxy_runs.base_loader(cfg)
     lines = []
     for s in cfg.study.proxy_test_seeds:
         folder = run.protocol_proxy("policies", s)
@@ -165,8 +166,8 @@ def section(view) -> tuple[list[str], list[str]]:
     fail = on_p["hi"] < cfg.study.fail_fraction * h_p
     lines += [f"{name} on main's test seeds (agent seed i mod {len(cfg.study.agent_seeds)} on the i-th seed, as in "
               "main), paired by seed with main's runs (mean [95% paired t CI]):", "",
-              f"- proxies, − {learned_p}: {_ci(on_p)}; {learned_p}'s rows, re-run beside it, differ from main's by at "
-              f"most {drift:.2g}.",
+              f"- proxies, − {learned_p}: {_ci(on_p)}; {learned_p}'s rows, re-run beside it, "
+              + ("equal main's exactly." if drift == 0 else f"differ from main's by at most {drift:.2g}."),
               f"- target, − {learned_t}: {_ci(on_t)}.",
               f"- − main's {AGENT}: proxies {_ci(vs_main_p)}; target {_ci(vs_main_t)}.",
               f"- target, − agent-sft: {_ci(vs_sft)}.",

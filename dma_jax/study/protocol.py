@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dma_jax import pipeline, proxy_runs, sweep
+from dma_jax import pipeline, proxy_runs
 from dma_jax.config import Config
 from dma_jax.errors import DmaError
 from dma_jax.headroom import is_alt, is_fixed, run_headroom
@@ -32,6 +32,7 @@ from dma_jax.history import RunHistory
 from dma_jax.history import load as load_history
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
 from dma_jax.runs import AGENT_STAGES, RunDir, agent_policy, agent_policy_name
+from dma_jax.data.domains import DomainSpace
 
 PREREG_FILE = "preregistration.json"  # under the study's root
 FORMAT = "dma-study-protocol-v1"
@@ -123,7 +124,7 @@ def run_gate(cfg: Config, root: AnyPath, progress: bool = True) -> dict:
                        for s in st.test_seeds], st.min_headroom_se)
     p = tuning["proxy"]
     names = [p["best_fixed"], p["best_alt"]]
-    space = sweep.sweep_space(cfg)
+    space = DomainSpace.for_sweep(cfg)
     weights = proxy_runs.trajectories(cfg, space, names)
     base = proxy_runs.base_loader(cfg)
     docs = [proxy_runs.run_seed(cfg, space, names, s, base, run.protocol_proxy("gate", s), weights_NxTxD=weights,
@@ -254,7 +255,7 @@ def run_proxy_policies(cfg: Config, progress: bool = True) -> list[str]:
     """Every compared policy on the proxies, tuning then test seeds (closed loop); the lines to print."""
     run = RunDir(cfg)
     gate = read_json_file(run.protocol_gate, "")
-    space, base = sweep.sweep_space(cfg), proxy_runs.base_loader(cfg)
+    space, base = DomainSpace.for_sweep(cfg), proxy_runs.base_loader(cfg)
     lines = []
     for seeds in proxy_seed_lists(cfg):
         for s in seeds:
