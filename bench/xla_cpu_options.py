@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (name, XLA_FLAGS added to the environment's, what it tries)
+# (name, XLA_FLAGS added to the environment's, what it tries); a name "model.<field>=<value>" changes the model
+# config instead (no flag)
 VARIANTS = (
     ("baseline", "", "jaxlib's defaults"),
     ("xnn-dot", "--xla_cpu_experimental_xnn_fusion_type=dot", "matmuls through XNNPACK"),
@@ -37,12 +38,15 @@ VARIANTS = (
      "the scheduler that overlaps independent ops"),
     ("vec512", "--xla_cpu_prefer_vector_width=512", "512-bit vectors in generated loops (AVX-512 here)"),
     ("no-eigen-threads", "--xla_cpu_multi_thread_eigen=false", "single-threaded Eigen matmuls"),
+    ("model.attention=cudnn", "", "attention through jax.nn.dot_product_attention (its XLA path on CPU) instead "
+     "of our einsums: other transposes"),
 )
 MODELS = ("demo proxy", "demo target", "large proxy")
 
 
-def child() -> None:
-    """One process, one variant (its XLA_FLAGS already in the environment): one JSON line on stdout."""
+def child(model_override: str) -> None:
+    """One process, one variant (its XLA_FLAGS already in the environment, `model_override` "field=value" or ""):
+    one JSON line on stdout."""
     import jax
     import numpy as np
 
@@ -56,6 +60,9 @@ def child() -> None:
     shapes = {"demo proxy": (cfg.proxy, cfg.sweep.batch_size, cfg.sweep.seq_len),
               "demo target": (cfg.target, cfg.cpt.batch_size, cfg.data.record_len - 1),
               "large proxy": (large, cfg.sweep.batch_size, cfg.sweep.seq_len)}
+    if model_override:
+        field, value = model_override.split("=", 1)
+        shapes = {k: (m.model_copy(update={field: value}), b, n) for k, (m, b, n) in shapes.items()}
     dev = jax.devices()[:1]
     peak = measure.measure_peak(dev[0], 0.5)
     rows = []
@@ -74,11 +81,12 @@ def child() -> None:
     print(json.dumps({"peak_flops_per_s": peak["flops_per_s"], "rows": rows}))
 
 
-def run_variant(flags: str) -> dict:
+def run_variant(name: str, flags: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(x for x in (env.get("XLA_FLAGS", ""), flags) if x)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+    override = name.removeprefix("model.") if name.startswith("model.") else ""
+    done = subprocess.run([sys.executable, __file__, "--child", override], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,10 +97,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median over rounds)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all; baseline always)")
     ap.add_argument("--out", default="bench_xla_cpu.json", help="JSON with every round's raw figures")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        return child()
+    if args.child is not None:
+        return child(args.child)
     only = set(filter(None, args.only.split(",")))
     unknown = only - {v[0] for v in VARIANTS}
     if unknown:
@@ -102,7 +110,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
         for name, flags, _ in order:
-            raw[name].append(run_variant(flags))
+            raw[name].append(run_variant(name, flags))
             print(f"round {r + 1}/{args.rounds} {name}: "
                   + (raw[name][-1].get("error") or ", ".join(f"{x['model']} {x['tokens_per_s']:,.0f} tok/s"
                                                             for x in raw[name][-1]["rows"])), flush=True)
