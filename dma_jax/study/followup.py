@@ -13,12 +13,14 @@ section 2 stay those of the pre-registered run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from dma_jax import proxy_runs
 from dma_jax.config import Config
+from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file, read_jsonl
 from dma_jax.runs import RunDir, agent_policy_name
 from dma_jax.study import protocol
@@ -41,14 +43,19 @@ def choose(root: AnyPath, dirs: Mapping[str, RunDir], runs) -> dict | None:
     """The frozen choice (module docstring): read back once written; written once every input run is done;
     None before."""
     path = root / CHOICE_FILE
-    if path.is_file():
-        return read_json_file(path, "")
     main = dirs["main"]
-    tuning = protocol.tuning_scores(main, main.cfg)
     subs = alpha_runs(runs)
-    if tuning is None or not subs:
+    seeds = list(subs[0].seeds) if subs else []  # the side seeds: a prefix of the tuning seeds, same agent seeds
+    if path.is_file():
+        doc = read_json_file(path, "")
+        if doc.get("format") != FORMAT or doc.get("seeds") != seeds:
+            raise DmaError(f"{path}: made by another plan (format {doc.get('format')!r}, seeds {doc.get('seeds')}; "
+                           f"this plan: {FORMAT!r}, seeds {seeds}); delete it to choose again")
+        return doc
+    # main's proxy runs too: the follow-up's proxies sit beside main's learned baseline chosen on them
+    tuning = protocol.tuning_scores(main, main.cfg)
+    if tuning is None or not subs or not protocol.proxies_done(main.cfg):
         return None
-    seeds = list(subs[0].seeds)  # the side seeds: a prefix of the tuning seeds, the same agent seed on each
     returns = {main.cfg.agent.cql.alpha: [tuning[AGENT][s] for s in seeds]}
     for sub in subs:
         run = dirs[sub.name]
@@ -154,18 +161,28 @@ def section(view) -> tuple[list[str], list[str]]:
         res = read_json_file(run.protocol_proxy("policies", s) / proxy_runs.RESULT, "")
         mine_p[s], theirs_p[s] = float(res["returns"][0]), float(res["returns"][1])
     main_p = protocol.proxy_scores(main, cfg, cfg.study.proxy_test_seeds)
+    if main_p is None or learned_p is None:
+        return lines + ["Main's proxy runs not done yet.", ""], []
     drift = max(abs(theirs_p[s] - main_p[learned_p][s]) for s in theirs_p)
     gate = read_json_file(main.protocol_gate, "")
     h_p, h_t = gate["proxy"]["H"], gate["target"]["H"]
     name = f"{AGENT} (alpha {doc['alpha']:g})"
-    on_p = paired_scores(mine_p, main_p[learned_p], name, learned_p)
+    on_p = paired_scores(mine_p, theirs_p, name, learned_p)  # the baseline re-run in the same proxy batches
     on_t = paired_scores(mine_t, target_main[learned_t], name, learned_t)
     vs_main_t = paired_scores(mine_t, target_main[AGENT], name, f"{AGENT} (alpha {doc['main_alpha']:g})")
     vs_main_p = paired_scores(mine_p, main_p[AGENT], name, f"{AGENT} (alpha {doc['main_alpha']:g})")
     vs_sft = paired_scores(mine_t, target_main["agent-sft"], name, "agent-sft")
-    fail = on_p["hi"] < cfg.study.fail_fraction * h_p
+    def reads(holds: bool | None) -> str:
+        return {True: "would hold", False: "would not hold", None: "is not applicable"}[holds]
+
+    def below(p: dict, bound: float) -> bool | None:  # None: one seed gives no interval
+        return bool(p["hi"] < bound) if math.isfinite(p["hi"]) else None
+
+    fail = below(on_p, cfg.study.fail_fraction * h_p)
+    transfer = (not on_t["lo"] > 0) if math.isfinite(on_p["lo"]) and on_p["lo"] > 0 else None
     lines += [f"{name} on main's test seeds (agent seed i mod {len(cfg.study.agent_seeds)} on the i-th seed, as in "
-              "main), paired by seed with main's runs (mean [95% paired t CI]):", "",
+              f"main), paired by seed (mean [95% paired t CI]); on the proxies against {learned_p} re-run in the "
+              "same batches, on the target against main's runs:", "",
               f"- proxies, − {learned_p}: {_ci(on_p)}; {learned_p}'s rows, re-run beside it, "
               + ("equal main's exactly." if drift == 0 else f"differ from main's by at most {drift:.2g}."),
               f"- target, − {learned_t}: {_ci(on_t)}.",
@@ -173,9 +190,9 @@ def section(view) -> tuple[list[str], list[str]]:
               f"- target, − agent-sft: {_ci(vs_sft)}.",
               f"- The pre-registered rules read on it (not a verdict: a second look): *the method fails at this "
               f"scale* (upper bound on the proxies below {cfg.study.fail_fraction:g} H = "
-              f"{cfg.study.fail_fraction * h_p:+.4f}) {'would hold' if fail else 'would not hold'}; *CQL adds "
-              f"nothing* (upper bound below {cfg.study.cql_fraction:g} H = {cfg.study.cql_fraction * h_t:+.4f}) "
-              f"{'would hold' if vs_sft['hi'] < cfg.study.cql_fraction * h_t else 'would not hold'}.", ""]
+              f"{cfg.study.fail_fraction * h_p:+.4f}) {reads(fail)}; *transfer fails* (ahead on the proxies, not "
+              f"on the target) {reads(transfer)}; *CQL adds nothing* (upper bound below {cfg.study.cql_fraction:g} "
+              f"H = {cfg.study.cql_fraction * h_t:+.4f}) {reads(below(vs_sft, cfg.study.cql_fraction * h_t))}.", ""]
     if run.protocol_probe.is_file():
         lines += [f"Its critics' Q against the target share ([plot]({view.rel(run.protocol_probe.with_suffix('.png'))}),"
                   f" main's alpha: [plot]({view.rel(main.protocol_probe.with_suffix('.png'))})):", "",
