@@ -111,6 +111,7 @@ def main() -> None:
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
         for name, flags, _ in order:
             raw[name].append(run_variant(name, flags))
+            Path(args.out).write_text(json.dumps({"rounds": r + 1, "partial": True, "raw": raw}, indent=1))  # kill-safe
             print(f"round {r + 1}/{args.rounds} {name}: "
                   + (raw[name][-1].get("error") or ", ".join(f"{x['model']} {x['tokens_per_s']:,.0f} tok/s"
                                                             for x in raw[name][-1]["rows"])), flush=True)

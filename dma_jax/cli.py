@@ -275,6 +275,9 @@ def _add_export_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dma_jax.xla_cpu import apply_defaults
+
+    apply_defaults()  # before anything starts a backend (`dma_jax.xla_cpu`)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse fills `overrides` at the first positional (`dma import target ...`), so key=value

@@ -11,6 +11,9 @@ import pytest
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from dma_jax.xla_cpu import apply_defaults  # noqa: E402
+
+apply_defaults()  # the XLA:CPU options `dma` runs with, so in-process tests compute what the CLI computes
 
 import jax  # noqa: E402
 

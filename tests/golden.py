@@ -175,6 +175,9 @@ if __name__ == "__main__":
 
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from dma_jax.xla_cpu import apply_defaults
+
+    apply_defaults()
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")
