@@ -31,7 +31,8 @@ demo: install
 # The study (issues 10, 18; not in CI, resumable): runs/study/RESULTS.md. The pre-registered v2 main run took
 # 98.7 min on 2 CPU cores (RESULTS.md); side runs, each over 4 agent seeds, timed on 2026-12-02: gen-code 8 min,
 # each CQL-alpha / no-feedback ablation 6-7 min, the cql-chosen follow-up 16 min (gen-large, wide-sweep: not yet).
-# RESULTS.md was made with jaxlib's default matmuls: DMA_XLA_CPU_DEFAULTS=0 make study reproduces it bit for bit.
+# RESULTS.md was made with jaxlib's default matmuls (DMA_XLA_CPU_DEFAULTS=0); a re-run matched it bit for bit up
+# to the gate, not the agents (RESULTS.md says what is known).
 study: install
 	$(BIN)/dma study
 
