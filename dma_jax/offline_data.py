@@ -32,7 +32,7 @@ from dma_jax.io_utils import atomic_write_bytes, atomic_write_json, read_json_fi
 
 FORMAT = "dma-offline-v2"
 SIMPLEX_TOL = 1e-4
-_ARRAYS = ("actions", "feedback", "rewards", "returns", "field_score_se")
+ARRAYS = ("actions", "feedback", "rewards", "returns", "field_score_se")
 _LIST_KEYS = ("domain_names", "domain_fields", "fields", "feedback_names", "domain_loss_index", "field_score_index")
 
 
@@ -104,7 +104,7 @@ def _check_meta(meta: dict, where: str) -> None:
 def validate(ds: OfflineDataset, where: str = "<offline dataset>") -> None:
     """Raise a one-line DmaError if `ds` breaks the format (shapes, dtypes, finiteness, simplex, meta)."""
     _check_meta(ds.meta, where)
-    for name in _ARRAYS:
+    for name in ARRAYS:
         arr = getattr(ds, name)
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
             raise DmaError(f"{where}: {name} must be a float32 array, got {getattr(arr, 'dtype', type(arr).__name__)}")
@@ -142,7 +142,7 @@ def validate(ds: OfflineDataset, where: str = "<offline dataset>") -> None:
 
 def _npz_bytes(ds: OfflineDataset) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{name: getattr(ds, name) for name in _ARRAYS})
+    np.savez(buf, **{name: getattr(ds, name) for name in ARRAYS})
     return buf.getvalue()
 
 
@@ -170,10 +170,10 @@ def load(directory: str | Path) -> OfflineDataset:
         raise DmaError(f"{data_path}: sha256 does not match meta.json (half-written or replaced file)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            missing = [k for k in _ARRAYS if k not in npz.files]
+            missing = [k for k in ARRAYS if k not in npz.files]
             if missing:
                 raise DmaError(f"{data_path}: missing array(s) {', '.join(missing)}")
-            arrays = {k: npz[k] for k in _ARRAYS}
+            arrays = {k: npz[k] for k in ARRAYS}
     except (ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DmaError(f"{data_path}: cannot read arrays ({first})") from None

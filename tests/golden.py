@@ -34,27 +34,18 @@ DEMO_ARGS = ["--no-progress", "demo", "--variant", "tiny", "data.demo_fields=[so
              "mesh.data=1"]
 _PATH_KEYS = ("out_dir", "dir", "data_dir")
 RTOL = 1e-3  # values on another platform (see the module docstring)
-_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "neon", "asimd")
 _FLOAT_FREE = ("fixed-", "source-only", "target-only", "curriculum")  # policies whose data order no float decides
 
 
 def platform() -> str:
-    """The CPU and the jax build the numbers depend on."""
+    """The CPU and the jax build the numbers depend on (describing the machine is not reading the run: the study's
+    record of it is reused)."""
     import jax
     import jaxlib
 
-    model, flags = _platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                model = val.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(val.split())
-    except OSError:
-        pass
-    return (f"{_platform.machine()} | {model} | {' '.join(f for f in _ISA if f in flags)} | jax {jax.__version__} "
-            f"jaxlib {jaxlib.__version__}")
+    from dma_jax.study.fingerprint import cpu
+
+    return f"{_platform.machine()} | {cpu()} | jax {jax.__version__} jaxlib {jaxlib.__version__}"
 
 
 def _sha(data: bytes) -> str:

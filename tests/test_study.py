@@ -5,6 +5,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 import scipy.stats
@@ -337,6 +338,24 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert [fp[s]["policies"] for s in (2, 3)] == [["agent-cql", learned_p], ["agent-cql@1", learned_p]]
     for s in (2, 3):  # the learned baseline re-run beside it: main's numbers (another batch of rows, same data)
         assert fp[s]["returns"][1] == pytest.approx(main_proxy[(learned_p, s)], abs=1e-4)
+    # Reproducing: every sub-run's environment in study.json; the digests of the offline data and of each exported
+    # actor, recomputed from the raw files (np.load and Orbax through tests/golden.py, not through dma_jax).
+    from tests.golden import _arrays_digest, _orbax_arrays
+
+    envs = json.loads((tmp_path / "study.json").read_text())["environments"]
+    assert {"main", "gen-code", "fidelity", "cql-chosen"} <= set(envs)
+    assert envs["main"] == [dict(envs["main"][0], devices=len(jax.devices()))]
+    repro = text.split("## Reproducing this run")[1]
+    with np.load(tmp_path / "main/sweep/offline/data.npz", allow_pickle=False) as z:
+        assert f"| main: offline data | `{_arrays_digest({k: z[k] for k in z.files})[:16]}` |" in repro
+    ckpt = tmp_path / "no-feedback/agent/seed1/export-cql/checkpoint"
+    step = max((p for p in ckpt.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    actor = _arrays_digest({k.replace("'", ""): v for k, v in _orbax_arrays(step / "state").items()})
+    assert f"| no-feedback: cql agent seed 1 | `{actor[:16]}` |" in repro
+    assert "| gen-code: " not in repro  # it links to main's agents: no artefact of its own
+    if choice["alpha"] == cfg_alpha:  # the same recipe retrained: the same bits
+        rows = dict(line.split(" | ")[:2] for line in repro.splitlines() if line.startswith("| ") and ": " in line)
+        assert rows["| cql-chosen: cql agent seed 1"] == rows["| main: cql agent seed 1"]
     # Resumable: re-running a finished sub-run redoes nothing (no file of it is rewritten) and gives the same tables.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "main").rglob("*") if p.is_file()}
     t0 = time.perf_counter()

@@ -20,7 +20,8 @@
                   the tuning seeds choose (frozen in cql-choice.json) on main's test seeds, target and proxies
   fidelity/       (5) proxies trained along static mixtures and sampled trajectories, and the target
                   CPT'd along the same ones (policy `replay-K`): do their rankings agree?
-  RESULTS.md, study.json (wall time per part, summed over invocations)
+  RESULTS.md, study.json (wall time per part, summed over invocations; the numerical environment of every
+                  invocation), fingerprints.json (digests of every offline dataset and exported agent)
 
 Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
 its stages and links), `run` (the runner), `protocol` (the pre-registration, the gate, tuning and test runs),

@@ -21,7 +21,7 @@ from dma_jax.errors import DmaError
 from dma_jax.history import RunHistory, collect
 from dma_jax.io_utils import AnyPath, atomic_write_text, read_json_file, read_jsonl
 from dma_jax.runs import AGENT_STAGES, RunDir
-from dma_jax.study import fidelity, followup, mixtures, protocol, rescore, verdicts
+from dma_jax.study import fidelity, fingerprint, followup, mixtures, protocol, rescore, verdicts
 from dma_jax.study.plan import StudyPlan, SubRun
 from dma_jax.study.stats import paired, t_quantile
 from dma_jax.study.text import AGENT, cell, paired_line, verdict
@@ -42,6 +42,7 @@ class StudyView:
     command: str
     config: Path
     variant: str | None
+    environments: Mapping[str, list[dict]] = dataclasses.field(default_factory=dict)  # study.json's, per sub-run
 
     def sub(self, name: str) -> SubRun | None:
         return next((s for s in self.runs if s.name == name), None)
@@ -303,6 +304,7 @@ def write_results(view: StudyView) -> Path:
               "same runs it is compared on (this favours the baseline); "
               f"with {n} seeds {t_note}the percentile bootstrap beside it is too narrow (for 3 seeds its 95% "
               "interval is exactly [min, max] of the paired differences); p-values are not corrected for the number "
-              "of comparisons.", ""]
+              "of comparisons.", "",
+              *fingerprint.section(view.environments, fingerprint.digests(view.root, view.dirs))]
     atomic_write_text(view.results, "\n".join(lines))
     return view.results

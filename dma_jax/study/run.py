@@ -22,7 +22,7 @@ from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
 from dma_jax.runs import RunDir
-from dma_jax.study import fidelity, followup, protocol, rescore
+from dma_jax.study import fidelity, fingerprint, followup, protocol, rescore
 from dma_jax.study.plan import FOLLOWUP, FULL, LINKS, QUICK, StudyPlan, SubRun, followup_run, sub_runs
 from dma_jax.study.results import StudyView, write_results
 
@@ -214,12 +214,14 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
     seconds = read_json_file(timing_path, "").get("seconds", {}) if timing_path.is_file() else {}
 
     def view() -> StudyView:
+        doc = read_json_file(timing_path, "") if timing_path.is_file() else {}
         return StudyView(root, Path(results) if results else root / "RESULTS.md", base, plan, runs, dirs,
-                         _timings(runs, seconds), command, config, variant)
+                         _timings(runs, seconds), command, config, variant, doc.get(fingerprint.ENV_KEY, {}))
 
     protocol.freeze(root, dirs["main"].cfg, write=False)  # a changed pre-registration is refused up front
     runs = with_followup(runs)
     todo = [s for s in runs if only is None or s.name in only]
+    env = fingerprint.environment()  # what this invocation's numbers depend on besides code and config
     for i, sub in enumerate(todo, 1):  # the follow-up joins `todo` when the sub-run before it completes its inputs
         print(f"study: [{i}/{len(todo)}] {sub.name}: {sub.title}", flush=True)
         t0 = time.perf_counter()
@@ -231,9 +233,11 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
             return write_results(view())
         finally:
             # read again first: another `dma study --only` on the same root may have written its sub-runs' times
-            seconds = read_json_file(timing_path, "").get("seconds", {}) if timing_path.is_file() else {}
+            doc = read_json_file(timing_path, "") if timing_path.is_file() else {}
+            seconds = doc.get("seconds", {})
             seconds[sub.name] = seconds.get(sub.name, 0.0) + time.perf_counter() - t0
-            atomic_write_json(timing_path, {"seconds": seconds, "command": command})
+            doc = fingerprint.record_environment(doc, sub.name, env)
+            atomic_write_json(timing_path, {**doc, "seconds": seconds, "command": command})
         runs = with_followup(runs)
         if runs[-1].name == FOLLOWUP and runs[-1] not in todo and (only is None or FOLLOWUP in only):
             todo.append(runs[-1])
