@@ -26,7 +26,7 @@
 Modules, in the order a study reads: `plan` (the study's knobs, `StudyPlan`; its sub-runs, each declaring
 its stages and links), `run` (the runner), `protocol` (the pre-registration, the gate, tuning and test runs),
 `fidelity` (part 5's trajectories and section), `followup` (2d: the alpha choice, its proxies and section), `rescore` (2c: the re-scoring and its section), `mixtures` (how
-concentrated each policy's mixtures are), `text` (cells and paired lines), `stats` (ranks, Spearman, t intervals and
+concentrated each policy's mixtures are), `fingerprint` (the environments and digests a reproduction compares), `text` (cells and paired lines), `stats` (ranks, Spearman, t intervals and
 tests, bootstraps, Holm, paired differences), `verdicts` (the pre-registered sections of RESULTS.md), `results`
 (RESULTS.md from a `StudyView`).
 `--quick` runs `plan.QUICK` on the `tiny` variant.
