@@ -149,15 +149,20 @@ def test_mixture_concentration_and_the_collapse_flag():
 
     spread = np.full((3, 4), 0.25)
     peaked = np.array([[0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.91, 0.03, 0.03, 0.03]])
-    runs = [SimpleNamespace(policy="fixed-0.3", weights_TxD=spread),
-            SimpleNamespace(policy="agent-cql", weights_TxD=peaked),
-            SimpleNamespace(policy="agent-cql", weights_TxD=spread)]
+    names = ("a", "b", "c", "d")
+    runs = [SimpleNamespace(policy="fixed-0.3", weights_TxD=spread, seed=0, domain_names=names),
+            SimpleNamespace(policy="agent-cql", weights_TxD=peaked, seed=0, domain_names=names),
+            SimpleNamespace(policy="agent-cql", weights_TxD=spread, seed=1, domain_names=names)]
     stats = mixtures.per_step(runs)
     np.testing.assert_allclose(stats["agent-cql"][0], [0.25, 0.475, 0.58])  # mean over the two seeds
     ent = lambda w: -(w * np.log(w)).sum()  # noqa: E731
     np.testing.assert_allclose(stats["agent-cql"][1], [(ent(p) + ent(s)) / 2 for p, s in zip(peaked, spread)])
-    assert not any("collapses" in line for line in mixtures.lines(runs))  # 0.58 on average: not collapsed
-    text = "\n".join(mixtures.lines(runs[:2]))
-    assert "| agent-cql | 0.910 | " in text and "**agent-cql collapses onto one domain** (largest weight 0.910 at step 2)" in text
-    runs.append(SimpleNamespace(policy="target-only", weights_TxD=np.tile([0.0, 0.0, 0.0, 1.0], (3, 1))))
+    # 0.58 on average over the seeds, but one run of two puts 0.91 on domain "a" at step 2: flagged, per run
+    text = "\n".join(mixtures.lines(runs))
+    assert "| agent-cql | 0.580 | " in text and "| 0.910 (a, seed 0, step 2) | 1 of 2 |" in text
+    assert "| fixed-0.3 | 0.250 | " in text and "| 0 of 1 |" in text
+    assert "**agent-cql collapses onto one domain in 1 of 2 runs** (largest weight 0.910 on a, seed 0, step 2)" in text
+    assert not any("collapses" in line for line in mixtures.lines([runs[0], runs[2]]))  # spread runs only
+    runs.append(SimpleNamespace(policy="target-only", weights_TxD=np.tile([0.0, 0.0, 0.0, 1.0], (3, 1)), seed=0,
+                                domain_names=names))
     assert "collapses" not in "\n".join(mixtures.lines(runs[:2] + runs[3:]))  # a baseline collapses too: no flag

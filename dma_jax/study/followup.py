@@ -13,6 +13,7 @@ section 2 stay those of the pre-registered run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -21,9 +22,10 @@ import numpy as np
 from dma_jax import proxy_runs
 from dma_jax.config import Config
 from dma_jax.errors import DmaError
+from dma_jax.history import collect
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file, read_jsonl
 from dma_jax.runs import RunDir, agent_policy_name
-from dma_jax.study import protocol
+from dma_jax.study import mixtures, protocol
 from dma_jax.study.plan import FOLLOWUP
 from dma_jax.study.stats import paired_scores, t_interval
 from dma_jax.study.text import AGENT
@@ -193,6 +195,8 @@ def section(view) -> tuple[list[str], list[str]]:
               f"{cfg.study.fail_fraction * h_p:+.4f}) {reads(fail)}; *transfer fails* (ahead on the proxies, not "
               f"on the target) {reads(transfer)}; *CQL adds nothing* (upper bound below {cfg.study.cql_fraction:g} "
               f"H = {cfg.study.cql_fraction * h_t:+.4f}) {reads(below(vs_sft, cfg.study.cql_fraction * h_t))}.", ""]
+    agents = [dataclasses.replace(r, policy=r.policy.split("@")[0]) for r in collect(run.cpt)]  # any agent seed
+    lines += ["Its target runs' mixtures, against main's agent-cql in section 2:", "", *mixtures.lines(agents)]
     if run.protocol_probe.is_file():
         lines += [f"Its critics' Q against the target share ([plot]({view.rel(run.protocol_probe.with_suffix('.png'))}),"
                   f" main's alpha: [plot]({view.rel(main.protocol_probe.with_suffix('.png'))})):", "",

@@ -277,7 +277,7 @@ def write_results(view: StudyView) -> Path:
     runs, n, want = sub_status(view, main)
     if n == want:
         lines += ["All test runs, final balanced score (mean ± std over seeds):", "", *policy_table(runs), "",
-                  _plots(view, "main"), ""]
+                  *mixtures.lines(runs), _plots(view, "main"), ""]
     reading = ["- Main: the verdicts of section 2 (pre-registered rules)."]
     for section in (_wide, rescore.section, followup.section):
         body, more = section(view)
