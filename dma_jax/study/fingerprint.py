@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def _actor(path: Path) -> str:
     return arrays_digest({jax.tree_util.keystr(p).replace("'", ""): np.asarray(v) for p, v in flat})
 
 
-def _artefacts(name: str, run: RunDir) -> Iterable[tuple[str, Path, callable]]:
+def _artefacts(name: str, run: RunDir) -> Iterable[tuple[str, Path, Callable[[Path], str]]]:
     """The sub-run's own artefacts (not main's it links to): (label, folder, digest function)."""
     offline = Path(run.offline)
     if (offline / "meta.json").is_file() and not Path(run.sweep).is_symlink():
