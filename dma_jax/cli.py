@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md "
                    "(default: <run.out_dir>/RESULTS.md)")
     p.add_argument("--only", action="append", metavar="SUBRUN", help="run only this sub-run (repeatable: main, "
-                   "gen-code, gen-domains, gen-large, cql-alpha-<a>, no-feedback, fidelity)")
+                   "gen-code, gen-domains, gen-more-domains, gen-large, cql-alpha-<a>, no-feedback, fidelity)")
     p.set_defaults(func=cmd_study)
     return parser
 

@@ -69,8 +69,12 @@ class EvalSet(NamedTuple):
         `ec.unscored_domains` are marked as `scored_domains` says."""
         scored = scored_domains(space, ec.unscored_domains)
         tok = space.tokenizer()
-        windows = [cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len)
-                   for d in range(space.num_domains)]
+        windows = []
+        for d, name in enumerate(space.names):
+            try:
+                windows.append(cut_windows(space.tokens(d, "heldout"), ec.heldout_windows_per_domain, ec.max_len))
+            except DmaError as e:
+                raise DmaError(f"{space.dir}: domain {name!r}: {e} (eval.max_len={ec.max_len})") from None
         benches = {}
         for f in space.fields:
             items = space.benchmarks(f)
@@ -86,13 +90,13 @@ def scored_domains(space: DomainSpace, unscored: Sequence[str]) -> list[bool]:
     A name of `unscored` must be a domain of the prepared data (`space.manifest`: a domain outside a subset
     space, e.g. a code domain in a math sweep, is fine) or of the demo space (`demo_corpora.domain_names()`: a
     config built on configs/demo.yaml keeps its list when `data.demo_fields` or `data.domains` leave those
-    domains out); any other name is a DmaError."""
+    domains out); any other name is a DmaError. The parts of a split domain (`DomainSpace.split`) follow it."""
     prepared = [d["name"] for d in space.manifest["domains"]]
     unknown = [n for n in unscored if n not in prepared and n not in domain_names()]
     if unknown:
         raise DmaError(f"eval.unscored_domains: {unknown} are domains neither of the prepared data "
                        f"({', '.join(prepared)}) nor of the demo space")
-    return [n not in unscored for n in space.names]
+    return [n not in unscored for n in space.part_of]  # a split domain's parts: as the prepared domain
 
 
 SUBSET_SEED = 0  # a constant, not run.seed: every run and seed of a study scores the same items

@@ -57,12 +57,13 @@ class SpaceInfo:
     domain_fields: tuple[str, ...]
     target_field: str
     sizes: tuple[float, ...]  # train tokens per domain
+    part_of: tuple[str, ...] = ()  # per domain, the prepared domain it is part of (`DomainSpace.split`; () = itself)
 
     @classmethod
     def of(cls, space, target_field: str) -> SpaceInfo:
         """The policies' view of a `data.domains.DomainSpace`."""
         return cls(tuple(space.names), tuple(space.fields_of_domain), target_field,
-                   tuple(float(x) for x in space.train_tokens))
+                   tuple(float(x) for x in space.train_tokens), tuple(space.part_of))
 
     def field_mask(self, field: str) -> np.ndarray:
         return np.array([f == field for f in self.domain_fields])
@@ -73,6 +74,7 @@ class SpaceInfo:
         if not mask.any():
             raise DmaError(f"policy: no domain of field '{field}' in the domain space")
         mask &= ~np.isin(np.array(self.domain_names), list(exclude))
+        mask &= ~np.isin(np.array(self.part_of or self.domain_names), list(exclude))
         if not mask.any():
             raise DmaError(f"policy: every domain of field '{field}' is in eval.unscored_domains "
                            f"({', '.join(exclude)}); a '-scored' policy needs a scored domain in each field")

@@ -161,7 +161,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert "not run yet" not in text.lower()
     for heading in ("## Pre-registration", "## 1. Sweep and agent", "## 1a. Headroom gate",
                     "## 2. Main comparison (test seeds)", "### Verdicts", "### Size of the test", "### 2b. Wider sweep",
-                    "### 2c. Re-scored", "### 2d. Follow-up", "(a) code target field", "(c) larger target", "## 4. Ablations",
+                    "### 2c. Re-scored", "### 2d. Follow-up", "(a) code target field", "(b') more domains", "(c) larger target", "## 4. Ablations",
                     "## 5. Proxy fidelity", "## 6. Reading", "paired t 95% CI"):
         assert heading in text
     for png in ("main/report/scores.png", "main/report/mixtures.png", "gen-code/report/scores.png",
@@ -245,8 +245,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert {r.target_field for r in code} == {"code"} and {"agent-cql", "fixed-0.3"} <= {r.policy for r in code}
     main_d = len(collect(tmp_path / "main" / "cpt")[0].domain_names)
     assert len(collect(tmp_path / "gen-domains" / "cpt")[0].domain_names) < main_d
+    more = collect(tmp_path / "gen-more-domains" / "cpt")  # 3b': every main domain cut in two, the same agent
+    assert [n.rsplit(".", 1)[0] for n in more[0].domain_names] == [n for n in collect(
+        tmp_path / "main" / "cpt")[0].domain_names for _ in range(2)]
+    assert {r.policy.split("@")[0] for r in more} == {"agent-cql", "fixed-0.3"}
     # side runs pair agent seeds with seeds as main does: the second side seed (1) used agent seed 1 everywhere
-    for sub in ("gen-code", "gen-domains", "gen-large", "no-feedback", "cql-alpha-0"):
+    for sub in ("gen-code", "gen-domains", "gen-more-domains", "gen-large", "no-feedback", "cql-alpha-0"):
         assert (tmp_path / sub / "cpt" / "agent-cql@1" / "seed1" / "history.json").is_file(), sub
     assert (tmp_path / "no-feedback/agent/seed1/export-cql/agent_spec.json").is_file()
     # 4: Δ against main's agent on the same (tuning) seeds, recomputed from the raw history files

@@ -11,6 +11,10 @@ Built from the manifest that `dma prepare` writes (`<data dir>/manifest.json`):
 
 Fields are ordered with `source` first, then the target fields in order of appearance.
 Every path in the manifest is relative to the data directory, so it can be moved.
+
+`DomainSpace.split(k)` is a view with more domains than were prepared: each domain cut into k by record
+range (train and held-out alike), named `<name>.<i>of<k>`; `part_of` keeps the prepared name, which is what
+`eval.unscored_domains` and the policies' exclusions match. The manifest itself is never rewritten.
 """
 
 from __future__ import annotations
@@ -29,14 +33,47 @@ from dma_jax.io_utils import read_json_file
 FORMAT = "dma-domains-v1"
 
 
+class RecordRange:
+    """Records `start` .. `stop` - 1 of a `PackedRecords` as a sequence of their own (a split domain's part)."""
+
+    def __init__(self, records: PackedRecords, start: int, stop: int):
+        if not 0 <= start < stop <= len(records):
+            raise DmaError(f"record range [{start}, {stop}) outside the {len(records)} records of {records.paths[0]}")
+        self.records, self.start, self.stop = records, int(start), int(stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        n = len(self)
+        for i in indices:
+            if not -n <= int(i) < n:
+                raise IndexError(f"record {i} out of range for {n} records")
+        return self.records.__getitems__([self.start + int(i) % n for i in indices])
+
+
+def count_tokens(records) -> int:
+    """Non-padding tokens of a sequence of records (segment id != 0)."""
+    return sum(int((r["segment_ids"] != 0).sum()) for r in records.__getitems__(range(len(records))))
+
+
 class DomainSpace:
-    def __init__(self, data_dir: str | Path, manifest: dict, domain_idx: Sequence[int] | None = None):
+    def __init__(self, data_dir: str | Path, manifest: dict, domain_idx: Sequence[int] | None = None, *,
+                 entries: Sequence[dict] | None = None):
+        """The domains `domain_idx` of the manifest (all by default), or the given manifest-style `entries`
+        (a view such as `split` builds)."""
         self.dir = Path(data_dir)
         self.manifest = manifest
-        all_domains = manifest["domains"]
-        idx = list(range(len(all_domains))) if domain_idx is None else list(domain_idx)
-        self._entries = [all_domains[i] for i in idx]
+        if entries is None:
+            all_domains = manifest["domains"]
+            idx = list(range(len(all_domains))) if domain_idx is None else list(domain_idx)
+            entries = [all_domains[i] for i in idx]
+        self._entries = list(entries)
         self.names: list[str] = [d["name"] for d in self._entries]
+        self.part_of: list[str] = [d.get("part_of", d["name"]) for d in self._entries]  # the prepared domain
         self.fields_of_domain: list[str] = [d["field"] for d in self._entries]
         seen = dict.fromkeys(["source"] + self.fields_of_domain)
         self.fields: list[str] = [f for f in seen if f in self.fields_of_domain]
@@ -72,15 +109,45 @@ class DomainSpace:
         unknown = [f for f in fields if f not in self.fields]
         if unknown:
             raise DmaError(f"{self.dir}/manifest.json: no field {unknown[0]!r} (fields: {', '.join(self.fields)})")
-        all_names = [d["name"] for d in self.manifest["domains"]]
-        keep = [i for i, d in enumerate(self.manifest["domains"]) if d["field"] in fields and d["name"] in self.names]
-        del all_names
-        return DomainSpace(self.dir, self.manifest, keep)
+        return DomainSpace(self.dir, self.manifest, entries=[d for d in self._entries if d["field"] in fields])
 
     def without(self, names: Sequence[str]) -> DomainSpace:
-        """This space less the domains named in `names` (names it does not hold are ignored)."""
-        keep = [i for i, d in enumerate(self.manifest["domains"]) if d["name"] in self.names and d["name"] not in names]
-        return DomainSpace(self.dir, self.manifest, keep)
+        """This space less the domains named in `names`, by name or by the prepared domain they are part of
+        (names it does not hold are ignored)."""
+        return DomainSpace(self.dir, self.manifest, entries=[
+            d for d in self._entries if d["name"] not in names and d.get("part_of", d["name"]) not in names])
+
+    def split(self, parts: int, heldout: bool = True) -> DomainSpace:
+        """Every domain cut into `parts` domains by record range (records in prepared order, so a part holds
+        whole documents but for at most one cut at each end): `<name>.<i>of<parts>`, i = 1..parts, with its own
+        token counts. The held-out records are cut the same way, or, with `heldout=False`, every part keeps the
+        whole domain's (for held-out splits too short to cut into windows). Mixing, held-out windows and
+        benchmarks read the parts as domains of their own; `part_of` names the prepared domain."""
+        if parts < 1:
+            raise DmaError(f"domain split: parts must be >= 1, got {parts}")
+        if parts == 1:
+            return self
+        out = []
+        for d, entry in enumerate(self._entries):
+            cuts = {}
+            for split in ("train", "heldout") if heldout else ("train",):
+                recs = self.records(d, split)
+                n = len(recs)
+                if n < parts:
+                    raise DmaError(f"{self.dir}/manifest.json: domain {entry['name']!r} has {n} {split} records, "
+                                   f"too few to split into {parts}")
+                base = recs.start if isinstance(recs, RecordRange) else 0
+                edges = [base + n * i // parts for i in range(parts + 1)]
+                full = recs.records if isinstance(recs, RecordRange) else recs
+                cuts[split] = [(a, b, count_tokens(RecordRange(full, a, b))) for a, b in zip(edges, edges[1:])]
+            for i in range(parts):
+                part = {k: v for k, v in entry.items() if k not in cuts}
+                part.update(name=f"{entry['name']}.{i + 1}of{parts}", part_of=entry.get("part_of", entry["name"]))
+                for split, pieces in cuts.items():
+                    a, b, tokens = pieces[i]
+                    part[split] = {**entry[split], "records": [a, b], "tokens": tokens}
+                out.append(part)
+        return DomainSpace(self.dir, self.manifest, entries=out)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -103,10 +170,11 @@ class DomainSpace:
         check_identity(self.manifest["tokenizer"], load_tokenizer(kind, path).identity(),
                        f"{self.dir}/manifest.json")
 
-    def records(self, domain: int, split: str = "train") -> PackedRecords:
+    def records(self, domain: int, split: str = "train") -> PackedRecords | RecordRange:
         info = self._entries[domain][split]
         base = self.dir / info["dir"]
-        return read_records([base / s["path"] for s in info["shards"]], self.record_len)
+        recs = read_records([base / s["path"] for s in info["shards"]], self.record_len)
+        return RecordRange(recs, *info["records"]) if "records" in info else recs
 
     def tokens(self, domain: int, split: str = "train", max_tokens: int | None = None) -> np.ndarray:
         """The domain's tokens, padding dropped, records in order: int32 [n] (for on-device pools)."""

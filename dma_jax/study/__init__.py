@@ -12,7 +12,8 @@
   (2c)            main's and wide-sweep's final models re-scored on every benchmark item
                   (rescore-<items>x<windows>.json next to each CPT history)
   gen-code/       (3a) the math-trained agent, unchanged, on the code field (source + code domains)
-  gen-domains/    (3b) ... on a space without every second source domain (another D)
+  gen-domains/    (3b) ... on a space without every second source domain (fewer domains than trained on)
+  gen-more-domains/ (3b') ... on a space with every domain cut in two by record range (more domains)
   gen-large/      (3c) ... on a larger target model (pre-trained there)
   cql-alpha-<a>/  (4) CQL retrained from main's SFT actor with penalty weight a
   no-feedback/    (4) SFT + CQL with the feedback features masked (mixture history only)

@@ -26,7 +26,7 @@ LINKS: dict[str, Callable[[RunDir], list[AnyPath]]] = {
     "agent": lambda run: [run.agent],  # both stages and their exports, every agent seed
     "agent-sft": lambda run: [run.agent_stage("sft", k) for k in run.cfg.agent.seeds],  # the SFT actors CQL starts from
 }
-SPACES = ("full", "source-subset")
+SPACES = ("full", "source-subset", "split")
 FOLLOWUP = "cql-chosen"  # the follow-up sub-run: CQL with the alpha the tuning seeds choose (`study.followup`)
 FOLLOWUP_WHEN = ("if-changed", "always", "never")  # the CPT domain space: the config's, or source domains 0, k, 2k, ... only
 
@@ -38,6 +38,8 @@ class StudyPlan:
     gen_policies: tuple[str, ...] = ("source-only", "fixed-0.3", "fixed-0.7", "curriculum", "agent-cql")
     large_target: tuple[str, ...] = ("target.d_model=192", "target.n_layers=8", "target.d_ff=512")
     source_keep_every: int = 2  # 3b keeps source domains 0, k, 2k, ... (and every target-field domain)
+    split_parts: int = 2  # 3b': every CPT domain cut into this many by record range (more domains than trained on)
+    split_heldout: bool = True  # 3b': cut the held-out records too (False: every part keeps its domain's)
     cql_alphas: tuple[float, ...] = (0.0, 0.3, 3.0)  # besides agent.cql.alpha of the config (main's agent)
     n_static: int = 8  # fidelity: static mixtures, target share evenly spaced in [0, 1]
     n_sampled: int = 4  # fidelity: sweep trajectories at evenly spaced return quantiles
@@ -65,6 +67,7 @@ FULL = StudyPlan()
 QUICK = StudyPlan(gen_policies=("fixed-0.3", "agent-cql"), large_target=("target.d_model=96", "target.d_ff=192"),
                   cql_alphas=(0.0,), n_static=3, n_sampled=1, no_feedback_policies=("agent-cql",),
                   wide_policies=("agent-cql",), rescore_items=8, followup="always", rescore_windows=4,
+                  split_heldout=False,  # the tiny variant's math held-out split is too short to cut into windows
                   overrides=("cpt.policies=[fixed-0.3, agent-sft, agent-cql]", "study.tuning_seeds=[0, 1]",
                              "study.test_seeds=[2, 3]", "study.proxy_test_seeds=[2, 3]", "study.agent_seeds=[0, 1]",
                              "study.anchors=[source-only]", "study.gate=report", "headroom.shares=[0.5]"))
@@ -115,6 +118,9 @@ def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
         SubRun("gen-domains", "gen", f"(b) fewer domains: source domains 0, {plan.source_keep_every}, "
                f"{2 * plan.source_keep_every}, ... only", (agents,), plan.gen_policies, side, cpt, shared,
                space="source-subset"),
+        SubRun("gen-more-domains", "gen", f"(b') more domains: every domain cut into {plan.split_parts} by record "
+               f"range{'' if plan.split_heldout else ' (held-out not cut)'}", (agents,), plan.gen_policies, side, cpt,
+               shared, space="split"),
         SubRun("gen-large", "gen", "(c) larger target model", (*plan.large_target, agents), plan.gen_policies, side,
                ("pretrain-target", *cpt), ("sweep", "agent")),
     ]

@@ -48,7 +48,11 @@ class SubRunContext:
         """The CPT domain space the sub-run declares (None: the config's)."""
         if self.sub.space == "full":
             return None
-        full = DomainSpace.for_config(self.cfg)  # "source-subset": source domains 0, k, 2k, ... + the target field
+        full = DomainSpace.for_config(self.cfg)
+        if self.sub.space == "split":  # every domain of source + the target field cut into `split_parts`
+            return full.subset(["source", self.cfg.cpt.target_field]).split(self.plan.split_parts,
+                                                                            self.plan.split_heldout)
+        # "source-subset": source domains 0, k, 2k, ... + the target field
         domains = full.manifest["domains"]
         source = [i for i, d in enumerate(domains) if d["field"] == "source"][:: self.plan.source_keep_every]
         keep = [i for i, d in enumerate(domains) if i in source or d["field"] == self.cfg.cpt.target_field]
