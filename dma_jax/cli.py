@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("study", help="the study (issue 10): agent vs baselines, generalisation, ablations, proxy "
-                                     "fidelity -> RESULTS.md (resumable; ~2 h on 2 CPU cores)")
+    p = sub.add_parser("study", help="the study (issues 10, 18): agent vs baselines, generalisation, ablations, proxy "
+                                     "fidelity -> RESULTS.md (resumable; on 2 CPU cores the main protocol takes "
+                                     "~1.7 h, all sub-runs together ~6 h)")
     _add_config_args(p, STUDY_CONFIG)
     p.add_argument("--quick", action="store_true", help="every part on the tiny variant, few steps (a pulse test)")
     p.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md "
