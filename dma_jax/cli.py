@@ -243,14 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("study", help="the study (issues 10, 18): agent vs baselines, generalisation, ablations, proxy "
-                                     "fidelity -> RESULTS.md (resumable; on 2 CPU cores the main protocol takes "
-                                     "~1.7 h, all sub-runs together ~6 h)")
+                                     "fidelity -> RESULTS.md (resumable; on 2 CPU cores the main protocol took "
+                                     "98.7 min, all sub-runs together ~6 h: RESULTS.md)")
     _add_config_args(p, STUDY_CONFIG)
     p.add_argument("--quick", action="store_true", help="every part on the tiny variant, few steps (a pulse test)")
     p.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md "
                    "(default: <run.out_dir>/RESULTS.md)")
     p.add_argument("--only", action="append", metavar="SUBRUN", help="run only this sub-run (repeatable: main, "
-                   "gen-code, gen-domains, gen-more-domains, gen-large, cql-alpha-<a>, no-feedback, fidelity)")
+                   "wide-sweep, gen-code, gen-domains, gen-more-domains, gen-large, cql-alpha-<a>, no-feedback, "
+                   "fidelity, cql-chosen)")
     p.set_defaults(func=cmd_study)
     return parser
 
