@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (name, XLA_FLAGS added to the environment's, what it tries); a name "model.<field>=<value>" changes the model
-# config instead (no flag)
+# (name, XLA_FLAGS added to the environment's, what it tries); a name ending "model.<field>=<value>" also changes
+# the model config. The children call no `dma_jax.xla_cpu.apply_defaults`: "baseline" is jaxlib's own defaults.
 VARIANTS = (
     ("baseline", "", "jaxlib's defaults"),
     ("xnn-dot", "--xla_cpu_experimental_xnn_fusion_type=dot", "matmuls through XNNPACK"),
@@ -40,6 +40,8 @@ VARIANTS = (
     ("no-eigen-threads", "--xla_cpu_multi_thread_eigen=false", "single-threaded Eigen matmuls"),
     ("model.attention=cudnn", "", "attention through jax.nn.dot_product_attention (its XLA path on CPU) instead "
      "of our einsums: other transposes"),
+    ("ynn-dot+model.attention=cudnn", "--xla_cpu_experimental_ynn_fusion_type=dot", "the two together (YNNPACK dots "
+     "are dma's CPU default)"),
 )
 MODELS = ("demo proxy", "demo target", "large proxy")
 
@@ -85,7 +87,7 @@ def run_variant(name: str, flags: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(x for x in (env.get("XLA_FLAGS", ""), flags) if x)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    override = name.removeprefix("model.") if name.startswith("model.") else ""
+    override = name.split("model.", 1)[1] if "model." in name else ""
     done = subprocess.run([sys.executable, __file__, "--child", override], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1][:300]}

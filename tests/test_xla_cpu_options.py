@@ -61,3 +61,21 @@ def test_unknown_variant_is_one_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--only", "nope"])
     with pytest.raises(SystemExit, match="--only: no variant 'nope'"):
         mod.main()
+
+
+def test_variant_runs_its_flags_and_model_override(monkeypatch):
+    mod = _module()
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen.update(cmd=cmd, flags=env["XLA_FLAGS"])
+        return type("Done", (), {"returncode": 0, "stdout": '{"rows": []}\n', "stderr": ""})()
+
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    monkeypatch.setenv("XLA_FLAGS", "--user_flag")
+    name, flags, _ = next(v for v in mod.VARIANTS if v[0] == "ynn-dot+model.attention=cudnn")
+    assert mod.run_variant(name, flags) == {"rows": []}
+    assert seen["cmd"][-2:] == ["--child", "attention=cudnn"]
+    assert seen["flags"] == "--user_flag --xla_cpu_experimental_ynn_fusion_type=dot"
+    mod.run_variant("ynn-dot", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert seen["cmd"][-2:] == ["--child", ""]
