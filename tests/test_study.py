@@ -19,7 +19,7 @@ def test_sub_runs_declare_what_their_stages_read():
     """Every sub-run's stages are known and in pipeline order, and what its stages read is made or linked."""
     from dma_jax.config import load_config
     from dma_jax.study import FULL, QUICK, STUDY_CONFIG, SubRun, sub_runs
-    from dma_jax.study.plan import FOLLOWUP, LINKS, STAGES, followup_run
+    from dma_jax.study.plan import FOLLOWUP, LINKS, STAGES, followup_gen_runs, followup_run
     from dma_jax.study.run import STEPS
 
     assert set(STEPS) == set(STAGES)
@@ -33,6 +33,16 @@ def test_sub_runs_declare_what_their_stages_read():
         runs.append(followup_run(cfg, plan, {"alpha": 0.3}))
         assert runs[-1].name == FOLLOWUP and "agent.cql.alpha=0.3" in runs[-1].overrides
         assert runs[-1].seeds == tuple(cfg.study.test_seeds)
+        # ... and every generalisation run again with its agents: linked from it, compared with the original
+        gens = [s for s in runs if s.part == "gen"]
+        assert followup_gen_runs(None, runs, plan) == []
+        again = followup_gen_runs(runs[-1], runs, plan)
+        assert [(a.compare_with, a.space, a.seeds) for a in again] == [(g.name, g.space, g.seeds) for g in gens]
+        for a, g in zip(again, gens):
+            assert a.source("agent") == FOLLOWUP and "agent.cql.alpha=0.3" in a.overrides and a.policies == ("agent-cql",)
+            assert set(g.overrides) <= set(a.overrides)  # the same target field / model size
+            assert a.source("pretrain-target") == (g.name if "pretrain-target" in g.stages else "main")
+        runs += again
         assert runs[0].name == "main" and len({s.name for s in runs}) == len(runs)
         for sub in runs:
             assert list(sub.stages) == sorted(sub.stages, key=STAGES.index), sub
@@ -51,11 +61,15 @@ def test_sub_runs_declare_what_their_stages_read():
         assert [s.name for s in runs if s.protocol] == ["main"]
         st = runs[0].stages
         assert st.index("sweep") < st.index("gate") < st.index("agent-sft") < st.index("cpt") < st.index("proxy-policies")
-        assert [s.space for s in runs if s.space != "full"] == ["source-subset"]
+        assert [s.space for s in runs if s.space != "full"] == ["source-subset", "split"] * 2
+        names = {s.name for s in runs}
+        assert all(src in names for s in runs for _, src in s.link_from)
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         SubRun("x", "main", "X", (), (), (), ("train",))
     with pytest.raises(ValueError, match="unknown link 'cpt'"):
         SubRun("x", "main", "X", (), (), (), ("cpt",), ("cpt",))
+    with pytest.raises(ValueError, match="unknown link_from link 'agent'"):
+        SubRun("x", "gen", "X", (), (), (), ("cpt",), ("sweep",), link_from=(("agent", "main"),))
 
 
 class _FakeRun:
@@ -145,6 +159,33 @@ def test_runner_runs_the_declared_stages_that_are_not_done(tmp_path, monkeypatch
     other.pretrain("target").mkdir(parents=True)
     with pytest.raises(DmaError, match="is not a link to"):
         study_run.run_sub(study_run.SubRunContext(sub, other, main, QUICK, False), echo=printed.append)
+
+
+def test_links_from_another_sub_run(tmp_path):
+    """`link_from`: a link read from another sub-run than main (the follow-up's agents, gen-large's target)."""
+    from dma_jax.study import QUICK, SubRun
+    from dma_jax.study import run as study_run
+
+    main, chosen, large = (_FakeRun(tmp_path / n, ()) for n in ("main", "cql-chosen", "gen-large"))
+    for path in (main.pretrain("target"), main.pretrain("proxy"), chosen.agent, large.pretrain("target")):
+        path.mkdir(parents=True)
+    sub = SubRun("again", "gen-followup", "X", (), ("agent-cql",), (0,), ("cpt",), ("pretrain-target", "agent"),
+                 link_from=(("agent", "cql-chosen"), ("pretrain-target", "gen-large")), compare_with="gen-large")
+    run = _FakeRun(tmp_path / "again", ())
+    dirs = {"main": main, "cql-chosen": chosen, "gen-large": large}
+    study_run.link_shared(study_run.SubRunContext(sub, run, main, QUICK, False, dirs))
+    assert run.agent.resolve() == chosen.agent.resolve() and os.readlink(run.agent) == os.path.join("..", "cql-chosen", "agent")
+    assert run.pretrain("target").resolve() == large.pretrain("target").resolve()
+    # what the other sub-run has not made yet: an error naming it, no dangling link
+    late = _FakeRun(tmp_path / "late", ())
+    not_yet = SubRun("late", "gen-followup", "X", (), ("agent-cql",), (0,), ("cpt",), ("agent",),
+                     link_from=(("agent", "nowhere"),))
+    with pytest.raises(DmaError, match="reads agent of sub-run nowhere"):
+        study_run.link_shared(study_run.SubRunContext(not_yet, late, main, QUICK, False, dirs))
+    (chosen.agent).rmdir()
+    with pytest.raises(DmaError, match="not there yet \\(run sub-run cql-chosen first\\)"):
+        study_run.link_shared(study_run.SubRunContext(sub, late, main, QUICK, False, dirs))
+    assert not late.agent.is_symlink()
 
 
 # ---------------------------------------------------------------------------------- pulse
@@ -291,6 +332,27 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert [fp[s]["policies"] for s in (2, 3)] == [["agent-cql", learned_p], ["agent-cql@1", learned_p]]
     for s in (2, 3):  # the learned baseline re-run beside it: main's numbers (another batch of rows, same data)
         assert fp[s]["returns"][1] == pytest.approx(main_proxy[(learned_p, s)], abs=1e-4)
+    # 3 again with the follow-up's agents: linked from cql-chosen (gen-large's larger target from gen-large), on each
+    # generalisation run's seeds and space, paired with that run's best baseline (recomputed from the raw files)
+    real = lambda p: os.path.realpath(tmp_path / p)  # noqa: E731
+    assert real("cql-chosen-gen-more-domains/agent") == real("cql-chosen/agent")
+    assert real("cql-chosen-gen-large/pretrain-target") == real("gen-large/pretrain-target")
+
+    def finals(sub):
+        return {(d["policy"].split("@")[0], d["seed"]): d["balanced"][-1] for d in (
+            json.loads(p.read_text()) for p in (tmp_path / sub / "cpt").glob("*/seed*/history.json"))}
+
+    mine, theirs = finals("cql-chosen-gen-more-domains"), finals("gen-more-domains")
+    assert sorted(mine) == [("agent-cql", 0), ("agent-cql", 1)]
+    assert len(collect(tmp_path / "cql-chosen-gen-more-domains" / "cpt")[0].domain_names) == 2 * main_d
+    d = np.array([mine[("agent-cql", s)] - theirs[("fixed-0.3", s)] for s in (0, 1)])
+    lo, hi = scipy.stats.t.interval(0.95, 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    again = text.split("#### (b') more domains")[1].split("###")[0]
+    assert (f"agent-cql (chosen alpha {choice['alpha']:g}) − fixed-0.3: {d.mean():+.4f} (paired t 95% CI [{lo:+.4f}, "
+            f"{hi:+.4f}]") in again
+    assert f"| agent-cql (main's alpha {cfg_alpha:g}) | 2 |" in again
+    if choice["alpha"] == cfg_alpha:  # the same recipe retrained: the same agents, so the same CPT runs
+        assert all(mine[("agent-cql", s)] == theirs[("agent-cql", s)] for s in (0, 1))  # main's agent on the same seeds, beside it
     # Reproducing: every sub-run's environment in study.json; the digests of the offline data and of each exported
     # actor, recomputed from the raw files (np.load and Orbax through tests/golden.py, not through dma_jax).
     from tests.golden import _arrays_digest, _orbax_arrays

@@ -19,6 +19,8 @@
   no-feedback/    (4) SFT + CQL with the feedback features masked (mixture history only)
   cql-chosen/     (2d, follow-up) once main's tuning runs and the alpha ablations are done: CQL with the alpha
                   the tuning seeds choose (frozen in cql-choice.json) on main's test seeds, target and proxies
+  cql-chosen-gen-*/ (3, follow-up) each generalisation run again with cql-chosen's agents (`plan.followup_gen`),
+                  compared there with that run's baselines and main's agent on the same seeds
   fidelity/       (5) proxies trained along static mixtures and sampled trajectories, and the target
                   CPT'd along the same ones (policy `replay-K`): do their rankings agree?
   RESULTS.md, study.json (wall time per part, summed over invocations; the numerical environment of every

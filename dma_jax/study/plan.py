@@ -59,6 +59,7 @@ class StudyPlan:
     # the follow-up (study/followup.py): run when the tuning seeds choose another alpha than main's ("if-changed"),
     # whatever they choose ("always": the pulse test checks the path), or not at all
     followup: str = "if-changed"
+    followup_gen: bool = True  # ... and the generalisation runs (3) again with its agents (`followup_gen_runs`)
     side_seeds: tuple[int, ...] | None = None  # seeds of every sub-run but main (None: study.tuning_seeds)
     no_feedback_policies: tuple[str, ...] = ("agent-sft", "agent-cql")
     overrides: tuple[str, ...] = ()
@@ -91,13 +92,20 @@ class SubRun:
     space: str = "full"  # of SPACES
     # its CPT runs are the protocol's (`protocol.cpt_pairs`: tuning, then test seeds), not policies x seeds
     protocol: bool = False
+    link_from: tuple[tuple[str, str], ...] = ()  # (link, sub-run): links read from that sub-run instead of main/
+    compare_with: str | None = None  # the sub-run whose baselines (and main's agent) this one's agent is compared with
 
     def __post_init__(self):
         for what, given, known in (("stage", self.stages, STAGES), ("link", self.links, LINKS),
-                                   ("space", (self.space,), SPACES)):
+                                   ("space", (self.space,), SPACES),
+                                   ("link_from link", [k for k, _ in self.link_from], self.links)):
             unknown = [x for x in given if x not in known]
             if unknown:
                 raise ValueError(f"sub-run {self.name}: unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
+
+    def source(self, link: str) -> str:
+        """The sub-run a link of `links` reads from (main unless `link_from` says otherwise)."""
+        return dict(self.link_from).get(link, "main")
 
 
 def sub_runs(cfg: Config, plan: StudyPlan) -> list[SubRun]:
@@ -164,3 +172,21 @@ def followup_run(cfg: Config, plan: StudyPlan, choice: dict | None) -> SubRun | 
                   "seeds", (f"agent.cql.alpha={a}", agents), ("agent-cql",), tuple(st.test_seeds),
                   ("agent-cql", "critic-probe", "cpt", "followup-proxies", "report"),
                   ("pretrain-proxy", "pretrain-target", "sweep", "agent-sft"))
+
+
+def followup_gen_runs(follow: SubRun | None, runs: list[SubRun] | tuple[SubRun, ...], plan: StudyPlan) -> list[SubRun]:
+    """The generalisation runs again with the follow-up's agents (the alpha the tuning seeds chose): its agent-cql
+    only, on each generalisation run's seeds and space, compared there with that run's baselines and main's agent."""
+    if follow is None or not plan.followup_gen:
+        return []
+    alpha = next(o for o in follow.overrides if o.startswith("agent.cql.alpha="))
+    out = []
+    for g in (s for s in runs if s.part == "gen"):
+        own = ("pretrain-target",) if "pretrain-target" in g.stages else ()  # gen-large: its own larger target
+        links = tuple(x for x in LINKS if x in {*g.links, *own, "agent"})
+        out.append(SubRun(f"{FOLLOWUP}-{g.name}", "gen-followup", f"{g.title}: the agent with the chosen "
+                          f"{alpha.removeprefix('agent.cql.')}", (*g.overrides, alpha), ("agent-cql",), g.seeds,
+                          ("cpt", "report"), links, g.space, link_from=(("agent", FOLLOWUP),
+                                                                        *((k, g.name) for k in own)),
+                          compare_with=g.name))
+    return out

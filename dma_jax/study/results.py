@@ -173,6 +173,27 @@ def _comparison(view: StudyView, sub: SubRun) -> tuple[list[str], dict | None]:
     return lines + [_plots(view, sub.name), ""], p
 
 
+def _gen_followup(view: StudyView, sub: SubRun) -> tuple[list[str], list[str]]:
+    """A generalisation run again with the follow-up's agents (`plan.followup_gen_runs`): against the baselines
+    and main's agent of the generalisation run it repeats (the same seeds, so paired)."""
+    other = view.sub(sub.compare_with)
+    mine, n, want = sub_status(view, sub)
+    theirs, m, want_theirs = sub_status(view, other)
+    if n < want or m < want_theirs:
+        return [f"#### {sub.title}", "", *_not_run(n, want)], []
+    alpha = view.dirs[sub.name].cfg.agent.cql.alpha
+    chosen, main_agent = f"{AGENT} (chosen alpha {alpha:g})", f"{AGENT} (main's alpha {view.base.agent.cql.alpha:g})"
+    mine = [dataclasses.replace(r, policy=chosen) for r in mine]
+    theirs = [dataclasses.replace(r, policy=main_agent) if r.policy == AGENT else r for r in theirs]
+    best = best_baseline(theirs)
+    p_best, p_main = paired(mine, chosen, theirs, best), paired(mine, chosen, theirs, main_agent)
+    lines = [f"#### {sub.title}", "", *policy_table(mine + theirs), "",
+             f"Paired by seed, final balanced score: {paired_line(p_best)}", "",
+             f"Against main's agent on the same seeds: {paired_line(p_main)}", "", _plots(view, sub.name), "",
+             *mixtures.lines(mine)]
+    return lines, [f"- Generalisation {sub.title}: {paired_line(p_best)}"]
+
+
 def _wide(view: StudyView) -> tuple[list[str], list[str]]:
     """2b: the wider sweep's policies next to main's sweep-independent baselines (the same CPT runs)."""
     sub = next((s for s in view.runs if s.part == "coverage"), None)
@@ -284,12 +305,17 @@ def write_results(view: StudyView) -> Path:
         lines += body
         reading += more
     lines += ["## 3. Generalisation without retraining", "",
-              "The main run's agent, unchanged, against the baselines that need no sweep of the new setting.", ""]
+              "The main run's agent, unchanged, against the baselines that need no sweep of the new setting; once "
+              "the tuning seeds chose another CQL alpha (2d), that agent too, on the same seeds.", ""]
     for sub in (s for s in view.runs if s.part == "gen"):
         body, p = _comparison(view, sub)
         runs, n, want = sub_status(view, sub)
         lines += [f"### {sub.title}", "", *body, *(mixtures.lines(runs) if n == want and n else [])]
         reading.append(f"- Generalisation {sub.title}: " + (paired_line(p) if p else "not run yet."))
+        for again in (s for s in view.runs if s.compare_with == sub.name):  # with the follow-up's agents
+            body, more = _gen_followup(view, again)
+            lines += body
+            reading += more
     for section in (_ablations, _fidelity):
         body, more = section(view)
         lines += body

@@ -23,7 +23,8 @@ from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
 from dma_jax.runs import RunDir
 from dma_jax.study import fidelity, fingerprint, followup, protocol, rescore
-from dma_jax.study.plan import FOLLOWUP, FULL, LINKS, QUICK, StudyPlan, SubRun, followup_run, sub_runs
+from dma_jax.study.plan import (FOLLOWUP, FULL, LINKS, QUICK, StudyPlan, SubRun, followup_gen_runs, followup_run,
+                                sub_runs)
 from dma_jax.study.results import StudyView, write_results
 
 STUDY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "study.yaml"
@@ -39,6 +40,7 @@ class SubRunContext:
     main: RunDir
     plan: StudyPlan
     progress: bool
+    dirs: Mapping[str, RunDir] = dataclasses.field(default_factory=dict)  # every sub-run's (`SubRun.link_from`)
 
     @property
     def cfg(self) -> Config:
@@ -157,9 +159,16 @@ def _link(target: AnyPath, link: AnyPath) -> None:
 
 
 def link_shared(c: SubRunContext) -> None:
-    """Link what the sub-run shares with main/ (`SubRun.links`; several folders for some, e.g. one per agent seed)."""
+    """Link what the sub-run shares with main/ or another sub-run (`SubRun.links`, `SubRun.link_from`; several
+    folders for some, e.g. one per agent seed). What another sub-run has not made yet is an error naming it."""
     for name in c.sub.links:
-        for target, link in zip(LINKS[name](c.main), LINKS[name](c.run), strict=True):
+        src = c.sub.source(name)
+        source = c.main if src == "main" else c.dirs.get(src)
+        if source is None:
+            raise DmaError(f"sub-run {c.sub.name}: reads {name} of sub-run {src}, which this study does not have")
+        for target, link in zip(LINKS[name](source), LINKS[name](c.run), strict=True):
+            if src != "main" and not (target.is_symlink() or target.exists()):
+                raise DmaError(f"sub-run {c.sub.name}: {target} is not there yet (run sub-run {src} first)")
             _link(target, link)
 
 
@@ -199,20 +208,25 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
                        "(copy it to a bucket afterwards)")
     root = Path(base.run.out_dir)
     runs = tuple(sub_runs(base, plan))
-    unknown = sorted(set(only or ()) - {s.name for s in runs} - {FOLLOWUP})
+    later = [FOLLOWUP, *(f"{FOLLOWUP}-{s.name}" for s in runs if s.part == "gen")]  # once the alpha is chosen
+    unknown = sorted(set(only or ()) - {s.name for s in runs} - set(later))
     if unknown:
-        raise DmaError(f"study: no sub-run {unknown[0]!r} (sub-runs: {', '.join(s.name for s in runs)}, {FOLLOWUP})")
+        raise DmaError(f"study: no sub-run {unknown[0]!r} (sub-runs: {', '.join(s.name for s in runs)}, "
+                       f"{', '.join(later)})")
     dirs = {s.name: RunDir(sub_config(config, overrides, variant, root, s)) for s in runs}
 
     def with_followup(runs: tuple[SubRun, ...]) -> tuple[SubRun, ...]:
-        """`runs` and, once the tuning seeds have chosen CQL's alpha (`followup.choose`), the follow-up."""
+        """`runs` and, once the tuning seeds have chosen CQL's alpha (`followup.choose`), the follow-up and the
+        generalisation runs with its agents."""
         if any(s.name == FOLLOWUP for s in runs):
             return runs
         sub = followup_run(base, plan, followup.choose(root, dirs, runs))
         if sub is None:
             return runs
-        dirs[sub.name] = RunDir(sub_config(config, overrides, variant, root, sub))
-        return (*runs, sub)
+        new = [sub, *followup_gen_runs(sub, runs, plan)]
+        for s in new:
+            dirs[s.name] = RunDir(sub_config(config, overrides, variant, root, s))
+        return (*runs, *new)
 
     timing_path = root / TIMINGS_FILE
     seconds = read_json_file(timing_path, "").get("seconds", {}) if timing_path.is_file() else {}
@@ -230,7 +244,7 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
         print(f"study: [{i}/{len(todo)}] {sub.name}: {sub.title}", flush=True)
         t0 = time.perf_counter()
         try:
-            run_sub(SubRunContext(sub, dirs[sub.name], dirs["main"], plan, progress),
+            run_sub(SubRunContext(sub, dirs[sub.name], dirs["main"], plan, progress, dirs),
                     echo=lambda line: print(line, flush=True))
         except protocol.StudyStopped as stop:
             print(f"study: {stop}", flush=True)
@@ -243,12 +257,12 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
             doc = fingerprint.record_environment(doc, sub.name, env)
             atomic_write_json(timing_path, {**doc, "seconds": seconds, "command": command})
         runs = with_followup(runs)
-        if runs[-1].name == FOLLOWUP and runs[-1] not in todo and (only is None or FOLLOWUP in only):
-            todo.append(runs[-1])
+        todo += [s for s in runs if s.name.startswith(FOLLOWUP) and s not in todo and (only is None or s.name in only)]
         write_results(view())
-    if only and FOLLOWUP in only and FOLLOWUP not in dirs:
-        print(f"study: {FOLLOWUP} is not run: it waits for main's tuning runs and every alpha ablation "
-              "(or the tuning seeds choose main's alpha)", flush=True)
+    waiting = [n for n in (only or ()) if n.startswith(FOLLOWUP) and n not in dirs]
+    if waiting:
+        print(f"study: {', '.join(waiting)} not run: the follow-up waits for main's tuning runs and every alpha "
+              "ablation (or the tuning seeds choose main's alpha)", flush=True)
     print("study: wall time per sub-run (summed over invocations): "
           + "; ".join(f"{k} {v:.0f} s" for k, v in _timings(runs, seconds).items())
           + f"; total {sum(seconds.values()):.0f} s")
