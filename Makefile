@@ -32,7 +32,7 @@ demo: install
 # 98.7 min on 2 CPU cores, the first 19 shared with tests (RESULTS.md, run A). Side runs, each over 4 agent
 # seeds, timed in run B on cores often shared with tests (2026-12-03): gen-code 13.9 min, gen-domains 12.6,
 # gen-more-domains 15.4, gen-large 41.0 (19 of them pre-training the 3.59M target), wide-sweep 43.7, fidelity 8.1, CQL alpha 0 / 0.3 / 3: 12.2 / 15.5 / 12.1,
-# no-feedback 11.7, the cql-chosen follow-up 31.7 (on 2026-12-02, quiet: gen-code 8, each ablation 6-7,
+# no-feedback 11.7, the cql-chosen follow-up 31.7 and its generalisation runs (cql-chosen-gen-*) 10.6 (on 2026-12-02, quiet: gen-code 8, each ablation 6-7,
 # cql-chosen 16). RESULTS.md was made with jaxlib's default matmuls (DMA_XLA_CPU_DEFAULTS=0); two runs matched
 # bit for bit up to the gate, not the agents (RESULTS.md).
 study: install

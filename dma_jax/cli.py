@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="the study (issues 10, 18): agent vs baselines, generalisation, ablations, proxy "
                                      "fidelity -> RESULTS.md (resumable; on 2 CPU cores the main protocol took "
-                                     "98.7 min, all sub-runs together ~6 h: RESULTS.md)")
+                                     "98.7 min, all sub-runs together ~7 h: RESULTS.md)")
     _add_config_args(p, STUDY_CONFIG)
     p.add_argument("--quick", action="store_true", help="every part on the tiny variant, few steps (a pulse test)")
     p.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md "
