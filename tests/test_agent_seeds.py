@@ -136,7 +136,7 @@ def test_cpt_seed_pairs_agent_seed_runs_with_baselines(runs, monkeypatch):
         seen[name] = seed
         raise Stop
 
-    fake_space = types.SimpleNamespace(names=list(NAMES), fields_of_domain=list(INFO.domain_fields),
+    fake_space = types.SimpleNamespace(names=list(NAMES), part_of=list(NAMES), fields_of_domain=list(INFO.domain_fields),
                                        train_tokens=np.array(INFO.sizes), num_domains=8, record_len=129,
                                        records=lambda d: None)
     monkeypatch.setattr(cpt, "shared_trainer", lambda *a: types.SimpleNamespace(mesh=None))

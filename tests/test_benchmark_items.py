@@ -87,6 +87,7 @@ class _FakeSpace:
     fields = ["source", "math"]
     fields_of_domain = ["source", "math"]
     names = ["source/a", "math/a"]
+    part_of = names
     manifest = {"domains": [{"name": n, "field": f} for n, f in zip(names, fields_of_domain)]}
     num_domains = 2
 

@@ -305,6 +305,7 @@ class _Space:
     manifest = {"domains": [{"name": n, "field": f} for n, f in
                             (("s/a", "s"), ("s/b", "s"), ("m/a", "m"), ("c/a", "c"))]}
     names = ["s/a", "s/b", "m/a"]
+    part_of = names  # no split domains (`DomainSpace.split`)
     fields_of_domain = ["s", "s", "m"]
     fields = ["s", "m"]
     num_domains = 3
