@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: <run.out_dir>/RESULTS.md)")
     p.add_argument("--only", action="append", metavar="SUBRUN", help="run only this sub-run (repeatable: main, "
                    "wide-sweep, gen-code, gen-domains, gen-more-domains, gen-large, cql-alpha-<a>, no-feedback, "
-                   "fidelity, cql-chosen)")
+                   "fidelity, cql-chosen, cql-chosen-gen-<gen run>)")
     p.set_defaults(func=cmd_study)
     return parser
 
