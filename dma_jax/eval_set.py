@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 import numpy as np
 from dma_jax.config import EvalConfig
-from dma_jax.data.demo_corpora import check_choices_fit, domain_names
+from dma_jax.data.benchmarks import check_choices_fit
+from dma_jax.data.demo_corpora import domain_names
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import Tokenizer
 from dma_jax.errors import DmaError

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dma_jax.config import Config, DomainInput, dump_config
-from dma_jax.data import demo_corpora, sources
+from dma_jax.data import benchmarks, demo_corpora, sources
 from dma_jax.data.domains import FORMAT, DomainSpace
 from dma_jax.data.packing import pack_documents, verify_shards, write_shards
 from dma_jax.data.tokenizer import ByteTokenizer, Tokenizer, check_identity, load_tokenizer
@@ -153,16 +153,16 @@ def _write_benchmarks(cfg: Config, fields: list[str], data_dir: Path, tok: Token
                                              dc.demo_math_docs_per_domain,
                                              choice_fits=lambda c: len(tok.encode(c)) <= room)
         for field, its in items.items():
-            demo_corpora.check_choices_fit(its, tok.encode, max_len, f"demo benchmarks of field {field!r}")
+            benchmarks.check_choices_fit(its, tok.encode, max_len, f"demo benchmarks of field {field!r}")
     else:
         items = {}
         for b in dc.benchmarks:
-            its = demo_corpora.read_benchmarks_jsonl(b.path)
-            demo_corpora.check_choices_fit(its, tok.encode, max_len, f"{b.path} (field {b.field!r})")
+            its = benchmarks.read_benchmarks_jsonl(b.path)
+            benchmarks.check_choices_fit(its, tok.encode, max_len, f"{b.path} (field {b.field!r})")
             items.setdefault(b.field, []).extend(its)
     for field, its in items.items():
         path = bdir / f"{field}.jsonl"
-        demo_corpora.write_benchmarks_jsonl(its, path)
+        benchmarks.write_benchmarks_jsonl(its, path)
         out[field] = {"path": f"benchmarks/{field}.jsonl", "items": len(its),
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return out

@@ -15,6 +15,7 @@ import pytest
 from dma_jax import evaluation as ev
 from dma_jax.config import load_config
 from dma_jax.data import demo_corpora as dc
+from dma_jax.data.benchmarks import check_choices_fit
 from dma_jax.data import math_gen
 from dma_jax.data.demo_texts import text_domains
 from dma_jax.data.domains import DomainSpace
@@ -143,7 +144,7 @@ def test_every_domain_gets_its_even_share_and_choices_fit(bench):
         assert [counts[d] for d in domains] == [50 // len(domains) + (i < 50 % len(domains))
                                                 for i in range(len(domains))], field
         assert max(len(TOK.encode(c)) for it in bench[field] for c in it["choices"]) <= 48
-        dc.check_choices_fit(bench[field], TOK.encode, 64, field)
+        check_choices_fit(bench[field], TOK.encode, 64, field)
         sub = ev.select_items(bench[field], 16, ev.SUBSET_SEED)
         sub_counts = collections.Counter(it["domain"] for it in sub)
         assert sorted(sub_counts.values()) == sorted(_round_robin_counts([counts[d] for d in domains], 16))

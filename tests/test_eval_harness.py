@@ -15,7 +15,7 @@ from dma_jax import eval_harness, evaluation
 from dma_jax.checkpoint import Checkpointer
 from dma_jax.cli import main
 from dma_jax.config import load_config
-from dma_jax.data.demo_corpora import write_benchmarks_jsonl
+from dma_jax.data.benchmarks import write_benchmarks_jsonl
 from dma_jax.data.domains import DomainSpace
 from dma_jax.errors import DmaError
 from dma_jax.models import hf

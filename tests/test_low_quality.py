@@ -1,7 +1,7 @@
 """The demo's low-quality domains (one per field) and `eval.unscored_domains`.
 
 Checked against independent computations: token shares by counting bytes, letter substitutions and shuffles
-against the clean training lines, math answers by re-solving each question with test_demo_corpora's own solver, the field score
+against the clean training lines, math answers by re-solving each question with tests/math_checker.py's own solver, the field score
 and its SE with unscored domains by a numpy reference (delta method in gradient form, np.cov)."""
 
 import collections
@@ -24,7 +24,7 @@ from dma_jax.evaluation import EvalSet, build_eval_set, evaluate, normalise, sum
 from dma_jax.models.lm import LMDef
 from dma_jax.prepare import run_prepare
 from tests.paths import DEMO
-from tests.test_demo_corpora import _ARITH, _CLAUSES, _eval, _is_correct
+from tests.math_checker import _ARITH, _CLAUSES, _eval, _is_correct
 
 TINY_DOCS = 40  # configs/demo.yaml, variant tiny: demo_max_docs_per_domain and demo_math_docs_per_domain
 SMALL_MATH = 150

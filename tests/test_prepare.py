@@ -12,7 +12,7 @@ import yaml
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from dma_jax.config import load_config
-from dma_jax.data import demo_corpora
+from dma_jax.data import benchmarks, demo_corpora
 from dma_jax.data.domains import DomainSpace
 from dma_jax.data.tokenizer import ByteTokenizer
 from dma_jax.errors import DmaError
@@ -76,7 +76,7 @@ def test_prepare_refuses_a_benchmark_choice_longer_than_eval_max_len(tmp_path):
     (tmp_path / "b.txt").write_text("more source text " * 10)
     items = [{"context": "2 + 2 =", "choices": [" 4", " 5"], "gold": 0, "domain": "m"},
              {"context": "Spell it:", "choices": [" " + "x" * 32, " y"], "gold": 1, "domain": "m/long"}]
-    demo_corpora.write_benchmarks_jsonl(items, tmp_path / "b.jsonl")
+    benchmarks.write_benchmarks_jsonl(items, tmp_path / "b.jsonl")
     cfg = _user_cfg(tmp_path, [{"name": "s", "field": "source", "kind": "text", "paths": [str(tmp_path / "*.txt")]}],
                     [{"field": "source", "path": str(tmp_path / "b.jsonl")}])
     with pytest.raises(DmaError, match=re.escape(f"{tmp_path / 'b.jsonl'} (field 'source'): item 1 (domain m/long): ")
@@ -138,7 +138,7 @@ def test_user_domains_from_text_jsonl_array_record_and_tfds(tmp_path, tfds_dir):
         w.write(f"def f{i}():\n    return {i}\n".encode())
     w.close()
     items = [{"context": "2 + 2 =", "choices": [" 4", " 5"], "gold": 0, "domain": "m"}]
-    demo_corpora.write_benchmarks_jsonl(items, tmp_path / "b.jsonl")
+    benchmarks.write_benchmarks_jsonl(items, tmp_path / "b.jsonl")
     cfg = _user_cfg(tmp_path, [
         {"name": "prose", "field": "source", "kind": "text", "paths": [str(tmp_path / "txt" / "*.txt")]},
         {"name": "tf", "field": "source", "kind": "tfds", "tfds_name": "dma_tiny_text", "data_dir": str(tfds_dir)},

@@ -21,7 +21,7 @@ benchmarks are drawn only from them. Math benchmarks use their own seed stream a
 question that occurs in the training corpus; a math item's context is the question and "Answer:"
 only (the worked steps, which end in the answer, are training text), and a question that contains
 its own answer is skipped. Benchmarks are lm-eval-harness style multiple choice:
-{"context", "choices", "gold", "domain"}, scored by the log-likelihood of each choice; every domain
+{"context", "choices", "gold", "domain"} (stored by `benchmarks.py`), scored by the log-likelihood of each choice; every domain
 of a field gets an even share of its items.
 """
 
@@ -30,17 +30,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import random
 import re
-from pathlib import Path
 from typing import Callable, Sequence
 
 from dma_jax.data import low_quality, math_gen
 from dma_jax.data.demo_texts import text_domain_names, text_domains
 from dma_jax.errors import DmaError
-from dma_jax.io_utils import atomic_write_text
 
 FIELDS = ("source", "math", "code")
 MATH_DOCS_PER_DOMAIN = 3500  # about 3 MB of generated math in all
@@ -138,7 +135,6 @@ def demo_domains(seed: int = 0, math_docs_per_domain: int = MATH_DOCS_PER_DOMAIN
 
 # ---------------------------------------------------------------- benchmarks
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_BENCH_KEYS = {"context": str, "choices": list, "gold": int, "domain": str}
 
 
 def _norm(text: str) -> str:
@@ -295,58 +291,3 @@ def demo_benchmarks(seed: int = 0, n_per_field: int = 200, fields: Sequence[str]
             items += got
         out[field] = items
     return out
-
-
-def _check_item(item, where: str) -> None:
-    if not isinstance(item, dict):
-        raise DmaError(f"{where}: a benchmark item must be a JSON object, got {type(item).__name__}")
-    for key, typ in _BENCH_KEYS.items():
-        if key not in item:
-            raise DmaError(f"{where}: missing key '{key}'")
-        if not isinstance(item[key], typ) or isinstance(item[key], bool):
-            raise DmaError(f"{where}: '{key}' must be {typ.__name__}, got {type(item[key]).__name__}")
-    choices, gold = item["choices"], item["gold"]
-    if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise DmaError(f"{where}: 'choices' must be a list of at least 2 strings")
-    if not 0 <= gold < len(choices):
-        raise DmaError(f"{where}: 'gold' = {gold} is out of range for {len(choices)} choices")
-
-
-def check_choices_fit(items: Sequence[dict], encode: Callable[[str], Sequence[int]], max_len: int,
-                      where: str) -> None:
-    """Every choice of every item is 1..max_len tokens (`encode`): the evaluation keeps a choice whole and
-    left-truncates the context to fit [eos] + context + choice into max_len + 1 tokens. One-line DmaError
-    naming `where`, the item's index and its domain otherwise."""
-    for i, item in enumerate(items):
-        for c in item["choices"]:
-            n = len(encode(c))
-            if not 1 <= n <= max_len:
-                raise DmaError(f"{where}: item {i} (domain {item.get('domain', '?')}): choice {c[:40]!r} is {n} "
-                               f"tokens; eval.max_len={max_len} allows 1..{max_len} (a choice is never truncated "
-                               "and needs a token of context)")
-
-
-def write_benchmarks_jsonl(items: Sequence[dict], path: str | Path) -> None:
-    """Write benchmark items as JSON lines (validated first; atomic)."""
-    for i, item in enumerate(items):
-        _check_item(item, f"{path}: item {i}")
-    atomic_write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-
-
-def read_benchmarks_jsonl(path: str | Path) -> list[dict]:
-    """Read benchmark items from JSON lines; a malformed line raises DmaError naming file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DmaError(f"{path}: cannot read benchmark file ({e})") from e
-    items = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DmaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        _check_item(item, f"{path}:{lineno}")
-        items.append(item)
-    return items

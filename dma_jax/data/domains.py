@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dma_jax.data.demo_corpora import read_benchmarks_jsonl
+from dma_jax.data.benchmarks import read_benchmarks_jsonl
 from dma_jax.data.packing import PackedRecords, read_records
 from dma_jax.data.tokenizer import Tokenizer, check_identity, load_tokenizer
 from dma_jax.errors import DmaError
