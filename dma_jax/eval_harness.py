@@ -48,8 +48,9 @@ INSTALL_HINT = "dma eval needs lm-evaluation-harness, an optional extra: pip ins
 METRICS = ("acc", "acc_norm")
 
 
-class HarnessNotSupported(DmaError, NotImplementedError):
-    """A request type our harness LM does not implement."""
+class HarnessNotSupported(DmaError):
+    """A request type outside what `dma eval` is for: it scores log-likelihoods (multiple choice, loglikelihood,
+    perplexity); generation tasks (`generate_until`) are refused by design, with a one-line error."""
 
 
 @functools.cache
@@ -108,28 +109,46 @@ class JaxScorer:
         return ids, self.max_len, True
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        R, B, L1 = len(pairs), self.batch_size, self.max_len + 1
+        rows = [self.row(context, continuation) for context, continuation in pairs]
+        n_cut = sum(cut for _, _, cut in rows)
+        if n_cut:
+            warnings.warn(f"eval: {n_cut} of {len(rows)} continuations are longer than max_len={self.max_len} "
+                          "tokens; each is scored on its last max_len tokens", stacklevel=2)
+        ll_R, greedy_R = self._score_rows([(ids, n) for ids, n, _ in rows])
+        return [(float(ll), bool(g)) for ll, g in zip(ll_R, greedy_R)]
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Each text's whole log-likelihood after [eos]: consecutive windows of max_len scored tokens, each
+        conditioned on the max_len tokens before its end (lm-eval's rolling windows, context filled up)."""
+        rows, owner = [], []
+        for t, text in enumerate(texts):
+            full = [self.tokenizer.eos_id, *self.tokenizer.encode(text)]
+            for a in range(0, len(full) - 1, self.max_len):
+                b = min(a + self.max_len, len(full) - 1)  # targets full[a+1 .. b]
+                rows.append((full[max(0, b - self.max_len): b + 1], b - a))
+                owner.append(t)
+        ll_R, _ = self._score_rows(rows)
+        out = np.zeros(len(texts), np.float64)
+        np.add.at(out, np.asarray(owner, np.int64), np.asarray(ll_R, np.float64))
+        return out.tolist()
+
+    def _score_rows(self, rows: Sequence[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-likelihood and greedy flag of the last n targets of each (ids, n) row, batched."""
+        R, B, L1 = len(rows), self.batch_size, self.max_len + 1
         if R == 0:
-            return []
+            return np.zeros((0,), np.float32), np.zeros((0,), bool)
         n_batches = -(-R // B)
         tokens = np.full((n_batches * B, L1), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((n_batches * B, L1 - 1), np.float32)
-        n_cut = 0
-        for r, (context, continuation) in enumerate(pairs):
-            ids, n, cut = self.row(context, continuation)
+        for r, (ids, n) in enumerate(rows):
             tokens[r, : len(ids)] = ids
             mask[r, len(ids) - 1 - n: len(ids) - 1] = 1.0
-            n_cut += cut
-        if n_cut:
-            warnings.warn(f"eval: {n_cut} of {R} continuations are longer than max_len={self.max_len} tokens; "
-                          "each is scored on its last max_len tokens", stacklevel=2)
         lls, greedy = [], []
         for b in range(n_batches):
             ll_B, greedy_B = self._score(self.params, tokens[b * B: (b + 1) * B], mask[b * B: (b + 1) * B])
             lls.append(np.asarray(ll_B))
             greedy.append(np.asarray(greedy_B))
-        ll_R, greedy_R = np.concatenate(lls)[:R], np.concatenate(greedy)[:R]
-        return [(float(ll), bool(g)) for ll, g in zip(ll_R, greedy_R)]
+        return np.concatenate(lls)[:R], np.concatenate(greedy)[:R]
 
 
 @functools.cache
@@ -137,7 +156,7 @@ def _lm_class():
     base = import_lm_eval().api.model.LM
 
     class DmaHarnessLM(base):
-        """Our JAX LM as an lm-eval model: multiple-choice and log-likelihood tasks only."""
+        """Our JAX LM as an lm-eval model: multiple-choice, log-likelihood and perplexity tasks (no generation)."""
 
         def __init__(self, scorer: JaxScorer):
             super().__init__()
@@ -147,12 +166,11 @@ def _lm_class():
             return self.scorer.loglikelihood([tuple(r.args[:2]) for r in requests])
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            raise HarnessNotSupported("eval: loglikelihood_rolling (perplexity tasks) is not implemented; "
-                                      "use multiple-choice or loglikelihood tasks")
+            return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            raise HarnessNotSupported("eval: generate_until (generation tasks) is not implemented; "
-                                      "use multiple-choice or loglikelihood tasks")
+            raise HarnessNotSupported("eval: generation tasks (generate_until) are not supported: dma eval scores "
+                                      "log-likelihoods (multiple-choice, loglikelihood and perplexity tasks)")
 
     return DmaHarnessLM
 

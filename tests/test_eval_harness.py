@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -96,8 +97,16 @@ def test_harness_loglikelihoods_equal_the_in_loop_scorer(world):
     assert np.isfinite(ll) and ll < 0 and isinstance(greedy, bool)
     with pytest.raises(eval_harness.HarnessNotSupported, match="generate_until"):
         eval_harness.harness_lm(scorer).generate_until([])
-    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
-        eval_harness.harness_lm(scorer).loglikelihood_rolling([])
+    # Perplexity (loglikelihood_rolling): a text's windows of max_len targets, each after the max_len tokens before
+    # its end, are exactly the (preceding text, chunk) pairs the pair scorer scores (byte tokens: 1 char = 1 token)
+    text = "".join(ch for it in items for ch in it["context"] if ord(ch) < 128)[: 2 * L + 7]
+    assert len(scorer.tokenizer.encode(text)) == len(text) == 2 * L + 7
+    chunks = [(text[:a], text[a: a + L]) for a in range(0, len(text), L)]
+    want = sum(ll for ll, _ in scorer.loglikelihood(chunks))
+    short = text[: L // 2]
+    got = eval_harness.harness_lm(scorer).loglikelihood_rolling(
+        [SimpleNamespace(args=(text,)), SimpleNamespace(args=(short,)), SimpleNamespace(args=("",))])
+    np.testing.assert_allclose(got, [want, scorer.loglikelihood([("", short)])[0][0], 0.0], rtol=1e-6, atol=1e-4)
 
 
 def _acc(ll_IxC, items, norm=False):
