@@ -123,7 +123,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from dma_jax.study import run_study
 
     path = run_study(args.config, args.overrides, args.variant, quick=args.quick, results=args.results,
-                     progress=not args.no_progress, only=args.only)
+                     progress=not args.no_progress, only=args.only, report_only=args.report_only)
     print(f"study: results in {path}")
     return 0
 
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="SUBRUN", help="run only this sub-run (repeatable: main, "
                    "wide-sweep, gen-code, gen-domains, gen-more-domains, gen-large, cql-alpha-<a>, no-feedback, "
                    "fidelity, cql-chosen, cql-chosen-gen-<gen run>)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: write RESULTS.md again from the "
+                   "sub-runs that have run (after a change to the report's code; the pre-registration is still checked)")
     p.set_defaults(func=cmd_study)
     return parser
 

@@ -204,3 +204,10 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = (tmp_path / "RESULTS.md").read_text()
     assert again.split("## 1.")[1] == text.split("## 1.")[1]
+    # --report-only: no sub-run runs (no file is written but the report's own: RESULTS.md and the fidelity plot),
+    # the same report again
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")
+              if p.is_file() and p.name not in ("RESULTS.md", "fidelity.png")}
+    assert main(["--no-progress", "study", "--quick", "--report-only", *over]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (tmp_path / "RESULTS.md").read_text().split("## 1.")[1] == text.split("## 1.")[1]

@@ -74,6 +74,19 @@ def test_gate_h_is_the_paired_mean_over_its_standard_error():
     assert protocol.paired_h([0.010, 0.011, 0.0105, 0.0102], 5.0)["passed"] is True
     one = protocol.paired_h([0.01], 5.0)
     assert math.isnan(one["H_se"]) and one["passed"] is False
+    # every seed the same difference: an exact zero SE and no ratio, whatever float rounding does to np.std
+    # (1.96e-17 for [0.2] * 3, exactly 0 for [0.25] * 3): the gate does not pass a degenerate sample either way
+    for value in (0.2, 0.25, 0.1):
+        flat = protocol.paired_h([value] * 3, 5.0)
+        assert flat["H_se"] == 0.0 and math.isnan(flat["H_over_se"]) and flat["passed"] is False
+
+
+def test_rules_on_one_common_seed_are_not_applicable():
+    # one seed gives no interval (NaN bounds): "not applicable", never "does not hold" or "holds"
+    cfg = load_config(DEMO)
+    gate = {"target": {"H": 0.01}, "proxy": {"H": 0.02}}
+    one = {"agent-cql": {0: 0.05}, "agent-sft": {0: 0.0}, "regmix": {0: 0.0}}
+    assert [r["holds"] for r in verdicts.rules(cfg, gate, one, one, "regmix", "regmix")] == [None, None, None]
 
 
 def test_needed_seeds_is_the_first_n_whose_mde_fits():

@@ -1,6 +1,5 @@
 """The study's statistics (issue 18) against scipy, printed tables, hand computations and simulation:
-Student t quantiles, intervals and p-values, Holm's correction, the minimal detectable effect, the one- and
-two-level bootstrap, Spearman's correlation and the paired differences of policies (moved from test_study.py)."""
+Student t quantiles, intervals and p-values, Holm's correction, the minimal detectable effect, Spearman's correlation and the paired differences of policies (moved from test_study.py)."""
 
 import itertools
 import math
@@ -11,7 +10,6 @@ import pytest
 import scipy.stats
 
 from dma_jax.study.stats import (
-    bootstrap_ci,
     holm,
     min_detectable_effect,
     paired,
@@ -22,7 +20,6 @@ from dma_jax.study.stats import (
     t_interval,
     t_quantile,
     t_two_sided_p,
-    two_level_bootstrap,
 )
 
 
@@ -122,35 +119,8 @@ def test_min_detectable_effect_by_hand_normal_limit_and_exact_power():
         min_detectable_effect(1.0, 1)
 
 
-# ---------------------------------------------------------------------------------- two-level bootstrap
-@pytest.mark.parametrize("S, I", [(6, 50), (3, 20), (1, 30)])
-def test_two_level_bootstrap_sd_is_the_two_stage_variance(S, I):
-    # Each replicate's mean is the average of S iid seed means Y_j; a seed s drawn with probability 1/S, then
-    # I items drawn from its row: Var Y = (1/S) sum_s (m_s - m)^2 + (1/S) sum_s v_s / I (v_s: the row's variance,
-    # ddof 0), and Var(replicate) = Var Y / S. The replicates are near normal, so the relative standard error
-    # of their standard deviation is about 1 / sqrt(2 B) = 0.5% for B = 20000; tolerance 4 of those.
-    rng = np.random.default_rng(S * I)
-    x_SxI = rng.normal(size=(S, 1)) * 0.5 + rng.standard_exponential(size=(S, I))
-    m_S, v_S = x_SxI.mean(axis=1), x_SxI.var(axis=1)
-    sd = math.sqrt((np.mean((m_S - m_S.mean()) ** 2) + v_S.mean() / I) / S)
-    B = 20000
-    mean, lo, hi, se = two_level_bootstrap(x_SxI, n_boot=B, seed=7)
-    assert mean == pytest.approx(x_SxI.mean())
-    assert se == pytest.approx(sd, rel=4 / math.sqrt(2 * B))
-    assert lo < mean < hi and (hi - lo) == pytest.approx(2 * 1.96 * sd, rel=0.15)
-    assert two_level_bootstrap(x_SxI, n_boot=B, seed=7) == (mean, lo, hi, se)
-
-
-def test_two_level_bootstrap_rejects_bad_input():
-    for bad in ([1.0, 2.0], np.zeros((0, 3)), [[1.0, float("nan")]]):
-        with pytest.raises(ValueError, match="two_level_bootstrap"):
-            two_level_bootstrap(bad)
-    with pytest.raises(ValueError, match="n_boot"):
-        two_level_bootstrap([[1.0, 2.0]], n_boot=1)
-
-
 # ---------------------------------------------------------------------------------- paired_scores
-def test_paired_scores_reports_the_paired_t_interval_and_the_bootstrap():
+def test_paired_scores_reports_the_paired_t_interval():
     a = {0: 1.30, 1: 1.10, 2: 1.25, 3: 1.42, 9: 5.0}
     b = {0: 1.20, 1: 1.12, 2: 1.05, 3: 1.30, 7: 0.0}
     p = paired_scores(a, b, "A", "B")
@@ -160,10 +130,21 @@ def test_paired_scores_reports_the_paired_t_interval_and_the_bootstrap():
     want = scipy.stats.t.interval(0.95, 3, loc=d.mean(), scale=scipy.stats.sem(d))
     assert (p["lo"], p["hi"]) == pytest.approx(want, rel=1e-9)
     assert p["p"] == pytest.approx(scipy.stats.ttest_1samp(d, 0.0).pvalue, rel=1e-9)
-    assert d.min() <= p["boot_lo"] < p["boot_hi"] <= d.max()
+    assert "boot_lo" not in p  # no percentile bootstrap over 4 seeds: it would be no 95% interval
     one = paired_scores({0: 1.0}, {0: 0.5}, "A", "B")
-    assert one["mean"] == 0.5 and math.isnan(one["lo"]) and math.isnan(one["p"]) and one["boot_lo"] == 0.5
+    assert one["mean"] == 0.5 and math.isnan(one["lo"]) and math.isnan(one["p"])
     assert paired_scores({0: 1.0}, {1: 1.0}, "A", "B") is None
+
+
+@pytest.mark.parametrize("value", [0.2, 0.25, 0.1, -0.3])
+def test_constant_differences_have_an_exact_zero_se(value):
+    # std of [0.2] * 3 is 1.96e-17 (the mean is not exactly 0.2), [0.25] * 3 gives exactly 0: a ratio to the SE
+    # (t, H / SE) must not depend on which
+    for n in (2, 3, 4):
+        mean, lo, hi, se = t_interval([value] * n)
+        assert se == 0.0 and lo == hi == mean
+        assert paired_t_p([value] * n) == 0.0
+    assert paired_t_p([0.0] * 3) == 1.0
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -184,37 +165,14 @@ def test_spearman_edge_cases():
         spearman([1, 2], [1, 2, 3])
 
 
-def test_bootstrap_ci_of_three_values_is_their_range():
-    # 27 equally likely resamples; the all-minimum (all-maximum) one alone has probability 1/27 > 2.5%,
-    # so the exact 2.5% and 97.5% quantiles of the bootstrap distribution are min(x) and max(x).
-    x = np.array([0.3, -0.1, 0.05])
-    means = [np.mean(c) for c in itertools.product(x, repeat=3)]
-    exact = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
-    assert bootstrap_ci(x) == pytest.approx((x.min(), x.max()))
-    assert tuple(exact) == pytest.approx((x.min(), x.max()))
-
-
-def test_bootstrap_ci_matches_scipy_and_is_deterministic():
-    x = np.random.default_rng(1).normal(0.2, 1.0, size=30)
-    lo, hi = bootstrap_ci(x)
-    ref = scipy.stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=20000, method="percentile",
-                                random_state=np.random.default_rng(7)).confidence_interval
-    width = ref.high - ref.low
-    assert abs(lo - ref.low) < 0.05 * width and abs(hi - ref.high) < 0.05 * width
-    assert bootstrap_ci(x) == (lo, hi)
-    assert lo < x.mean() < hi
-    with pytest.raises(ValueError):
-        bootstrap_ci([])
-
-
 def test_paired_pairs_by_seed():
-    # a has seeds 0, 1, 2 and b seeds 1, 2, 3: only 1 and 2 pair. With two differences every resample of size 2
-    # has probability 1/4 > 2.5%, so the 95% percentile interval is [min, max] of the differences.
+    # a has seeds 0, 1, 2 and b seeds 1, 2, 3: only 1 and 2 pair (by seed id, not by position)
     run = lambda policy, seed, final: SimpleNamespace(policy=policy, seed=seed, balanced_T1=np.array([1.0, final]))
     a = [run("agent-cql", 0, 1.5), run("agent-cql", 1, 1.2), run("agent-cql", 2, 1.1), run("fixed-0.3", 1, 9.0)]
     b = [run("fixed-0.3", 1, 1.0), run("fixed-0.3", 2, 1.3), run("fixed-0.3", 3, 0.0)]
     p = paired(a, "agent-cql", b, "fixed-0.3")
     assert p["seeds"] == [1, 2] and p["diffs"] == pytest.approx([0.2, -0.2])
     assert p["mean"] == pytest.approx(0.0, abs=1e-12) and p["wins"] == 1
-    assert (p["boot_lo"], p["boot_hi"]) == pytest.approx((-0.2, 0.2))
+    want = scipy.stats.t.interval(0.95, 1, loc=0.0, scale=scipy.stats.sem([0.2, -0.2]))
+    assert (p["lo"], p["hi"]) == pytest.approx(want, rel=1e-9)
     assert paired(a, "agent-cql", b, "source-only") is None

@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 
 from dma_jax.config import EvalConfig
 from dma_jax.evaluation import normalise
@@ -94,11 +95,37 @@ def test_bootstrap_sd_is_the_crossed_variance(S, n_items, D, E, unit_effect):
     B = 8000
     out = ub.paired(a, b, base, cfg, n_boot=B, seed=3)
     assert out["mean"] == pytest.approx(d_S.mean(), rel=1e-9)
-    assert out["se"] == pytest.approx(sd, rel=4 / math.sqrt(2 * B))
+    assert out["se_boot"] == pytest.approx(sd, rel=4 / math.sqrt(2 * B))
+    assert out["se"] == pytest.approx(out["se_boot"] * math.sqrt(S / (S - 1)), rel=1e-12)
     if unit_effect >= 1.0:  # the shared unit effects dominate: a seeds-only interval would be far too narrow
         assert out["se"] > 2 * math.sqrt(d_S.var(ddof=1) / S)
-    assert out["lo"] < out["mean"] < out["hi"]
+    half = scipy.stats.t.ppf(0.975, S - 1) * out["se"]
+    assert (out["lo"], out["hi"]) == pytest.approx((out["mean"] - half, out["mean"] + half), rel=1e-9)
     assert ub.paired(a, b, base, cfg, n_boot=B, seed=3) == out
+
+
+@pytest.mark.parametrize("S", [3, 12])
+def test_without_unit_noise_the_interval_is_the_paired_t_interval(S):
+    # Every item and window of a run scores the same: resampling units changes nothing, the replicates vary by
+    # the seeds alone, and the corrected SE (x sqrt(S / (S - 1))) with the t quantile is the paired t interval
+    # of the seeds' differences (scipy), up to the Monte Carlo error of the replicates' sd.
+    rng = np.random.default_rng(S)
+    a = [dict(r) for r in _linear_runs(S, (10, 6), 4, 3, 0, 0.0)]
+    b = [dict(r) for r in _linear_runs(S, (10, 6), 4, 3, 1, 0.0)]
+    for runs in (a, b):
+        for r in runs:
+            r["item_nll"] = np.full_like(r["item_nll"], 1.0 + rng.normal() * 0.05)
+            r["window_nll"] = np.full_like(r["window_nll"], 20.0 + rng.normal())
+    base = {"answer_bpb": np.full(2, 1.5), "field_loss": np.full(2, 2.2), "accuracy": np.zeros(2),
+            "acc_norm": np.zeros(2), "chance": np.full(2, 0.25)}
+    d_S = np.array([ub.field_scores(ra, base).mean() - ub.field_scores(rb, base).mean() for ra, rb in zip(a, b)])
+    B = 8000
+    out = ub.paired(a, b, base, n_boot=B, seed=5)
+    assert out["mean"] == pytest.approx(d_S.mean(), rel=1e-9)
+    assert out["se"] == pytest.approx(scipy.stats.sem(d_S), rel=4 / math.sqrt(2 * B))
+    lo, hi = scipy.stats.t.interval(0.95, S - 1, loc=d_S.mean(), scale=scipy.stats.sem(d_S))
+    tol = 4 / math.sqrt(2 * B) * (hi - lo) / 2
+    assert out["lo"] == pytest.approx(lo, abs=tol) and out["hi"] == pytest.approx(hi, abs=tol)
 
 
 def test_bootstrap_input_errors():

@@ -328,8 +328,8 @@ def write_results(view: StudyView) -> Path:
     lines += ["## 6. Reading", "", *reading, "",
               "Caveats (sections 2b-5; section 2 follows the pre-registration): the best baseline is picked on the "
               "same runs it is compared on (this favours the baseline); "
-              f"with {n} seeds {t_note}the percentile bootstrap beside it is too narrow (for 3 seeds its 95% "
-              "interval is exactly [min, max] of the paired differences); p-values are not corrected for the number "
+              f"with {n} seeds {t_note}a percentile bootstrap over so few seeds would be too narrow (for 3 seeds "
+              "its 95% interval is exactly [min, max] of the paired differences), so none is given; p-values are not corrected for the number "
               "of comparisons.", "",
               *fingerprint.section(view.environments, fingerprint.digests(view.root, view.dirs))]
     atomic_write_text(view.results, "\n".join(lines))

@@ -191,8 +191,10 @@ def _timings(runs, seconds: Mapping[str, float]) -> dict[str, float]:
 
 
 def run_study(config: Path | None, overrides: list[str], variant: str | None, quick: bool = False,
-              results: Path | None = None, progress: bool = True, only: list[str] | None = None) -> Path:
-    """Run the study's sub-runs (all, or those named in `only`), skipping finished stages; returns RESULTS.md."""
+              results: Path | None = None, progress: bool = True, only: list[str] | None = None,
+              report_only: bool = False) -> Path:
+    """Run the study's sub-runs (all, or those named in `only`), skipping finished stages; returns RESULTS.md.
+    `report_only`: run nothing, only write RESULTS.md again from what has run (e.g. after the report's code changed)."""
     config = Path(config) if config else STUDY_CONFIG
     if quick and variant is None:
         variant = "tiny"
@@ -238,6 +240,8 @@ def run_study(config: Path | None, overrides: list[str], variant: str | None, qu
 
     protocol.freeze(root, dirs["main"].cfg, write=False)  # a changed pre-registration is refused up front
     runs = with_followup(runs)
+    if report_only:
+        return write_results(view())
     todo = [s for s in runs if only is None or s.name in only]
     env = fingerprint.environment()  # what this invocation's numbers depend on besides code and config
     for i, sub in enumerate(todo, 1):  # the follow-up joins `todo` when the sub-run before it completes its inputs

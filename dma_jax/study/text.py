@@ -13,7 +13,7 @@ def paired_line(p: dict | None) -> str:
     if p is None:
         return "no paired comparison (no common seeds)."
     return (f"{p['a']} − {p['b']}: {p['mean']:+.4f} (paired t 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}], "
-            f"p = {p['p']:.3g}; bootstrap [{p['boot_lo']:+.4f}, {p['boot_hi']:+.4f}]; seeds {p['seeds']}, ahead on "
+            f"p = {p['p']:.3g}; seeds {p['seeds']}, ahead on "
             f"{p['wins']} of {len(p['seeds'])}): {verdict(p)}.")
 
 

@@ -18,11 +18,13 @@ counts are not stored per unit).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from dma_jax.config import EvalConfig
+from dma_jax.study.stats import t_quantile
 
 UNIT_KEYS = ("item_nll", "item_bytes", "item_correct", "item_correct_norm", "item_field", "window_nll",
              "window_tokens", "domain_field", "domain_scored", "chance")
@@ -118,8 +120,13 @@ def field_scores(units: Mapping, base: Mapping, ec: EvalConfig = EvalConfig()) -
 def paired(units_a: Sequence[Mapping], units_b: Sequence[Mapping], base: Mapping, ec: EvalConfig = EvalConfig(),
            n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """a - b: the re-scored balanced scores of two policies on the same S seeds (in order), with the two-level
-    bootstrap: {"n", "mean" (all units, the point estimate), "lo", "hi" (percentile interval), "se" (the
-    replicates' standard deviation)}."""
+    bootstrap: {"n", "mean" (all units, the point estimate), "se_boot" (the replicates' standard deviation),
+    "se" (se_boot x sqrt(S / (S - 1))), "lo", "hi" (mean -/+ t_{(1+level)/2, S-1} se)}.
+
+    Not the replicates' percentiles: resampling S seeds gives the seed part of the variance with divisor S, not
+    S - 1, and a normal tail where the mean of S seeds has a t tail, so a percentile interval over 12 seeds
+    covers ~88% rather than 95% when the seeds dominate (a simulation, 400 studies). The correction is exact for
+    the seed part and slightly wide (conservative) for the units' part, which needs none (many units)."""
     if len(units_a) != len(units_b) or len(units_a) < 2:
         raise ValueError(f"two-level bootstrap: need the same >= 2 seeds for both policies, got {len(units_a)} "
                          f"and {len(units_b)}")
@@ -134,6 +141,8 @@ def paired(units_a: Sequence[Mapping], units_b: Sequence[Mapping], base: Mapping
         dr = _Draws(ua, min(chunk, n_boot - start), rng)
         reps.append((_scores(ua, base, ec, dr) - _scores(ub, base, ec, dr)).mean(-1))
     reps_B = np.concatenate(reps)
-    tail = (1.0 - level) / 2
-    return {"n": len(units_a), "mean": mean, "lo": float(np.quantile(reps_B, tail)),
-            "hi": float(np.quantile(reps_B, 1.0 - tail)), "se": float(reps_B.std(ddof=1))}
+    S = len(units_a)
+    se_boot = float(reps_B.std(ddof=1))
+    se = se_boot * math.sqrt(S / (S - 1))
+    half = t_quantile(0.5 + level / 2.0, S - 1) * se
+    return {"n": S, "mean": mean, "lo": mean - half, "hi": mean + half, "se": se, "se_boot": se_boot}

@@ -47,11 +47,12 @@ def rules(cfg: Config, gate: dict, target: Scores, proxy: Scores, learned_t: str
     on_p = paired_scores(proxy[AGENT], proxy[learned_p], AGENT, learned_p)
     on_t = paired_scores(target[AGENT], target[learned_t], AGENT, learned_t)
     cql = paired_scores(target[AGENT], target[SFT], AGENT, SFT)
-    fail = on_p["hi"] < st.fail_fraction * h_p
+    # one common seed has no interval (NaN bounds): a rule on it is not applicable (None), not "does not hold"
+    below = lambda p, bound: bool(p["hi"] < bound) if p["n"] > 1 else None  # noqa: E731
     out = [{"rule": f"The method fails at this scale: {AGENT} − best learned baseline ({learned_p}) on the proxies "
                     f"has a 95% upper bound below {st.fail_fraction:g} H (H = {h_p:+.4f}, bound {st.fail_fraction * h_p:+.4f})",
-            "holds": bool(fail), "comparison": on_p}]
-    if on_p["lo"] > 0:
+            "holds": below(on_p, st.fail_fraction * h_p), "comparison": on_p}]
+    if on_p["n"] > 1 and on_p["lo"] > 0 and on_t["n"] > 1:
         transfer = {"holds": bool(not on_t["lo"] > 0), "comparison": on_t}
     else:
         transfer = {"holds": None, "comparison": on_t}
@@ -59,7 +60,7 @@ def rules(cfg: Config, gate: dict, target: Scores, proxy: Scores, learned_t: str
                         f"(against {learned_t})", **transfer})
     out.append({"rule": f"CQL adds nothing: {AGENT} − {SFT} on the target has a 95% upper bound below "
                         f"{st.cql_fraction:g} H (H = {h_t:+.4f}, bound {st.cql_fraction * h_t:+.4f})",
-                "holds": bool(cql["hi"] < st.cql_fraction * h_t), "comparison": cql})
+                "holds": below(cql, st.cql_fraction * h_t), "comparison": cql})
     return out
 
 
@@ -183,7 +184,9 @@ def two_level(run: RunDir, plan, target: Scores | None, learned_t: str | None) -
     lines += [f"The same final models re-scored on up to {items} items per field and {windows} held-out windows "
               "per domain (2c); a replicate draws the seeds, and the items of each field and the windows of each domain "
               "(once, shared by its seeds: every run was scored on the same set), with replacement (2,000 "
-              "replicates). Mean [95% interval] of the re-scored difference:", ""]
+              "replicates); the interval is mean ± t_0.975,n−1 × SE, the SE the replicates' standard deviation × "
+              "√(n/(n−1)) (a percentile interval over so few seeds would be too narrow). Mean [95% interval] of the "
+              "re-scored difference:", ""]
     for a, b in ((AGENT, learned_t), (AGENT, SFT)):
         seeds = sorted(set(docs.get(a, {})) & set(docs.get(b, {})))
         if len(seeds) < 2:
