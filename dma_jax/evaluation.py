@@ -27,6 +27,11 @@ Y = sum nll / sum bytes (nats per byte; Y0 the base's), the influence of an item
 and for the windows w of the field's scored domains (W of them) with nll_w, tokens_w, Z = sum nll / sum tokens,
     psi_w = -w_loss * (nll_w - Z * tokens_w) / (mean tokens * Z0);
 then se_f^2 = sum phi^2 / (n (n - 1)) + sum psi^2 / (W (W - 1)) (0 for a term with a single unit).
+The units are treated as one sample per field, though the evaluation set draws a fixed number of windows per
+domain and items round-robin per domain (a stratified sample): differences in level between a field's domains
+count as sampling variance, so se_f is an upper bound (a simulation with domain losses 1.6x apart: 2.4x the
+true SD; 1.15x apart: +23%; right when the domains are alike). It is an input feature of the agent (`score_se/`),
+so making it exact changes every sweep and agent: left for a versioned change of the offline format.
 Two models scored on the same items are positively correlated, so sqrt(se_a^2 + se_b^2) is a conservative
 standard error of their difference. `balanced_se` carries the SEs through B (delta method).
 
