@@ -105,6 +105,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         base_raw = {k: np.array(v, np.float32) for k, v in meta["base_raw"].items()}
         raws = [{k: np.array(v, np.float32) for k, v in r.items()} for r in meta["raws"]]
         safe.rejected = int(meta.get("rejected", 0))
+        guard_state = meta.get("loss_guard")
         timings = meta["timings"]
         log.info("resuming %s seed %d at re-weighting step %d", policy_name, seed, start)
     else:
@@ -117,6 +118,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
         raws = [base_raw]
         timings = {"policy_s": [], "stage_s": []}
         start = 0
+        guard_state = None
     records_log.truncate_after(start * S)
     metrics_log.truncate_after(start * S if start else -1)  # a fresh start logs step 0 (the base model) anew
     if start == 0:
@@ -124,6 +126,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
     lr_TS = np.asarray(lr_schedule(cfg.optim, T * S)(np.arange(T * S)))  # step i's rate: lr_TS[i - 1]
     tokens_per_stage = S * cc.batch_size * (space.record_len - 1)
     guard = LossGuard(f"cpt {policy_name} seed {seed}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
+    guard.restore(guard_state)
 
     loop = StageLoop(f"cpt {policy_name} seed {seed}", ckpt, T, "stage", progress, event_after_save="cpt.stage_done",
                      describe_stop=lambda done: f"after re-weighting step {done}/{T}", log=metrics_log)
@@ -165,7 +168,7 @@ def run_cpt(cfg: Config, policy_name: str, seed: int, devices=None, progress: bo
                                                          "feedback": [f.tolist() for f in history.feedback]},
                 "base_raw": {k: v.tolist() for k, v in base_raw.items()},
                 "raws": [{k: v.tolist() for k, v in r.items()} for r in raws], "timings": timings,
-                "policy": policy_name, "seed": seed, "rejected": safe.rejected}
+                "policy": policy_name, "seed": seed, "rejected": safe.rejected, "loss_guard": guard.state()}
         records_log.flush()
         metrics_log.flush()
         ckpt.save(done, state, meta=meta, data=mixer.get_state())

@@ -57,6 +57,18 @@ class LossGuard:
         self.mean: float | None = None
         self.skipped = 0
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the guard (JSON), so a resumed run checks its next losses against the same
+        running mean as an uninterrupted one (a fresh guard would accept any loss until its first good one)."""
+        return {"mean": self.mean, "skipped": self.skipped}
+
+    def restore(self, state: dict | None) -> "LossGuard":
+        """Back to `state()`'s values (None or {}: a checkpoint written before the guard was kept: as new)."""
+        state = state or {}
+        self.mean = None if state.get("mean") is None else float(state["mean"])
+        self.skipped = int(state.get("skipped", 0))
+        return self
+
     def max_loss(self) -> float:
         """The spike threshold for the next steps (inf while spikes are off or nothing is known yet)."""
         return math.inf if self.ratio is None or self.mean is None else self.ratio * self.mean

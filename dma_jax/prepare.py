@@ -8,7 +8,8 @@ shards under `<data dir>/domains/<domain>/`. A domain is finished when its
 `done.json` exists; re-running skips finished domains whose inputs did not
 change and redoes a half-written one. Benchmarks go to `benchmarks/<field>.jsonl`, each item
 checked against the tokenizer and `eval.max_len` (a choice that cannot fit is an error here).
-The manifest is written last, atomically: a manifest always describes complete data.
+The manifest is removed before anything is rewritten and written last, atomically: a manifest always describes
+complete data.
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def run_prepare(cfg: Config, progress: bool = True) -> DomainSpace:
             old = None
         if old and "tokenizer" in old:
             check_identity(old["tokenizer"], tok.identity(), str(manifest_path))
+        # from here on domains and benchmarks may be rewritten: a run killed before the new manifest is written
+        # must not leave the old one saying the data are complete (with another config, or half-rewritten)
+        manifest_path.unlink()
     t0 = time.perf_counter()
     inputs = domain_inputs(cfg)
     common = {"tokenizer": tok.identity(), "record_len": dc.record_len, "heldout_fraction": dc.heldout_fraction,

@@ -78,8 +78,10 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     ckpt = Checkpointer(RunDir(cfg).pretrain_checkpoints(which), keep=pc.keep_checkpoints)
     metrics_log = stage_log(out / "metrics.jsonl", primary)  # and its TensorBoard events in tb/
     start = ckpt.latest_step()
+    resumed = {}
     if start is not None:
-        check_model_meta(ckpt.read_meta(start), dump_config(cfg)[which], which, ckpt.directory)
+        resumed = ckpt.read_meta(start)
+        check_model_meta(resumed, dump_config(cfg)[which], which, ckpt.directory)
         state, _, _ = ckpt.restore(trainer.abstract_state, start)
         log.info("resumed from step %d", start)
     else:
@@ -96,6 +98,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     # step s's learning rate is lr_S[s - 1] (the optimizer's count before it); computed once, not between steps
     lr_S = np.asarray(lr_schedule(optim, pc.steps)(np.arange(pc.steps)))
     guard = LossGuard(f"pretrain {which}", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike)
+    guard.restore(resumed.get("loss_guard"))
     loop = StageLoop(f"pretrain {which}", ckpt, pc.steps, "step", progress,
                      due=lambda done: done % pc.checkpoint_every == 0, event_before_save="pretrain.step",
                      log=metrics_log)
@@ -140,7 +143,7 @@ def run_pretrain(cfg: Config, which: str = "proxy", devices=None, progress: bool
     def save(done: int) -> None:
         flush()
         metrics_log.flush()
-        ckpt.save(done, state, meta=meta)
+        ckpt.save(done, state, meta=meta | {"loss_guard": guard.state()})
 
     loop.run(start, unit, save)
     flush()

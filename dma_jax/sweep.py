@@ -260,7 +260,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     metrics_log = events(run.sweep, shd.is_primary())
     feedback_NxT1xM = np.zeros((N, T + 1, M), np.float32)
     feedback_NxT1xM[:, 0] = base_fb
-    chunk, stage, state = 0, 0, None
+    chunk, stage, state, guard_states = 0, 0, None, [None] * N
     if ckpt.latest_step() is not None:
         m = ckpt.read_meta()
         if m.get("config_hash") != meta["config_hash"]:
@@ -270,6 +270,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
                     "feedback": jax.ShapeDtypeStruct(feedback_NxT1xM.shape, jnp.float32, sharding=sw.replicated)}
         restored, m, _ = ckpt.restore(abstract)
         chunk, stage = int(m["chunk"]), int(m["stage"])
+        guard_states = m.get("loss_guards") or guard_states  # per trajectory (absent: a checkpoint from before)
         feedback_NxT1xM = np.array(restored["feedback"])
         state = restored["state"]
         log.info("resuming the sweep at chunk %d, stage %d", chunk, stage)
@@ -280,7 +281,7 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
     tokens_per_stage = n * sc.steps_per_stage * sc.batch_size * sc.seq_len
     t_start, tokens_done = time.perf_counter(), 0
     normalise_n = jax.jit(jax.vmap(lambda raw: ev.feedback_vector(ev.normalise(raw, base_raw, cfg.eval))))
-    guards = [LossGuard("sweep", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike) for _ in range(N)]
+    guards = [LossGuard("sweep", cfg.optim.on_nonfinite, cfg.optim.max_loss_spike).restore(g) for g in guard_states]
     loop = StageLoop("sweep", ckpt, n_chunks * T, "stage", progress, event_after_save="sweep.stage_done",
                      describe_stop=lambda done: f"after re-weighting step {(done - 1) % T + 1} of chunk "
                                                 f"{(done - 1) // T + 1}/{n_chunks}", log=metrics_log)
@@ -318,7 +319,8 @@ def run_sweep(cfg: Config, devices=None, progress: bool = True) -> SweepResult:
         c, t1 = divmod(done - 1, T)
         metrics_log.flush()
         ckpt.save(done, {"state": state, "feedback": shd.put_global(feedback_NxT1xM, sw.replicated)},
-                  meta={"chunk": c, "stage": t1 + 1, "config_hash": meta["config_hash"]})
+                  meta={"chunk": c, "stage": t1 + 1, "config_hash": meta["config_hash"],
+                        "loss_guards": [g.state() for g in guards]})
         if t1 + 1 == T:
             state = None  # the chunk is finished: the next unit starts the next chunk from the base model
 

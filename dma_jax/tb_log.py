@@ -9,7 +9,8 @@
   step, so a killed-and-resumed run shows each step once, the resumed run's value (`truncate_after(-1)`: a fresh
   start, nothing kept). The Python loader (`EventAccumulator`, `tensorboard --load_fast=false`) honours it; the
   Rust loader drops a tag's later points when that tag's step goes back, which a deterministic re-run does.
-- Each writer opens a new file, `events.out.tfevents.<time>.<host>.<n>`, with `n` the number of event files
+- `flush()` (before each checkpoint) closes the file, so the points up to the checkpoint are on disk; the next
+  point opens a new file. Each writer opens a new file, `events.out.tfevents.<time>.<host>.<n>`, with `n` the number of event files
   already there: files sort in the order they were written (TensorBoard reads them in name order, and applies a
   purge to the files before it), and two writers in the same second do not share a name.
 - Remote folders (`gs://...`): the events go through `etils.epath`, like `io_utils.JsonlLog`'s remote log: the
@@ -110,8 +111,11 @@ class TbLog:
             self._writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        """Every point appended so far is in the file when this returns (the stages call it before a checkpoint,
+        whose resume writes only later steps again). tensorboardX's own `flush` does not wait for the queue its
+        background thread drains, so points queued just before a checkpoint were lost by a kill after it; closing
+        the writer joins that thread. The next point opens the next event file."""
+        self.close()
 
     def close(self) -> None:
         if self._writer is not None:

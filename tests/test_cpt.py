@@ -114,6 +114,46 @@ def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monk
     np.testing.assert_allclose(doc.field_scores_T1xF, ref.field_scores_T1xF, atol=1e-6)
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])  # in re-weighting step 2 or 3, after 1 or 2 checkpoints
+def test_a_resumed_cpt_checks_spikes_against_the_same_running_mean(run, tmp_path, monkeypatch, crash_at):
+    # optim.max_loss_spike with skip: a loss above 1.0001 x the running mean of the good losses is skipped. The
+    # running mean is kept in the checkpoint, so a crashed-and-resumed run skips the same steps as an
+    # uninterrupted one and ends with the same scores (a fresh mean would accept every loss until its first one).
+    cfg, over = run
+    spike = ["optim.max_loss_spike=1.0001", "optim.on_nonfinite=skip"]
+    from dma_jax.checkpoint import Checkpointer
+    from dma_jax.train import Trainer
+
+    def finished(out):
+        ck = Checkpointer(Path(out) / "cpt" / "curriculum" / "seed0" / "checkpoints")
+        return ck.read_meta(ck.latest_step())["loss_guard"]
+
+    cfg_a = load_config(DEMO, over + spike + [f"run.out_dir={tmp_path / 'a'}"], variant="tiny")
+    cfg_b = load_config(DEMO, over + spike + [f"run.out_dir={tmp_path / 'b'}"], variant="tiny")
+    for c in (cfg_a, cfg_b):
+        for sub in ("pretrain-target", "sweep"):
+            (Path(c.run.out_dir)).mkdir(parents=True, exist_ok=True)
+            (Path(c.run.out_dir) / sub).symlink_to(Path(cfg.run.out_dir) / sub)
+    ref = cpt_mod.run_cpt(cfg_a, "curriculum", 0, devices=jax.devices()[:1], progress=False)
+    guard = finished(cfg_a.run.out_dir)
+    assert guard["skipped"] >= 1 and guard["mean"] > 0  # the setting bites: some step was skipped
+    real, calls = Trainer.step, {"n": 0}
+
+    def crash(self, *a):
+        calls["n"] += 1
+        if calls["n"] == crash_at * cfg.cpt.steps_per_stage + 1:
+            raise RuntimeError("simulated crash")
+        return real(self, *a)
+
+    monkeypatch.setattr(Trainer, "step", crash)
+    with pytest.raises(RuntimeError):
+        cpt_mod.run_cpt(cfg_b, "curriculum", 0, devices=jax.devices()[:1], progress=False)
+    monkeypatch.undo()
+    doc = cpt_mod.run_cpt(cfg_b, "curriculum", 0, devices=jax.devices()[:1], progress=False)
+    assert finished(cfg_b.run.out_dir) == guard
+    np.testing.assert_array_equal(doc.field_scores_T1xF, ref.field_scores_T1xF)
+
+
 def test_sweep_based_baselines_run_and_foreign_data_is_refused(run):
     cfg, _ = run
     sweep = offline_data.load(RunDir(cfg).offline)

@@ -318,3 +318,15 @@ def test_agent_cql_nan_stops_and_keeps_the_last_good_checkpoint(toy_dataset, tmp
     assert "agent cql: " in str(e.value) and "critic_loss=nan" in str(e.value)
     assert f"at step 15; stopped, last good checkpoint: step 10 in {ckpt_dir}" in str(e.value)
     assert Checkpointer(ckpt_dir).all_steps() == [10]
+
+
+def test_loss_guard_state_round_trips_through_json():
+    # what a checkpoint keeps: a restored guard sets the same threshold and judges the next losses as the
+    # original does (a fresh one would accept anything until its first good loss)
+    g = numerics.LossGuard("cpt", "skip", 1.1)
+    for loss in (3.0, 2.8, 2.9, 4.0, 2.7):
+        g.check(1, loss, "step 0")
+    back = numerics.LossGuard("cpt", "skip", 1.1).restore(json.loads(json.dumps(g.state())))
+    assert back.state() == g.state() and back.max_loss() == g.max_loss() and g.skipped == 1
+    assert [back.check(2, v, "") for v in (3.3, 2.9)] == [g.check(2, v, "") for v in (3.3, 2.9)] == [False, True]
+    assert numerics.LossGuard("cpt", "skip", 1.1).restore(None).max_loss() == float("inf")  # a checkpoint from before

@@ -101,6 +101,33 @@ def test_rerun_skips_finished_domains_and_redoes_a_half_written_one(tiny_space):
     assert again.manifest["domains"] == space.manifest["domains"]
 
 
+def test_a_killed_reprepare_leaves_no_manifest_of_the_old_data(tmp_path, monkeypatch):
+    # Prepared, then prepared again with another config and killed after a domain was rewritten: the old
+    # manifest must not say the data are complete (a pipeline would skip prepare and read the new half).
+    from dma_jax import prepare
+    from dma_jax.runs import RunDir
+
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}"], variant="tiny")
+    run_prepare(cfg, progress=False)
+    assert RunDir(cfg).prepared()
+    other = load_config(DEMO, [f"run.out_dir={tmp_path}", "data.heldout_fraction=0.1"], variant="tiny")
+    real, calls = prepare._prepare_domain, {"n": 0}
+
+    def killed(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "_prepare_domain", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(other, progress=False)
+    monkeypatch.undo()
+    assert not RunDir(cfg).prepared() and not RunDir(other).prepared()
+    again = run_prepare(cfg, progress=False)  # the same command as the first: the old data back, complete
+    assert RunDir(cfg).prepared() and again.manifest["config"]["heldout_fraction"] == 0.05
+
+
 def test_other_tokenizer_is_refused_and_nothing_is_lost(tiny_space, tmp_path):
     cfg, space = tiny_space
     import tokenizers

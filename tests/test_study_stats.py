@@ -1,7 +1,6 @@
 """The study's statistics (issue 18) against scipy, printed tables, hand computations and simulation:
 Student t quantiles, intervals and p-values, Holm's correction, the minimal detectable effect, Spearman's correlation and the paired differences of policies (moved from test_study.py)."""
 
-import itertools
 import math
 from types import SimpleNamespace
 

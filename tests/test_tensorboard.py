@@ -109,6 +109,30 @@ def test_a_resumed_log_hides_every_point_past_its_checkpoint(tmp_path):
     assert _points(tmp_path) == {"a": [(2, -2.0)]}
 
 
+def test_flushed_points_survive_a_kill_right_after_the_flush(tmp_path):
+    # A stage flushes its logs, then checkpoints; a kill after that must not lose the flushed points (the resume
+    # writes only later steps). The child appends, flushes and dies at once (os._exit: no atexit, no close).
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from dma_jax.tb_log import TbLog\n"
+            "log = TbLog(sys.argv[1]); log.truncate_after(-1)\n"
+            "for step in range(1, 201): log.append({'step': step, 'a': float(step), 'b': -float(step)})\n"
+            "log.flush()\n"
+            "log.append({'step': 201, 'a': 201.0})\n"  # after the flush: may be lost, as a kill may lose it
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    got = _points(tmp_path)
+    assert [s for s, _ in got["b"]] == list(range(1, 201))
+    assert [s for s, _ in got["a"]][:200] == list(range(1, 201))
+    log = TbLog(tmp_path)  # and a flushed log goes on writing, into its next file
+    log.append({"step": 1, "c": 1.0})
+    log.flush()
+    log.append({"step": 2, "c": 2.0})
+    log.close()
+    assert _points(tmp_path)["c"] == [(1, 1.0), (2, 2.0)]
+
+
 def test_a_log_that_writes_nothing_makes_no_file_and_other_processes_log_nothing(tmp_path):
     log = stage_log(tmp_path / "metrics.jsonl", primary=True)
     log.truncate_after(4)
@@ -177,7 +201,8 @@ def test_pretrain_events_equal_its_metrics_log_after_a_crash_and_resume(data_dir
     run_pretrain(cfg, "proxy", devices=jax.devices()[:1], progress=False)
     out = tmp_path / "run" / "pretrain-proxy"
     files = sorted((out / "tb").iterdir())
-    assert len(files) == 2 and max(_raw_steps(files[0])) == 5  # the crashed run wrote past its checkpoint
+    # the crashed run: a file closed at its checkpoint (step 4), one past it (5, purged); the resumed run: 5-8
+    assert [sorted(set(_raw_steps(f))) for f in files] == [[1, 2, 3, 4], [5], [5, 6, 7, 8]]
     want = _jsonl_points(out / "metrics.jsonl")
     assert {"loss", "grad_norm", "tokens_per_s", "lr", "eval_loss"} == set(want)
     assert [s for s, _ in want["loss"]] == list(range(1, 9)) and [s for s, _ in want["eval_loss"]] == [4, 8]
@@ -203,7 +228,9 @@ def test_cpt_events_match_its_history_after_two_crashes(prepared_world, tmp_path
         monkeypatch.undo()
     cpt_mod.run_cpt(cfg, "fixed-0.3", 0, devices=jax.devices()[:1], progress=False)
     run = out / "cpt" / "fixed-0.3" / "seed0"
-    assert len(list((run / "tb").iterdir())) == 3
+    # crash 1 (no checkpoint yet); the fresh start's file closed at its checkpoint (step 2) and crash 2's past it;
+    # the resumed run's
+    assert [sorted(set(_raw_steps(f))) for f in sorted((run / "tb").iterdir())] == [[0, 1], [0, 1, 2], [3], [3, 4]]
     h = json.loads((run / "history.json").read_text())
     doms, fields = h["domain_names"], h["fields"]
     at_eval = [t * S for t in range(T + 1)]

@@ -164,8 +164,10 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_log = stage_log(out / "metrics.jsonl", shd.is_primary())  # and its TensorBoard events in tb/
     start = ckpt.latest_step()
+    resumed = {}
     if start is not None:
-        _check_resume(ckpt.read_meta(start), meta, ckpt.directory)
+        resumed = ckpt.read_meta(start)
+        _check_resume(resumed, meta, ckpt.directory)
         state, _, _ = ckpt.restore(_abstract(init_fn), start)
         log.info("agent %s: resumed from step %d", stage, start)
     else:
@@ -174,6 +176,7 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
 
     total, k = stage_cfg.steps, cfg.updates_per_dispatch
     guard = LossGuard(f"agent {stage}", cfg.on_nonfinite, cfg.max_loss_spike, setting="agent")
+    guard.restore(resumed.get("loss_guard"))
     loss_key = "bc_nll" if stage == "sft" else "critic_loss"  # the loss whose spikes count
     loop = StageLoop(f"agent {stage}", ckpt, total // k, "step", progress, bar_scale=k,
                      due=lambda d: (d * k) % cfg.checkpoint_every == 0, event_before_save="agent.dispatch",
@@ -207,7 +210,8 @@ def run_train_agent(agent_cfg: AgentConfig, dataset_dir: str | Path, out_dir: st
             raise DmaError(f"agent {stage}: the state has NaN/Inf values at step {d * k}; last good checkpoint: "
                            f"step {ckpt.latest_step()} in {ckpt.directory}")
         metrics_log.flush()
-        ckpt.save(d * k, state, meta=meta, check_finite=False)  # checked above in one compiled program
+        ckpt.save(d * k, state, meta=meta | {"loss_guard": guard.state()},
+                  check_finite=False)  # checked above in one compiled program
 
     loop.run(start // k, unit, save)
     metrics_log.flush()
