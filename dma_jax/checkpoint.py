@@ -68,13 +68,16 @@ def _async_by_default() -> bool:
 class Checkpointer:
     """Keep-last-N checkpoints of (state pytree, meta JSON, data-iterator JSON)."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool | None = None):
-        """`async_save=None`: asynchronous on an accelerator, synchronous on CPU."""
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool | None = None,
+                 create: bool = True):
+        """`async_save=None`: asynchronous on an accelerator, synchronous on CPU. `create=False` for a reader: no
+        folder is made (a missing one has no checkpoint). Use it as a context manager (or `close()` it) so that
+        an error while reading does not leave Orbax's threads to fail at interpreter exit."""
         self.directory = checkpoint_path(directory)
         if async_save is None:
             async_save = _async_by_default()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
             temporary_path_class=_FaultBeforeCommit if faults.armed("ckpt.save_mid") else None,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -148,6 +151,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _first_line(e: Exception) -> str:

@@ -51,11 +51,17 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_non_negative_int.__name__ = "non-negative integer"  # argparse names the type in its error: "invalid ... value"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
     return value
+
+
+_positive_int.__name__ = "positive integer"
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -90,8 +96,12 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
 
 def cmd_cpt(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    for name in args.policy or list(cfg.cpt.policies):
-        for seed in args.seed if args.seed is not None else list(cfg.cpt.seeds):
+    policies, seeds = args.policy or list(cfg.cpt.policies), args.seed if args.seed is not None else list(cfg.cpt.seeds)
+    for what, value, flag in (("cpt.policies", policies, "--policy"), ("cpt.seeds", seeds, "--seed")):
+        if not value:
+            raise DmaError(f"{what} is empty and no {flag} was given: nothing to run")
+    for name in policies:
+        for seed in seeds:
             print(pipeline().cpt(cfg, name, seed, progress=not args.no_progress))
     return 0
 
@@ -268,7 +278,7 @@ def _add_export_parser(sub) -> None:
     p.add_argument("what", choices=("target", "agent", "schedule"))
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--policy", default="agent-cql", help="target, schedule: which CPT run (default: agent-cql)")
-    p.add_argument("--seed", type=int, default=0, help="target, schedule: which seed (default: 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="target, schedule: which seed (default: 0)")
     p.add_argument("--stage", choices=("sft", "cql"), default="cql", help="agent, schedule --feedback: which "
                    "stage (default: cql)")
     p.add_argument("--feedback", metavar="FILE", help="schedule: instead of a CPT run's, the mixtures the exported "
@@ -319,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # finished work is kept: re-running resumes
             print(f"dma: error: no space left on device writing {e.filename}; free space and re-run the same "
                   "command", file=sys.stderr)
+            return 2
+        if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+                          FileNotFoundError)) and e.filename:  # a path the user gave that cannot be written/read
+            print(f"dma: error: {e.filename}: {e.strerror}", file=sys.stderr)
             return 2
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"dma: internal error: {type(e).__name__}: {first[:300]} (re-run with --debug for the traceback)",

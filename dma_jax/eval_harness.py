@@ -275,6 +275,11 @@ def run_eval(cfg: Config, *, model: str | None = None, policy: str | None = None
     """Score one model on lm-eval tasks (our fields' `dma_<field>` by default); write the results JSON
     (`<run.out_dir>/eval/<what>.json` unless `out`). Returns (its path, lm-eval's results dict)."""
     lm_eval = import_lm_eval()
+    if out is not None and "://" not in str(out):  # before the evaluation, not after it
+        blocked = next((a for a in Path(out).absolute().parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None or Path(out).is_dir():
+            raise DmaError(f"eval --out {out}: " + (f"{blocked} is a file, not a folder" if blocked else
+                                                     "is a folder; give a file name"))
     if not progress:
         import datasets
 

@@ -57,8 +57,10 @@ def import_target(cfg: Config, hf_dir: str) -> Path:
         fix = ", ".join(f"target.{k}={got[k]}" for k in diff)
         raise DmaError(f"{hf_dir}: the checkpoint's shape differs from the config's target model; set {fix}")
     ckpt = Checkpointer(RunDir(cfg).pretrain_checkpoints("target"), keep=1)
-    if ckpt.latest_step() is not None:
-        check_model_meta(ckpt.read_meta(), want, "target", ckpt.directory)
+    if (step := ckpt.latest_step()) is not None:
+        ckpt.close()
+        raise DmaError(f"{ckpt.directory}: already holds a base target (step {step}); delete that folder to "
+                       "import another, or use another run.out_dir (nothing was changed)")
     lm = LMDef.build(cfg.target)
     steps = cfg.pretrain.steps_for("target")
     tx = make_optimizer(cfg.optim, steps)

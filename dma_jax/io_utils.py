@@ -19,6 +19,8 @@ from typing import Any, Iterable, Union
 
 from etils import epath
 
+from dma_jax.errors import DmaError
+
 AnyPath = Union[Path, epath.Path]
 
 _UMASK = os.umask(0)
@@ -80,14 +82,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         line = line.strip()
         if not line:
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is dropped on rewrite
+            if any(rest.strip() for rest in lines[i + 1:]):  # not the last line: damage, not a kill
+                raise DmaError(f"{path}: line {i + 1} is not JSON but later lines are: the log was damaged, not cut "
+                               "by a kill (a resume would drop the records after it); repair or delete it") from None
+            break  # the last line, cut by a kill: dropped on rewrite
     return out
 
 

@@ -248,34 +248,37 @@ def check_model_meta(meta: dict, model_cfg: dict, which: str, where) -> None:
 
 
 def load_base_params(cfg: Config, which: str, ckpt_dir) -> Params:
-    """The parameters of the last checkpoint of `dma pretrain --model which` in `ckpt_dir` (on the default
-    device); the model config recorded with it must be the config's."""
-    ckpt = Checkpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is None:
-        raise DmaError(f"{ckpt_dir}: no base {which} checkpoint (run `dma pretrain --model {which}` first)")
-    check_model_meta(ckpt.read_meta(step), dump_config(cfg)[which], which, ckpt.directory)
-    lm = LMDef.build(getattr(cfg, which))
-    tx = make_optimizer(cfg.optim, cfg.pretrain.steps_for(which))
-    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("d",)), PartitionSpec())
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
-    state, _, _ = ckpt.restore(abstract, step)
-    ckpt.close()
+    """The parameters of the final checkpoint of `dma pretrain --model which` in `ckpt_dir` (on the default
+    device); the model config recorded with it must be the config's, and pretraining must have finished (a base
+    left at an earlier step by a killed or shortened pretraining is refused, not used)."""
+    steps = cfg.pretrain.steps_for(which)
+    with Checkpointer(ckpt_dir, create=False) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise DmaError(f"{ckpt_dir}: no base {which} checkpoint (run `dma pretrain --model {which}` first)")
+        if step < steps:
+            raise DmaError(f"{ckpt_dir}: the base {which} is at step {step} of pretrain steps {steps}: pretraining "
+                           f"did not finish (run `dma pretrain --model {which}` to finish it)")
+        check_model_meta(ckpt.read_meta(step), dump_config(cfg)[which], which, ckpt.directory)
+        lm = LMDef.build(getattr(cfg, which))
+        tx = make_optimizer(cfg.optim, steps)
+        sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("d",)), PartitionSpec())
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                jax.eval_shape(lambda: init_state(lm, tx, 0)))
+        state, _, _ = ckpt.restore(abstract, step)
     return state.params
 
 
 def load_cpt_params(cfg: Config, policy: str, seed: int, ckpt_dir) -> Params:
     """The final target parameters of `dma cpt --policy policy --seed seed`, checkpointed in `ckpt_dir`
     (on the first device)."""
-    ck = Checkpointer(ckpt_dir)
-    if ck.latest_step() is None:
-        raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
-    lm = LMDef.build(cfg.target)
-    tx = make_optimizer(cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                            jax.eval_shape(lambda: init_state(lm, tx, 0)))
-    state, _, _ = ck.restore(abstract)
-    ck.close()
+    with Checkpointer(ckpt_dir, create=False) as ck:
+        if ck.latest_step() is None:
+            raise DmaError(f"{ckpt_dir}: no CPT checkpoint (run `dma cpt --policy {policy} --seed {seed}` first)")
+        lm = LMDef.build(cfg.target)
+        tx = make_optimizer(cfg.optim, cfg.cpt.num_stages * cfg.cpt.steps_per_stage)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                                jax.eval_shape(lambda: init_state(lm, tx, 0)))
+        state, _, _ = ck.restore(abstract)
     return state.params

@@ -128,7 +128,11 @@ def _wrong_shape_first(tensors: dict) -> None:
 CASES = [
     # --- configs (YAML) and overrides
     C("config-missing", "sample --config nope.yaml", ("nope.yaml", "config file not found")),
-    C("config-is-a-directory", "sample --config run", ("run", "config file not found")),
+    C("config-is-a-directory", "sample --config run", ("run", "a folder, not a config file")),
+    C("config-duplicate-key", SAMPLE, ("cfg.yaml", "duplicate key 'run'"), _on("cfg.yaml", lambda p: put(p,
+        p.read_text() + "\nrun: {seed: 1}\n"))),
+    C("config-variant-not-a-mapping", SAMPLE + " --variant tiny", ("cfg.yaml", "variant 'tiny'", "mapping"),
+      _on("cfg.yaml", lambda p: put(p, p.read_text() + "\nvariants: {tiny: 5}\n"))),
     C("config-empty", SAMPLE, ("cfg.yaml", "empty"), _on("cfg.yaml", empty)),
     C("config-truncated", SAMPLE, ("cfg.yaml", "not valid YAML"), _on("cfg.yaml", lambda p: put(p,
         p.read_text()[:60] + "\n  [unclosed: {"))),
@@ -145,6 +149,12 @@ CASES = [
     C("override-unknown-key", SAMPLE + " proxy.depth=3", ("unknown key 'proxy.depth'",)),
     C("override-bad-yaml", SAMPLE + " proxy.d_model=[1", ("proxy.d_model=[1", "not valid YAML")),
     C("override-wrong-type", SAMPLE + " sweep.num_stages=two", ("sweep.num_stages", "two")),
+    C("override-boolean-for-a-number", SAMPLE + " optim.lr=true", ("optim", "lr=true", "boolean")),
+    C("override-empty-cpt-seeds", "cpt --config cfg.yaml cpt.seeds=[]", ("cpt.seeds", "nothing to run")),
+    C("override-headroom-ramp-out-of-range", "headroom --config cfg.yaml headroom.high_low=[5,-1]",
+      ("headroom.high_low", "[0, 1]")),
+    C("override-headroom-no-seeds", "headroom --config cfg.yaml --on target headroom.seeds=[]",
+      ("headroom", "seeds is empty")),
     # --- CLI arguments
     C("cli-unknown-command", "frobnicate", ("invalid choice", "frobnicate")),
     C("cli-seed-not-int", "cpt --config cfg.yaml --seed abc", ("--seed", "abc")),
@@ -158,6 +168,11 @@ CASES = [
     C("cli-bench-budget-nan", "bench --config cfg.yaml --memory-budget-gb nan", ("--memory-budget-gb", "nan")),
     C("cli-bench-budget-negative", "bench --config cfg.yaml --memory-budget-gb -2", ("--memory-budget-gb", "-2")),
     C("cli-export-no-cpt-run", "export target --config cfg.yaml --policy nope", ("nope", "no CPT checkpoint")),
+    C("cli-export-seed-negative", "export schedule --config cfg.yaml --policy fixed-0.3 --seed -1", ("--seed", "-1")),
+    C("base-unfinished", "cpt --config cfg.yaml --policy fixed-0.3 --seed 0 pretrain.steps=100",
+      ("pretrain-target", "at step", "did not finish")),
+    C("import-over-a-base", IMPORT, ("pretrain-target", "already holds a base target")),
+    C("sample-over-a-finished-sweep", SAMPLE + " sweep.num_trajectories=3", ("trajectories.npz", "a sweep has run")),
     C("cli-import-hf-dir-missing", "import target --config cfg.yaml --hf-dir nowhere", ("nowhere", "not found")),
     # --- the data manifest
     C("manifest-missing", SAMPLE, ("manifest.json", "no manifest"), _rm(MANIFEST)),

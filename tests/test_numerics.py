@@ -330,3 +330,14 @@ def test_loss_guard_state_round_trips_through_json():
     assert back.state() == g.state() and back.max_loss() == g.max_loss() and g.skipped == 1
     assert [back.check(2, v, "") for v in (3.3, 2.9)] == [g.check(2, v, "") for v in (3.3, 2.9)] == [False, True]
     assert numerics.LossGuard("cpt", "skip", 1.1).restore(None).max_loss() == float("inf")  # a checkpoint from before
+
+
+def test_a_log_cut_by_a_kill_drops_its_last_line_but_a_damaged_one_is_refused(tmp_path):
+    from dma_jax.errors import DmaError
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"st')  # the last line cut by a kill: dropped
+    assert read_jsonl(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damage in the middle: refused, not silently cut
+    with pytest.raises(DmaError, match=r"metrics.jsonl: line 2 is not JSON but later lines are"):
+        read_jsonl(log)

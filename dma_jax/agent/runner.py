@@ -95,16 +95,15 @@ def _cql_init(setup: cql.CqlSetup, actor_fn, seed: int):
 
 
 def _finished_sft_actor(cfg: AgentConfig, agent: AgentDef, sft_dir: Path, dataset_sha: str, seed: int):
-    ckpt = Checkpointer(sft_dir)
-    step = ckpt.latest_step()
-    if step is None:
-        raise DmaError(f"{sft_dir}: no SFT checkpoint; run `dma train-agent --stage sft` first")
-    meta = ckpt.read_meta(step)
-    if step < meta.get("total_steps", step) or meta.get("dataset_sha256") != dataset_sha:
-        raise DmaError(f"{sft_dir}: SFT is unfinished (step {step} of {meta.get('total_steps')}) or was trained on "
-                       "another dataset; re-run `dma train-agent --stage sft`")
-    state, _, _ = ckpt.restore(_abstract(_sft_init(cfg, agent, seed)), step)
-    ckpt.close()
+    with Checkpointer(sft_dir, create=False) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise DmaError(f"{sft_dir}: no SFT checkpoint; run `dma train-agent --stage sft` first")
+        meta = ckpt.read_meta(step)
+        if step < meta.get("total_steps", step) or meta.get("dataset_sha256") != dataset_sha:
+            raise DmaError(f"{sft_dir}: SFT is unfinished (step {step} of {meta.get('total_steps')}) or was trained "
+                           "on another dataset; re-run `dma train-agent --stage sft`")
+        state, _, _ = ckpt.restore(_abstract(_sft_init(cfg, agent, seed)), step)
     return state.actor
 
 
@@ -227,31 +226,29 @@ def _find_checkpoints(path: Path) -> Path:
 
 def load_trained_critic(out_dir: str | Path) -> tuple[AgentDef, Any, dict]:
     """(agent, the critic's parameters, the spec) of the latest CQL checkpoint under `out_dir` (`<out_dir>/cql/`)."""
-    ckpt = Checkpointer(upath(out_dir) / "cql" / "checkpoints")
-    if ckpt.latest_step() is None:
-        raise DmaError(f"{upath(out_dir) / 'cql' / 'checkpoints'}: no CQL checkpoint (run `dma train-agent`)")
-    spec = ckpt.read_meta()["spec"]
-    cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
-    agent = AgentDef.build(cfg.model)  # only shapes matter: hyper-parameters do not change the state's layout
-    init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
-    state, _, _ = ckpt.restore(_abstract(init_fn))
-    ckpt.close()
+    with Checkpointer(upath(out_dir) / "cql" / "checkpoints", create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise DmaError(f"{upath(out_dir) / 'cql' / 'checkpoints'}: no CQL checkpoint (run `dma train-agent`)")
+        spec = ckpt.read_meta()["spec"]
+        cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
+        agent = AgentDef.build(cfg.model)  # only shapes matter: hyper-parameters do not change the state's layout
+        init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
+        state, _, _ = ckpt.restore(_abstract(init_fn))
     return agent, state.critic, spec
 
 
 def export_agent(ckpt_dir_or_out_dir: str | Path, export_dir: str | Path) -> dict:
     """Write the latest actor (CQL if trained, else SFT) as a standalone checkpoint + JSON spec; returns the spec."""
-    ckpt = Checkpointer(_find_checkpoints(upath(ckpt_dir_or_out_dir)))
-    meta = ckpt.read_meta()
-    spec = dict(meta["spec"], step=ckpt.latest_step())
-    cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
-    agent = AgentDef.build(cfg.model)
-    if spec["stage"] == "sft":
-        init_fn = _sft_init(cfg, agent, 0)
-    else:  # only shapes matter here: hyper-parameters do not change the state's layout
-        init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
-    state, _, _ = ckpt.restore(_abstract(init_fn))
-    ckpt.close()
+    with Checkpointer(_find_checkpoints(upath(ckpt_dir_or_out_dir)), create=False) as ckpt:
+        meta = ckpt.read_meta()
+        spec = dict(meta["spec"], step=ckpt.latest_step())
+        cfg = AgentConfig(model=AgentModelConfig.model_validate(spec["model"]))
+        agent = AgentDef.build(cfg.model)
+        if spec["stage"] == "sft":
+            init_fn = _sft_init(cfg, agent, 0)
+        else:  # only shapes matter here: hyper-parameters do not change the state's layout
+            init_fn = _cql_init(cql.CqlSetup(agent, cfg.cql, cfg.grad_clip, 0.0, 1.0), lambda: agent.init(0)[0], 0)
+        state, _, _ = ckpt.restore(_abstract(init_fn))
     export_dir = upath(export_dir)
     (export_dir / SPEC_FILE).unlink(missing_ok=True)  # an export without its spec reads as unfinished
     rmtree(export_dir / "checkpoint")
@@ -297,7 +294,6 @@ def load_exported_agent(export_dir: str | Path) -> LoadedAgent:
         raise DmaError(f"{spec_path}: model: {e.errors()[0]['msg']}") from None
     stats = FeatureStats.from_json(spec.get("feature_stats") or {}, str(spec_path))
     agent = AgentDef.build(model_cfg)
-    ckpt = Checkpointer(export_dir / "checkpoint")
-    restored, _, _ = ckpt.restore({"actor": agent.abstract_actor})
-    ckpt.close()
+    with Checkpointer(export_dir / "checkpoint", create=False) as ckpt:
+        restored, _, _ = ckpt.restore({"actor": agent.abstract_actor})
     return LoadedAgent(agent, restored["actor"], stats, spec)

@@ -108,6 +108,25 @@ def _check_remote_support(what: str) -> None:
 # ---------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently: a second
+    `run:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in update.items():
@@ -191,9 +210,9 @@ def load_config(
         where = str(path)
         p = Path(path)
         if not p.is_file():
-            raise DmaError(f"{where}: config file not found")
+            raise DmaError(f"{where}: " + ("a folder, not a config file" if p.is_dir() else "config file not found"))
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = _load_yaml(p.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise DmaError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
         if raw is None:
@@ -207,6 +226,9 @@ def load_config(
         if variant not in variants:
             known = ", ".join(sorted(variants)) or "none"
             raise DmaError(f"{where}: no variant '{variant}' (known: {known})")
+        if not isinstance(variants[variant], dict):
+            raise DmaError(f"{where}: variant '{variant}' must be a mapping of sections (a partial config), got "
+                           f"{type(variants[variant]).__name__}")
         raw = _deep_merge(raw, variants[variant])
     for text in overrides:
         key, value = parse_override(text)

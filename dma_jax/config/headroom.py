@@ -31,3 +31,17 @@ class HeadroomConfig(Section):
         if not v or not all(0.0 < x < 1.0 for x in v):
             raise ValueError(f"{list(v)} must be a non-empty list of shares in (0, 1)")
         return v
+
+    @pydantic.field_validator("high_low", "low_high")
+    @classmethod
+    def _check_ramp(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"{list(v)} must be two target shares (start, end) in [0, 1]")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _seeds_for_each_side(self) -> "HeadroomConfig":
+        for side, key in (("target", "seeds"), ("proxy", "proxy_seeds")):
+            if side in self.on and not getattr(self, key):
+                raise ValueError(f"{key} is empty, but headroom runs on the {side} (on: {list(self.on)})")
+        return self

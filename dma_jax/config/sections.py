@@ -6,8 +6,20 @@ from typing import Literal
 
 import pydantic
 
+
 class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        """Lax mode reads true as 1 (`optim.lr=true` -> lr 1.0): a boolean goes only where a bool is expected."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and "bool" not in str(field.annotation):
+                    raise ValueError(f"{key}={str(value).lower()}: a boolean where a number or text is expected")
+        return data
 
 
 BALANCED_HOW = ("mean", "min", "harmonic")  # how field scores aggregate into the balanced score B

@@ -70,9 +70,8 @@ def rescore_runs(cfg: Config, run_dirs: list[AnyPath], items: int, windows: int,
             hist = history.load(upath(d) / history.FILE)
             if not hist.complete or list(hist.domain_names) != space.names:
                 raise DmaError(f"{d}: not a finished CPT run of this domain space")
-            ckpt = Checkpointer(upath(d) / "checkpoints")
-            state, _, _ = ckpt.restore(trainer.abstract_state)
-            ckpt.close()
+            with Checkpointer(upath(d) / "checkpoints", create=False) as ckpt:
+                state, _, _ = ckpt.restore(trainer.abstract_state)
             raw = shd.to_host(evaluate(state.params, eval_set))
             norm = ev.normalise(raw, base_raw, ec)
             scores = np.asarray(norm["field_score"], np.float64)
