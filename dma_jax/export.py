@@ -31,7 +31,7 @@ from dma_jax.models import hf
 from dma_jax.models.lm import LMDef
 from dma_jax.policies import PolicyInput, SafePolicy, SpaceInfo, make_policy
 from dma_jax.runs import RunDir
-from dma_jax.train import check_model_meta, init_state, load_cpt_params, make_optimizer
+from dma_jax.train import init_state, load_cpt_params, make_optimizer
 
 
 def export_target(cfg: Config, policy: str, seed: int, out: str | None) -> Path:
