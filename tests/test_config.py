@@ -75,10 +75,10 @@ def test_values_and_overrides_apply(tmp_path):
         ({"proxy": {"d_model": 30, "n_heads": 4}}, [], r"c\.yaml: proxy: d_model=30 is not divisible by n_heads=4"),
         ({}, ["proxy.nope=1"], r"override 'proxy\.nope=1': unknown key 'proxy\.nope'"),
         ({}, ["pretrain.steps"], r"override 'pretrain\.steps': expected key\.sub=value"),
-        ({}, ["pretrain.steps=0"], r"c\.yaml: pretrain\.steps: .*greater than 0"),
+        ({}, ["pretrain.steps=0"], r"c\.yaml: override 'pretrain\.steps=0': pretrain\.steps: .*greater than 0"),
         ({}, ["data.record_len=4096"], r"c\.yaml: data\.record_len-1=4095 exceeds proxy\.max_seq_len"),
-        ({}, ["data.demo=false"], r"c\.yaml: data: no domains"),
-        ({}, ["data.tokenizer.kind=hf"], r"c\.yaml: data\.tokenizer: tokenizer kind 'hf' needs a path"),
+        ({}, ["data.demo=false"], r"c\.yaml: override 'data\.demo=false': data: no domains"),
+        ({}, ["data.tokenizer.kind=hf"], r"c\.yaml: override 'data\.tokenizer\.kind=hf': data\.tokenizer: tokenizer kind 'hf' needs a path"),
     ],
 )
 def test_bad_configs_give_one_line_errors_naming_file_and_key(tmp_path, obj, overrides, pattern):

@@ -31,6 +31,7 @@ from tests.toy_env import ToyEnv
 OVER = ["data.demo_fields=[source, math]", "mesh.data=1", "sweep.devices=1", "sweep.num_trajectories=4",
         "sweep.chunk_size=4", "sweep.num_stages=2", "sweep.steps_per_stage=2", "cpt.num_stages=2",
         "cpt.steps_per_stage=2"]
+LINKED = ("pretrain.steps=2",)  # the world's linked base models were pretrained 2 steps (tests/base_world.py)
 
 
 def _argv(world: World, out: Path, cmd: list[str], *extra: str) -> list[str]:
@@ -173,7 +174,7 @@ def test_sweep_nan_stops_and_keeps_the_last_good_checkpoint(prepared_world, tmp_
         return real(self, state, w, ids, t, max_loss_n)
 
     monkeypatch.setattr(sweep_mod.Sweep, "stage", stage)
-    rc, err = _run(_argv(prepared_world, tmp_path, ["sweep"]), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["sweep"], *LINKED), capsys)
     line = _one_line(err)
     ckpt_dir = tmp_path / "sweep" / "checkpoints"
     assert rc == 2 and f"sweep proxy 0: loss is nan at step 3; stopped, last good checkpoint: step 1 in {ckpt_dir}" \
@@ -187,7 +188,7 @@ def test_sweep_skip_is_per_proxy(prepared_world, tmp_path):
     from dma_jax.train import load_base_params
 
     prepared_world.link_base(tmp_path, ("proxy",))
-    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER,
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER, *LINKED,
                              "optim.on_nonfinite=skip"], variant="tiny")
     sw = sweep_mod.Sweep(cfg, DomainSpace.for_sweep(cfg), jax.devices()[:1])
     params = load_base_params(cfg, "proxy", RunDir(cfg).pretrain_checkpoints("proxy"))
@@ -211,7 +212,7 @@ def test_sweep_skip_is_per_proxy(prepared_world, tmp_path):
 def test_cpt_nan_stops_and_keeps_the_last_good_checkpoint(prepared_world, tmp_path, monkeypatch, capsys):
     prepared_world.link_base(tmp_path, ("target",))
     _poison_steps(monkeypatch, {3})  # the first step of the second re-weighting step
-    rc, err = _run(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"]), capsys)
+    rc, err = _run(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"], *LINKED), capsys)
     line = _one_line(err)
     run = tmp_path / "cpt" / "fixed-0.3" / "seed0"
     assert rc == 2 and (f"cpt fixed-0.3 seed 0: loss is nan at step 3; stopped, last good checkpoint: step 1 in "
@@ -224,11 +225,11 @@ def test_cpt_skip_finishes_with_finite_parameters(prepared_world, tmp_path, monk
     prepared_world.link_base(tmp_path, ("target",))
     _poison_steps(monkeypatch, {3})
     extra = ["optim.on_nonfinite=skip"]
-    assert main(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"], *extra)) == 0
+    assert main(_argv(prepared_world, tmp_path, ["cpt", "--policy", "fixed-0.3", "--seed", "0"], *LINKED, *extra)) == 0
     capsys.readouterr()
     run = tmp_path / "cpt" / "fixed-0.3" / "seed0"
     assert json.loads((run / "history.json").read_text())["complete"]
-    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER, *extra],
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}", f"data.dir={prepared_world.data_dir}", *OVER, *LINKED, *extra],
                       variant="tiny")
     state = _restored(run / "checkpoints", _abstract_state(cfg.target, cfg.optim))
     assert int(state.step) == 3  # 4 steps, one skipped

@@ -190,12 +190,23 @@ def _reject_non_finite(tree: Any, where: str, path: str = "") -> None:
         raise DmaError(f"{where}: {path}: value must be finite (got {tree})")
 
 
-def config_from_dict(raw: dict, where: str = "<config>") -> Config:
-    _reject_non_finite(raw, where)
+def config_from_dict(raw: dict, where: str = "<config>", overrides: tuple[str, ...] = ()) -> Config:
+    """Validate `raw`; an error names `where`, or the override (`key.sub=value`) that set the offending key."""
+    def blame(loc: str) -> str:
+        hits = [t for t in overrides if (k := t.split("=", 1)[0].strip()) == loc or loc.startswith(k + ".")
+                or k.startswith(loc + ".")]
+        return f"{where}: override '{hits[-1]}'" if hits else where
+
+    try:
+        _reject_non_finite(raw, where)
+    except DmaError as e:
+        loc = str(e).removeprefix(f"{where}: ").split(":", 1)[0]
+        raise DmaError(str(e).replace(where, blame(loc), 1)) from None
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as e:
-        raise DmaError(_format_validation_error(e, where)) from None
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise DmaError(_format_validation_error(e, blame(loc))) from None
 
 
 def load_config(
@@ -233,7 +244,7 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value, f"{where}: override '{text}'")
-    return config_from_dict(raw, where)
+    return config_from_dict(raw, where, tuple(overrides))
 
 
 def config_variants(path: str | Path) -> list[str]:
