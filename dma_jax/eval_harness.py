@@ -18,6 +18,7 @@ temporary folder, and it loads only our local task YAMLs (never its built-in tas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -268,6 +269,23 @@ def load_model(cfg: Config, model: str | None = None, policy: str | None = None,
 # ---------------------------------------------------------------------------- the stage
 
 
+@contextlib.contextmanager
+def _no_bars(off: bool):
+    """lm-eval's tqdm bars off while `off` (tqdm reads TQDM_DISABLE only when imported: its default is changed for
+    the call and restored)."""
+    if not off:
+        yield
+        return
+    import tqdm
+
+    init = tqdm.tqdm.__init__
+    tqdm.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = init
+
+
 def run_eval(cfg: Config, *, model: str | None = None, policy: str | None = None, seed: int = 0,
              hf_dir: str | None = None, tasks: Sequence[str] | None = None, include_path: Sequence[str] = (),
              limit: int | None = None, batch_size: int | None = None, out: str | None = None,
@@ -288,8 +306,9 @@ def run_eval(cfg: Config, *, model: str | None = None, policy: str | None = None
     what, lm, params = load_model(cfg, model, policy, seed, hf_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path)
     scorer = JaxScorer(lm, params, tokenizer, cfg.eval.max_len, batch_size or cfg.eval.batch_size)
-    res = lm_eval.simple_evaluate(model=harness_lm(scorer), tasks=names, task_manager=tm, limit=limit,
-                                  log_samples=False, bootstrap_iters=1000)
+    with _no_bars(not progress):
+        res = lm_eval.simple_evaluate(model=harness_lm(scorer), tasks=names, task_manager=tm, limit=limit,
+                                      log_samples=False, bootstrap_iters=1000)
     if res is None:  # only on a non-primary rank of a multi-process lm-eval run
         raise DmaError("eval: lm-eval returned no results")
     res["dma"] = {"what": what, "max_len": cfg.eval.max_len, "model": lm.cfg.model_dump(mode="json")}
