@@ -143,8 +143,13 @@ def sweep_plan(cfg: Config, n_devices: int, hbm: int) -> dict:
 
 def memory_plan(cfg: Config, slices: dict[str, tuple[int, int]] | None = None) -> dict:
     """{slice name: {"target": target_plan, "sweep": sweep_plan}} for each slice (default `SLICES`)."""
-    return {name: {"chips": n, "target": target_plan(cfg, n, hbm), "sweep": sweep_plan(cfg, n, hbm)}
-            for name, (n, hbm) in (slices or SLICES).items()}
+    out = {}
+    for name, (n, hbm) in (slices or SLICES).items():
+        try:
+            out[name] = {"chips": n, "target": target_plan(cfg, n, hbm), "sweep": sweep_plan(cfg, n, hbm)}
+        except DmaError as e:  # say which slice: the mesh (and its data axis) is the slice's
+            raise DmaError(f"slice {name} ({n} chips): {e}") from None
+    return out
 
 
 def format_memory_plan(cfg: Config, result: dict) -> str:
