@@ -239,9 +239,29 @@ def _task_manager(cfg: Config, tasks: Sequence[str] | None, include_path: Sequen
     unknown = [t for t in names if t not in tm.all_tasks]
     if unknown or not names:
         known = ", ".join(tm.all_tasks) or "none"
+        broken = _unreadable_yamls(include_path)
         raise DmaError(f"eval: unknown task {unknown[0] if unknown else '(none found)'} (known: {known}; "
-                       "local task YAMLs come from --include-path)")
+                       "local task YAMLs come from --include-path" + (f"; not valid YAML, so skipped by lm-eval: "
+                                                                       f"{broken}" if broken else "") + ")")
     return tm, names
+
+
+def _unreadable_yamls(folders: Sequence[str]) -> str:
+    """The first task YAML under `folders` that does not parse, with its error ('' if all do); lm-eval's own tags
+    (`!function`) are accepted."""
+    import yaml
+
+    class _AnyTag(yaml.SafeLoader):
+        pass
+
+    _AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.load(path.read_text(), Loader=_AnyTag)  # noqa: S506 - a SafeLoader subclass
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                return f"{path} ({str(e).splitlines()[0]})"
+    return ""
 
 
 # ---------------------------------------------------------------------------- models

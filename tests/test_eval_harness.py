@@ -151,12 +151,18 @@ def _one_line_error(capsys, argv, match):
     assert len(err.strip().splitlines()) == 1 and err.startswith("dma: error: ") and match in err, err
 
 
-def test_unknown_task_missing_checkpoint_and_missing_extra_are_one_line_errors(world, capsys, monkeypatch):
+def test_unknown_task_missing_checkpoint_and_missing_extra_are_one_line_errors(world, capsys, monkeypatch, tmp_path):
     base = ["eval", "--variant", "tiny", *world["overrides"]]
     _one_line_error(capsys, [*base, "--model", "proxy", "--tasks", "no_such_task"], "unknown task no_such_task")
     _one_line_error(capsys, [*base, "--policy", "uniform", "--seed", "3"], "no CPT checkpoint")
     _one_line_error(capsys, [*base, "--model", "target"], "no base target checkpoint")
     _one_line_error(capsys, [*base, "--include-path", "/nonexistent/tasks"], "is not a folder")
+    broken = tmp_path / "tasks"
+    broken.mkdir()
+    (broken / "b.yaml").write_text("task: broken\ndataset_path: [unclosed\n")
+    (broken / "ok.yaml").write_text("task: fine\nprocess_docs: !function utils.process\n")  # lm-eval's own tag
+    _one_line_error(capsys, [*base, "--model", "proxy", "--tasks", "broken", "--include-path", str(broken)],
+                    f"not valid YAML, so skipped by lm-eval: {broken / 'b.yaml'}")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
     eval_harness.import_lm_eval.cache_clear()
     try:
