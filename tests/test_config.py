@@ -101,3 +101,18 @@ def test_missing_file_bad_yaml_and_unknown_variant(tmp_path):
         load_config(lst)
     with pytest.raises(DmaError, match="no variant 'huge'"):
         load_config(_write(tmp_path, {}), variant="huge")
+
+
+def test_an_override_indexes_a_list_of_sections(tmp_path):
+    # data.domains is a list: `data.domains.1.paths=...` sets the second entry's paths (it used to replace the list
+    # by a dict); a missing entry or an unknown key inside an entry is a one-line error naming the override
+    path = tmp_path / "u.yaml"
+    path.write_text("data:\n  demo: false\n  domains:\n"
+                    "    - {name: a, field: source, kind: text, paths: [/a/*.txt]}\n"
+                    "    - {name: b, field: math, kind: text, paths: [/b/*.txt]}\n")
+    cfg = load_config(path, ["data.domains.1.paths=[/x/*.txt]"])
+    assert [d.paths for d in cfg.data.domains] == [("/a/*.txt",), ("/x/*.txt",)]
+    with pytest.raises(DmaError, match=r"override 'data.domains.5.paths=\[/x\]': 'data.domains' has 2 entries"):
+        load_config(path, ["data.domains.5.paths=[/x]"])
+    with pytest.raises(DmaError, match=r"unknown key 'data.domains.1.nope'"):
+        load_config(path, ["data.domains.1.nope=1"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -137,18 +138,45 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _item_model(ann) -> type[pydantic.BaseModel] | None:
+    """The model of a `tuple[Model, ...]` / `list[Model]` field's entries (None for other fields)."""
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) in (tuple, list) and args and isinstance(args[0], type) \
+            and issubclass(args[0], pydantic.BaseModel):
+        return args[0]
+    return None
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    """Set `a.b.c` in the raw config; an integer part indexes a list of sections (`data.domains.0.paths`)."""
     keys = dotted.split(".")
-    node = tree
+    node: Any = tree
     model: type[pydantic.BaseModel] | None = Config
+    entries: type[pydantic.BaseModel] | None = None  # the entry model of the list `node` is, if it is one
     for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise DmaError(f"{where}: '{'.'.join(keys[:i])}' has {len(node)} entries (0-{len(node) - 1}); "
+                               f"no entry {k!r}")
+            if last:
+                node[int(k)] = value
+                return
+            if not isinstance(node[int(k)], dict):
+                node[int(k)] = {}
+            node, model, entries = node[int(k)], entries, None
+            continue
         fields = model.model_fields if model is not None else {}
         if model is not None and k not in fields:
             raise DmaError(f"{where}: unknown key '{'.'.join(keys[: i + 1])}'")
         ann = fields[k].annotation if model is not None else None
+        entries = _item_model(ann)
         model = ann if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel) else None
-        if i == len(keys) - 1:
+        if last:
             node[k] = value
+        elif isinstance(node.get(k), (list, tuple)) and keys[i + 1].isdigit():
+            node[k] = list(node[k])
+            node = node[k]
         else:
             if not isinstance(node.get(k), dict):
                 node[k] = {}
