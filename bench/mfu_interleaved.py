@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--burst", type=float, default=0.4, help="seconds per timing (best of the calls in it)")
     p.add_argument("--out", type=Path, default=Path("bench_mfu.json"))
+    p.add_argument("--attention", default="xla", help="comma-separated model.attention values, each a row per model "
+                   "(e.g. xla,cudnn: side by side in the same rounds)")
     p.add_argument("--only", action="append", help="this model only (repeatable: demo proxy, demo target, large proxy)")
     args = p.parse_args(argv)
 
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
                         max_seq_len=128)
     models = (("demo proxy", cfg.proxy, 8, 64), ("demo target", cfg.target, 16, 128), ("large proxy", large, 8, 64))
     models = tuple(m for m in models if not args.only or m[0] in args.only)
+    kinds = args.attention.split(",")
+    models = tuple((name if len(kinds) == 1 else f"{name} ({a})", model.model_copy(update={"attention": a}), b, L)
+                   for name, model, b, L in models for a in kinds)
     dev = jax.devices()[0]
     n = 2048
     a_NxN = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), dev)
