@@ -251,9 +251,7 @@ def _unreadable_yamls(folders: Sequence[str]) -> str:
     (`!function`) are accepted."""
     import yaml
 
-    class _AnyTag(yaml.SafeLoader):
-        pass
-
+    _AnyTag = type("_AnyTag", (yaml.SafeLoader,), {})  # noqa: N806
     _AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
     for folder in folders:
         for path in sorted(Path(folder).rglob("*.yaml")):
@@ -293,13 +291,10 @@ def load_model(cfg: Config, model: str | None = None, policy: str | None = None,
 def _no_bars(off: bool):
     """lm-eval's tqdm bars off while `off` (tqdm reads TQDM_DISABLE only when imported: its default is changed for
     the call and restored)."""
-    if not off:
-        yield
-        return
     import tqdm
 
     init = tqdm.tqdm.__init__
-    tqdm.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    tqdm.tqdm.__init__ = functools.partialmethod(init, disable=True) if off else init
     try:
         yield
     finally:
