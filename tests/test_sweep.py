@@ -133,6 +133,43 @@ def test_a_crashed_sweep_resumes_and_ends_equal(prepared_world, reference, tmp_p
     np.testing.assert_array_equal(ds.feedback, reference.feedback)
 
 
+def test_a_resumed_sweep_checks_spikes_against_each_proxys_running_mean(prepared_world, tmp_path, monkeypatch):
+    # optim.max_loss_spike with skip: each proxy skips a step whose loss is above 1.0001 x the running mean of its
+    # good losses. The means are kept in the checkpoint per trajectory, so a crashed-and-resumed sweep skips the
+    # same steps and ends with the same feedback (a fresh mean would accept every loss until its first good one).
+    from dma_jax.checkpoint import Checkpointer
+
+    spike = ("sweep.chunk_size=8", "optim.max_loss_spike=1.0001", "optim.on_nonfinite=skip", "optim.lr=0.1",
+             "optim.warmup_steps=1", "sweep.num_stages=4")  # a high flat rate: losses that jump
+    outs = []
+    for name, crash in (("a", False), ("b", True)):
+        out = tmp_path / name
+        out.mkdir()
+        _link_pretrain(prepared_world, out)
+        cfg = _cfg(prepared_world, out, *spike)
+        if crash:
+            real, calls = sweep_mod.Sweep.stage, {"n": 0}
+
+            def crashing(self, *a, **k):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise RuntimeError("simulated crash in stage 2")
+                return real(self, *a, **k)
+
+            monkeypatch.setattr(sweep_mod.Sweep, "stage", crashing)
+            with pytest.raises(RuntimeError):
+                sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
+            monkeypatch.undo()
+        s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
+        ck = Checkpointer(out / "sweep" / "checkpoints")
+        outs.append((offline_data.load(s.out_dir).feedback, ck.read_meta()["loss_guards"]))
+        ck.close()
+    (fb_a, guards_a), (fb_b, guards_b) = outs
+    assert sum(g["skipped"] for g in guards_a) >= 1  # the setting bites
+    assert guards_b == guards_a
+    np.testing.assert_array_equal(fb_b, fb_a)
+
+
 def test_config_hash_ignores_where_the_run_lives_but_not_what_it_computes():
     cfg = lambda *over: load_config(DEMO, list(over), variant="tiny")  # noqa: E731
     a = sweep_mod.config_hash(cfg("run.out_dir=/tmp/a"))
