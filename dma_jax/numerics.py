@@ -1,8 +1,8 @@
 """Numerical health of the training loops: a NaN/Inf loss or a loss spike stops the stage or skips the step.
 
 Config (`optim.*` for the LM stages, `agent.*` for the agent): `on_nonfinite: stop|skip`
-and `max_loss_spike` (a loss above `max_loss_spike` x the running mean of the earlier
-good losses counts as bad; None: spikes are not checked).
+and `max_loss_spike` (a loss above m + (max_loss_spike - 1) |m|, m the running mean of the earlier good
+losses, counts as bad: max_loss_spike x m when m > 0; None: spikes are not checked).
 
 - stop: the host checks the losses it already reads (per step in pretrain, per
   dispatch or re-weighting step elsewhere) and raises a one-line `DmaError` naming
@@ -70,8 +70,12 @@ class LossGuard:
         return self
 
     def max_loss(self) -> float:
-        """The spike threshold for the next steps (inf while spikes are off or nothing is known yet)."""
-        return math.inf if self.ratio is None or self.mean is None else self.ratio * self.mean
+        """The spike threshold for the next steps (inf while spikes are off or nothing is known yet):
+        mean + (max_loss_spike - 1) x |mean|, i.e. max_loss_spike x mean for a positive mean, and as far above a
+        negative one (an agent's log-likelihood loss can be negative: ratio x mean would lie below the mean there)."""
+        if self.ratio is None or self.mean is None:
+            return math.inf
+        return self.mean + (self.ratio - 1.0) * abs(self.mean)
 
     def problem(self, loss: float, max_loss: float | None = None) -> str | None:
         """Why `loss` is bad (None if it is good) against `max_loss` (default: the current threshold)."""
@@ -79,8 +83,8 @@ class LossGuard:
         if not math.isfinite(loss):
             return f"loss is {loss}"
         if loss > max_loss:
-            return (f"loss spike: {loss:.4g} is {loss / self.mean:.3g}x the running mean {self.mean:.4g} "
-                    f"({self.setting}.max_loss_spike={self.ratio})")
+            return (f"loss spike: {loss:.4g} is above {max_loss:.4g}, the running mean {self.mean:.4g} + "
+                    f"{self.ratio - 1:.3g} x |mean| ({self.setting}.max_loss_spike={self.ratio})")
         return None
 
     def check(self, step: int, loss: float, last_good: str, max_loss: float | None = None,

@@ -143,6 +143,26 @@ def test_resume_ends_where_an_uninterrupted_run_ends(dataset_dir, tmp_path):
         run_train_agent(_cfg(sft={"lr": 0.5}), dataset_dir, tmp_path / "resumed", "sft", progress=False)
 
 
+def test_a_resumed_agent_checks_spikes_against_the_same_running_mean(dataset_dir, tmp_path):
+    # agent.max_loss_spike with skip: the running mean of the good losses is in the checkpoint, so a run stopped at
+    # step 10 and resumed skips the same updates as a straight one and ends with the same actor
+    from dma_jax.checkpoint import Checkpointer
+
+    spike = {"max_loss_spike": 1.0001, "on_nonfinite": "skip"}
+    run_train_agent(_cfg(**spike), dataset_dir, tmp_path / "straight", "sft", progress=False)
+    run_train_agent(_cfg(sft={"steps": 10}, **spike), dataset_dir, tmp_path / "resumed", "sft", progress=False)
+    run_train_agent(_cfg(**spike), dataset_dir, tmp_path / "resumed", "sft", progress=False)
+    guards = []
+    for run in ("straight", "resumed"):
+        with Checkpointer(tmp_path / run / "sft" / "checkpoints", create=False) as ck:
+            guards.append(ck.read_meta()["loss_guard"])
+    assert guards[0] == guards[1] and guards[0]["mean"] is not None
+    a = _exported_actor(tmp_path / "straight", tmp_path / "e1")
+    b = _exported_actor(tmp_path / "resumed", tmp_path / "e2")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def _exported_actor(out, export_dir):
     export_agent(out, export_dir)
     return load_exported_agent(export_dir).actor

@@ -95,9 +95,15 @@ def test_loss_guard_running_mean_threshold_and_messages():
         assert g.check(step, loss, "step 0 in X")
     mean = 0.9 * (0.9 * 4.0 + 0.1 * 3.0) + 0.1 * 2.0  # EMA by hand
     assert g.max_loss() == pytest.approx(2.0 * mean)
-    with pytest.raises(DmaError, match=r"pretrain proxy: loss spike: 9 is .*x the running mean .* at step 4; "
+    with pytest.raises(DmaError, match=r"pretrain proxy: loss spike: 9 is above .*, the running mean .* at step 4; "
                                        r"stopped, last good checkpoint: step 3 in X"):
         g.check(4, 9.0, "step 3 in X")
+    # a negative mean (an agent's log-likelihood loss): the threshold lies as far above it, not ratio x mean
+    # (which would be below the mean and call every improving loss a spike)
+    n = numerics.LossGuard("agent sft", "skip", 1.5, setting="agent")
+    assert n.check(1, -4.0, "-") and n.max_loss() == pytest.approx(-2.0)
+    assert n.check(2, -5.0, "-")  # better than the mean: good (ratio x mean = -6 would have called it a spike)
+    assert not n.check(3, -0.5, "-", max_loss=n.max_loss()) and n.skipped == 1  # far above: a spike
     with pytest.raises(DmaError, match=r"pretrain proxy: loss is nan at step 5"):
         g.check(5, math.nan, "step 3 in X")
     s = numerics.LossGuard("sweep", "skip", None)

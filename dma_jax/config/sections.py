@@ -100,8 +100,8 @@ class OptimConfig(Section):
     b2: float = pydantic.Field(0.95, ge=0.0, lt=1.0)
     eps: PosFloat = 1e-8
     grad_clip: PosFloat | None = 1.0
-    # Numerical health (dma_jax.numerics): a NaN/Inf loss, or one above max_loss_spike x the running
-    # mean of the earlier losses, stops the stage (last good checkpoint kept) or skips that step.
+    # Numerical health (dma_jax.numerics): a NaN/Inf loss, or one above max_loss_spike x the running mean
+    # m of the earlier losses (m + (ratio-1)|m| if m < 0), stops the stage (last good ckpt kept) or skips that step.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_loss_spike: float | None = pydantic.Field(None, gt=1.0)  # None: spikes are not checked
 
