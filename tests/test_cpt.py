@@ -15,7 +15,9 @@ from dma_jax.data.demo_corpora import LOW_QUALITY_DOMAINS
 from dma_jax.errors import DmaError
 from dma_jax.models import hf
 from dma_jax.runs import RunDir
-from dma_jax.train import load_base_params, load_cpt_params
+from dma_jax.checkpoint import Checkpointer
+from dma_jax.train import Trainer, load_base_params, load_cpt_params
+from tests.crash import crash_on_call
 from tests.mixer_ref import carried_counts
 from tests.paths import DEMO
 
@@ -96,17 +98,8 @@ def test_cpt_resumes_after_a_crash_without_repeating_records(run, tmp_path, monk
     cfg2 = load_config(DEMO, over + [f"run.out_dir={tmp_path}"], variant="tiny")
     for sub in ("pretrain-target", "sweep"):
         (tmp_path / sub).symlink_to(Path(cfg.run.out_dir) / sub)
-    from dma_jax.train import Trainer
-    real, calls = Trainer.step, {"n": 0}
-
-    def crash(self, *a):
-        calls["n"] += 1
-        if calls["n"] == cfg.cpt.steps_per_stage + 1:  # first step of the second re-weighting step
-            raise RuntimeError("simulated crash")
-        return real(self, *a)
-
-    monkeypatch.setattr(Trainer, "step", crash)
-    with pytest.raises(RuntimeError):
+    crash_on_call(monkeypatch, Trainer, "step", cfg.cpt.steps_per_stage + 1)  # step 1 of re-weighting step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
         cpt_mod.run_cpt(cfg2, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
     doc = cpt_mod.run_cpt(cfg2, "fixed-0.5", 0, devices=jax.devices()[:1], progress=False)
@@ -121,12 +114,9 @@ def test_a_resumed_cpt_checks_spikes_against_the_same_running_mean(run, tmp_path
     # uninterrupted one and ends with the same scores (a fresh mean would accept every loss until its first one).
     cfg, over = run
     spike = ["optim.max_loss_spike=1.0001", "optim.on_nonfinite=skip"]
-    from dma_jax.checkpoint import Checkpointer
-    from dma_jax.train import Trainer
-
     def finished(out):
-        ck = Checkpointer(Path(out) / "cpt" / "curriculum" / "seed0" / "checkpoints")
-        return ck.read_meta(ck.latest_step())["loss_guard"]
+        with Checkpointer(Path(out) / "cpt" / "curriculum" / "seed0" / "checkpoints", create=False) as ck:
+            return ck.read_meta()["loss_guard"]
 
     cfg_a = load_config(DEMO, over + spike + [f"run.out_dir={tmp_path / 'a'}"], variant="tiny")
     cfg_b = load_config(DEMO, over + spike + [f"run.out_dir={tmp_path / 'b'}"], variant="tiny")
@@ -137,16 +127,8 @@ def test_a_resumed_cpt_checks_spikes_against_the_same_running_mean(run, tmp_path
     ref = cpt_mod.run_cpt(cfg_a, "curriculum", 0, devices=jax.devices()[:1], progress=False)
     guard = finished(cfg_a.run.out_dir)
     assert guard["skipped"] >= 1 and guard["mean"] > 0  # the setting bites: some step was skipped
-    real, calls = Trainer.step, {"n": 0}
-
-    def crash(self, *a):
-        calls["n"] += 1
-        if calls["n"] == crash_at * cfg.cpt.steps_per_stage + 1:
-            raise RuntimeError("simulated crash")
-        return real(self, *a)
-
-    monkeypatch.setattr(Trainer, "step", crash)
-    with pytest.raises(RuntimeError):
+    crash_on_call(monkeypatch, Trainer, "step", crash_at * cfg.cpt.steps_per_stage + 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
         cpt_mod.run_cpt(cfg_b, "curriculum", 0, devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
     doc = cpt_mod.run_cpt(cfg_b, "curriculum", 0, devices=jax.devices()[:1], progress=False)

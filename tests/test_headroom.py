@@ -21,6 +21,7 @@ from dma_jax.errors import DmaError
 from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
 from dma_jax.data.domains import DomainSpace
+from tests.crash import crash_on_call
 from tests.paths import DEMO
 
 NAMES = ("s1", "s2", "s3", "m1", "m2")
@@ -200,16 +201,8 @@ def test_proxy_headroom_end_to_end_and_resume(prepared_world, tmp_path, monkeypa
     N, T = len(hr.policy_names(cfg.headroom)), cfg.sweep.num_stages
     units = -(-N // min(cfg.sweep.chunk_size or N, N)) * T
     assert T > 1 and units > T  # a mid-chunk restore, after a finished chunk
-    real, calls = sweep_mod.Sweep.stage, []
-
-    def crashing(self, *a, **k):
-        calls.append(1)
-        if len(calls) == units:
-            raise RuntimeError("simulated crash")
-        return real(self, *a, **k)
-
     with monkeypatch.context() as m:
-        m.setattr(sweep_mod.Sweep, "stage", crashing)
+        crash_on_call(m, sweep_mod.Sweep, "stage", units)
         with pytest.raises(RuntimeError, match="simulated crash"):
             hr.run_headroom(cfg, progress=False)
     run = RunDir(cfg)

@@ -15,6 +15,7 @@ from dma_jax.config import load_config
 from dma_jax.errors import DmaError
 from dma_jax.policies import PolicyInput
 from dma_jax.data.domains import DomainSpace
+from tests.crash import crash_on_call
 from tests.paths import DEMO
 
 
@@ -60,16 +61,8 @@ def test_closed_loop_acts_on_its_own_feedback_and_resumes(prepared_world, tmp_pa
     policies = [_Reactive("r1", info, k), _Reactive("r2", info, k)]
     monkeypatch.setattr(proxy_runs, "make_policies", lambda cfg, space, names: list(policies))
     T = cfg.sweep.num_stages
-    real, calls = sweep_mod.Sweep.stage, []
-
-    def crashing(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == T:  # the last step of the first run
-            raise RuntimeError("simulated crash")
-        return real(self, *a, **kw)
-
     with monkeypatch.context() as m:
-        m.setattr(sweep_mod.Sweep, "stage", crashing)
+        crash_on_call(m, sweep_mod.Sweep, "stage", T)  # the last step of the first run
         with pytest.raises(RuntimeError, match="simulated crash"):
             proxy_runs.run_seed(cfg, space, ["r1", "r2"], 1, base, tmp_path / "c", progress=False)
     assert (tmp_path / "c" / "checkpoints").is_dir() and not (tmp_path / "c" / proxy_runs.RESULT).exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dma_jax import offline_data
+from dma_jax.checkpoint import Checkpointer
 from dma_jax import sample as sample_mod
 from dma_jax import sweep as sweep_mod
 from dma_jax.config import load_config
@@ -17,6 +18,7 @@ from dma_jax.runs import RunDir
 from dma_jax.train import load_base_params
 from dma_jax.train import TrainState, train_step
 from dma_jax.data.domains import DomainSpace
+from tests.crash import crash_on_call
 from tests.paths import DEMO
 
 SWEEP = ["sweep.num_trajectories=8", "sweep.num_stages=2", "sweep.steps_per_stage=3"]
@@ -114,17 +116,8 @@ def test_eight_devices_and_chunks_give_the_same_numbers(prepared_world, referenc
 def test_a_crashed_sweep_resumes_and_ends_equal(prepared_world, reference, tmp_path, monkeypatch):
     _link_pretrain(prepared_world, tmp_path)
     cfg = _cfg(prepared_world, tmp_path, "sweep.chunk_size=8")
-    real = sweep_mod.Sweep.stage
-    calls = {"n": 0}
-
-    def crashing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash in stage 2")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(sweep_mod.Sweep, "stage", crashing)
-    with pytest.raises(RuntimeError):
+    crash_on_call(monkeypatch, sweep_mod.Sweep, "stage", 2)  # in re-weighting step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
         sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
     monkeypatch.undo()
     assert not (Path(tmp_path) / "sweep" / "offline" / "meta.json").exists()
@@ -137,8 +130,6 @@ def test_a_resumed_sweep_checks_spikes_against_each_proxys_running_mean(prepared
     # optim.max_loss_spike with skip: each proxy skips a step whose loss is above 1.0001 x the running mean of its
     # good losses. The means are kept in the checkpoint per trajectory, so a crashed-and-resumed sweep skips the
     # same steps and ends with the same feedback (a fresh mean would accept every loss until its first good one).
-    from dma_jax.checkpoint import Checkpointer
-
     spike = ("sweep.chunk_size=8", "optim.max_loss_spike=1.0001", "optim.on_nonfinite=skip", "optim.lr=0.1",
              "optim.warmup_steps=1", "sweep.num_stages=4")  # a high flat rate: losses that jump
     outs = []
@@ -148,22 +139,13 @@ def test_a_resumed_sweep_checks_spikes_against_each_proxys_running_mean(prepared
         _link_pretrain(prepared_world, out)
         cfg = _cfg(prepared_world, out, *spike)
         if crash:
-            real, calls = sweep_mod.Sweep.stage, {"n": 0}
-
-            def crashing(self, *a, **k):
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise RuntimeError("simulated crash in stage 2")
-                return real(self, *a, **k)
-
-            monkeypatch.setattr(sweep_mod.Sweep, "stage", crashing)
-            with pytest.raises(RuntimeError):
+            crash_on_call(monkeypatch, sweep_mod.Sweep, "stage", 2)  # in re-weighting step 2
+            with pytest.raises(RuntimeError, match="simulated crash"):
                 sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
             monkeypatch.undo()
         s = sweep_mod.run_sweep(cfg, devices=jax.devices()[:1], progress=False)
-        ck = Checkpointer(out / "sweep" / "checkpoints")
-        outs.append((offline_data.load(s.out_dir).feedback, ck.read_meta()["loss_guards"]))
-        ck.close()
+        with Checkpointer(out / "sweep" / "checkpoints", create=False) as ck:
+            outs.append((offline_data.load(s.out_dir).feedback, ck.read_meta()["loss_guards"]))
     (fb_a, guards_a), (fb_b, guards_b) = outs
     assert sum(g["skipped"] for g in guards_a) >= 1  # the setting bites
     assert guards_b == guards_a

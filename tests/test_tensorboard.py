@@ -25,6 +25,7 @@ from dma_jax.io_utils import NullLog
 from dma_jax.pretrain import run_pretrain
 from dma_jax.tb_log import TbLog, events, scalars, stage_log
 from tests import fake_gcs
+from tests.crash import crash_on_call
 from tests.paths import DEMO
 from tests.toy_env import ToyEnv
 
@@ -181,15 +182,7 @@ def _pretrain_cfg(out, data_dir):
 
 def _crash_on_call(monkeypatch, n: int) -> None:
     """Trainer.step raises on its n-th call from now."""
-    real, calls = train_mod.Trainer.step, {"n": 0}
-
-    def step(self, *args):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise RuntimeError("simulated crash")
-        return real(self, *args)
-
-    monkeypatch.setattr(train_mod.Trainer, "step", step)
+    crash_on_call(monkeypatch, train_mod.Trainer, "step", n)
 
 
 def test_pretrain_events_equal_its_metrics_log_after_a_crash_and_resume(data_dir, tmp_path, monkeypatch):
