@@ -29,6 +29,7 @@ from dma_jax.config import Config
 from dma_jax.config.headroom import HeadroomConfig
 from dma_jax.errors import DmaError
 from dma_jax.io_utils import AnyPath, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dma_jax.numerics import se_of_mean
 from dma_jax.runs import RunDir
 from dma_jax.data.domains import DomainSpace
 
@@ -55,16 +56,6 @@ def is_fixed(name: str) -> bool:
 def is_alt(name: str) -> bool:
     """A "clean" (scored domains only) or scheduled policy."""
     return name.endswith("-scored") or name.startswith("ramp-")
-
-
-def paired_se(diff_K) -> float:
-    """SE of the mean of paired differences, sd(ddof=1) / sqrt(n): NaN with one, exactly 0.0 when all are equal
-    (np.std leaves a rounding residue there, 1.96e-17 for [0.2] * 3 but 0 for [0.25] * 3, and a ratio H / SE
-    must not depend on which; a zero SE gives no ratio, so a gate on H / SE does not pass a degenerate sample)."""
-    d = np.asarray(diff_K, np.float64)
-    if d.size < 2:
-        return math.nan
-    return 0.0 if np.ptp(d) == 0 else float(d.std(ddof=1) / math.sqrt(d.size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +106,7 @@ def side_stats(side: str, policies, seeds, returns_PxK, eval_se_PxK=None) -> Sid
         best[family] = idx[int(np.argmax(mean_P[idx]))]  # the first on a tie
     bf, ba = best["fixed-P"], best["scored or ramp"]
     diff_K = R[ba] - R[bf]
-    h_se = paired_se(diff_K)
+    h_se = se_of_mean(diff_K)
     E = np.full(R.shape, math.nan) if eval_se_PxK is None else np.asarray(eval_se_PxK, np.float64)
     return SideResult(side, policies, seeds, R, E, mean_P, se_P, policies[bf], policies[ba], diff_K,
                       float(diff_K.mean()), h_se)

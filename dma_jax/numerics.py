@@ -1,4 +1,5 @@
-"""Numerical health of the training loops: a NaN/Inf loss or a loss spike stops the stage or skips the step.
+"""Numerical health of the training loops: a NaN/Inf loss or a loss spike stops the stage or skips the step
+(and `se_of_mean`, the one standard error of a mean that headroom and the study's statistics share).
 
 Config (`optim.*` for the LM stages, `agent.*` for the agent): `on_nonfinite: stop|skip`
 and `max_loss_spike` (a loss above m + (max_loss_spike - 1) |m|, m the running mean of the earlier good
@@ -36,6 +37,17 @@ def step_ok(loss: jax.Array, max_loss: jax.Array, *others: jax.Array) -> jax.Arr
     for x in others:
         ok = ok & jnp.all(jnp.isfinite(x))
     return ok
+
+
+def se_of_mean(x_N) -> float:
+    """Standard error of the mean of a sample, sd(ddof=1) / sqrt(n): NaN with one value, exactly 0.0 when all are
+    equal (np.std leaves a rounding residue there, 1.96e-17 for [0.2] * 3 but 0 for [0.25] * 3, and a ratio to the
+    SE, a t statistic or H / SE, must not depend on which). The one definition: headroom, the study's gate and its
+    t intervals use it."""
+    x_N = np.asarray(x_N, np.float64)
+    if x_N.size < 2:
+        return math.nan
+    return 0.0 if np.ptp(x_N) == 0 else float(x_N.std(ddof=1) / math.sqrt(x_N.size))
 
 
 def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:

@@ -27,10 +27,11 @@ import numpy as np
 from dma_jax import pipeline, proxy_runs
 from dma_jax.config import Config
 from dma_jax.errors import DmaError
-from dma_jax.headroom import is_alt, is_fixed, paired_se, run_headroom
+from dma_jax.headroom import is_alt, is_fixed, run_headroom
 from dma_jax.history import RunHistory
 from dma_jax.history import load as load_history
 from dma_jax.io_utils import AnyPath, atomic_write_json, read_json_file
+from dma_jax.numerics import se_of_mean
 from dma_jax.runs import AGENT_STAGES, RunDir, agent_policy, agent_policy_name
 from dma_jax.data.domains import DomainSpace
 
@@ -95,7 +96,7 @@ def _side(name: str, policies, mean_P) -> dict:
 def paired_h(diff_K: Sequence[float], min_se: float) -> dict:
     """H = mean of the paired differences, its SE (sd / sqrt(n)) and H / SE; `passed` when H / SE >= min_se."""
     d = np.asarray(diff_K, np.float64)
-    se = paired_se(d)
+    se = se_of_mean(d)  # exactly 0 for equal differences: then no ratio, and the gate does not pass
     ratio = float(d.mean() / se) if se > 0 else math.nan
     return {"diffs": d.tolist(), "H": float(d.mean()), "H_se": se, "H_over_se": ratio,
             "passed": bool(math.isfinite(ratio) and ratio >= min_se)}

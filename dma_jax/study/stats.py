@@ -1,9 +1,10 @@
-"""The study's statistics (numpy only): ranks, Spearman's correlation, Student t intervals and tests, the minimum
+"""The study's statistics (numpy, no scipy): ranks, Spearman's correlation, Student t intervals and tests, the minimum
 detectable effect, Holm's correction and the paired difference of two policies (the bootstrap over seeds and
 evaluation units is `unit_bootstrap`).
 
-`paired_scores` reports the paired t 95% interval of the mean difference (`lo`, `hi`, `se`, `p`). The t distribution is computed here (the regularized
-incomplete beta by its continued fraction, inverted by bisection), so run time needs no scipy.
+`paired_scores` reports the paired t 95% interval of the mean difference (`lo`, `hi`, `se`, `p`; the SE is
+`numerics.se_of_mean`). The t distribution is computed here (the regularized incomplete beta by its continued
+fraction, inverted by bisection), so run time needs no scipy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dma_jax.history import RunHistory
+from dma_jax.numerics import se_of_mean
 
 
 def rankdata(x_N) -> np.ndarray:
@@ -97,12 +99,6 @@ def _sample(x_N, who: str, min_n: int = 1) -> np.ndarray:
     return x_N
 
 
-def _se(x_N: np.ndarray) -> float:
-    """std(ddof=1) / sqrt(n), exactly 0.0 when every value is equal (std alone leaves a rounding residue, e.g.
-    1.96e-17 for [0.2, 0.2, 0.2], on which a ratio to the SE would depend)."""
-    return 0.0 if np.ptp(x_N) == 0 else float(x_N.std(ddof=1) / math.sqrt(x_N.size))
-
-
 def t_interval(x_N, level: float = 0.95) -> tuple[float, float, float, float]:
     """(mean, lo, hi, se): the t interval of the mean of x (for paired differences: the paired t interval).
 
@@ -111,7 +107,7 @@ def t_interval(x_N, level: float = 0.95) -> tuple[float, float, float, float]:
     mean = float(x_N.mean())
     if x_N.size < 2:
         return mean, float("nan"), float("nan"), float("nan")
-    se = _se(x_N)
+    se = se_of_mean(x_N)
     half = t_quantile(0.5 + level / 2.0, x_N.size - 1) * se
     return mean, mean - half, mean + half, se
 
@@ -121,7 +117,7 @@ def paired_t_p(d_N) -> float:
     d_N = _sample(d_N, "paired_t_p")
     if d_N.size < 2:
         return float("nan")
-    mean, se = float(d_N.mean()), _se(d_N)
+    mean, se = float(d_N.mean()), se_of_mean(d_N)
     if se == 0.0:
         return 1.0 if mean == 0.0 else 0.0
     return t_two_sided_p(mean / se, d_N.size - 1)
