@@ -210,12 +210,15 @@ def _format_validation_error(err: pydantic.ValidationError, where: str) -> str:
     return f"{where}: {loc + ': ' if loc else ''}{msg}{got_s}{extra}"
 
 
-def _reject_non_finite(tree: Any, where: str, path: str = "") -> None:
+def _non_finite(tree: Any, path: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN/inf float in the raw config, or None."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            _reject_non_finite(v, where, f"{path}.{k}" if path else str(k))
+            if (hit := _non_finite(v, f"{path}.{k}" if path else str(k))) is not None:
+                return hit
     elif isinstance(tree, float) and not math.isfinite(tree):
-        raise DmaError(f"{where}: {path}: value must be finite (got {tree})")
+        return path, tree
+    return None
 
 
 def config_from_dict(raw: dict, where: str = "<config>", overrides: tuple[str, ...] = ()) -> Config:
@@ -225,11 +228,8 @@ def config_from_dict(raw: dict, where: str = "<config>", overrides: tuple[str, .
                 or k.startswith(loc + ".")]
         return f"{where}: override '{hits[-1]}'" if hits else where
 
-    try:
-        _reject_non_finite(raw, where)
-    except DmaError as e:
-        loc = str(e).removeprefix(f"{where}: ").split(":", 1)[0]
-        raise DmaError(str(e).replace(where, blame(loc), 1)) from None
+    if (bad := _non_finite(raw)) is not None:
+        raise DmaError(f"{blame(bad[0])}: {bad[0]}: value must be finite (got {bad[1]})")
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as e:
