@@ -96,12 +96,8 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
 
 def cmd_cpt(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    policies, seeds = args.policy or list(cfg.cpt.policies), args.seed if args.seed is not None else list(cfg.cpt.seeds)
-    for what, value, flag in (("cpt.policies", policies, "--policy"), ("cpt.seeds", seeds, "--seed")):
-        if not value:
-            raise DmaError(f"{what} is empty and no {flag} was given: nothing to run")
-    for name in policies:
-        for seed in seeds:
+    for name in args.policy or list(cfg.cpt.policies):  # neither list is empty (CptConfig)
+        for seed in args.seed if args.seed is not None else list(cfg.cpt.seeds):
             print(pipeline().cpt(cfg, name, seed, progress=not args.no_progress))
     return 0
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pydantic
 
-from dma_jax.config.sections import Section
+from dma_jax.config.base import Section
 
 PosInt = pydantic.PositiveInt
 NonNegInt = pydantic.NonNegativeInt

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pydantic
 
-from dma_jax.config.sections import NonNegInt, Section
+from dma_jax.config.base import NonNegInt, Section
 
 
 class HeadroomConfig(Section):

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
-
-class Section(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, data):
-        """Lax mode reads true as 1 (`optim.lr=true` -> lr 1.0): a boolean goes only where a bool is expected."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and "bool" not in str(field.annotation):
-                    raise ValueError(f"{key}={str(value).lower()}: a boolean where a number or text is expected")
-        return data
-
+from dma_jax.config.base import NonEmpty, NonNegInt, PosFloat, PosInt, Section
 
 BALANCED_HOW = ("mean", "min", "harmonic")  # how field scores aggregate into the balanced score B
-
-PosInt = pydantic.PositiveInt
-NonNegInt = pydantic.NonNegativeInt
-PosFloat = pydantic.PositiveFloat
 
 
 # Fields of ModelConfig that change how the model computes, not which model it is (its parameters)
@@ -333,9 +315,9 @@ class CptConfig(Section):
     """Target continual pre-training under each mixing policy (agent and baselines)."""
 
     target_field: str = "math"
-    policies: tuple[str, ...] = ("source-only", "target-only", "fixed-0.3", "fixed-0.7", "curriculum", "regmix",
-                                 "replay-best", "agent-sft", "agent-cql")
-    seeds: tuple[NonNegInt, ...] = (0,)
+    policies: Annotated[tuple[str, ...], NonEmpty] = ("source-only", "target-only", "fixed-0.3", "fixed-0.7",
+                                                      "curriculum", "regmix", "replay-best", "agent-sft", "agent-cql")
+    seeds: Annotated[tuple[NonNegInt, ...], NonEmpty] = (0,)
     num_stages: PosInt = 6  # re-weighting steps
     steps_per_stage: PosInt = 20
     batch_size: PosInt = 16

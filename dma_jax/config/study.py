@@ -10,7 +10,7 @@ from typing import Literal
 
 import pydantic
 
-from dma_jax.config.sections import NonNegInt, PosFloat, Section
+from dma_jax.config.base import NonNegInt, PosFloat, Section
 
 
 class StudyConfig(Section):
