@@ -204,3 +204,13 @@ def test_rescore_at_cpt_settings_gives_the_history_scores(run):
     stamp = path.stat().st_mtime_ns
     assert rescore_runs(cfg, [out], 100, 2 * ec.heldout_windows_per_domain) == [more]
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_reading_a_missing_checkpoint_is_one_error_and_makes_no_folder(tmp_path):
+    # the readers open checkpoints with create=False: a wrong --policy leaves no empty cpt/<policy>/seed0/ behind
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path}"], variant="tiny")
+    with pytest.raises(DmaError, match="no CPT checkpoint"):
+        load_cpt_params(cfg, "nope", 0, tmp_path / "cpt" / "nope" / "seed0" / "checkpoints")
+    with pytest.raises(DmaError, match="no base target checkpoint"):
+        load_base_params(cfg, "target", tmp_path / "pretrain-target" / "checkpoints")
+    assert list(tmp_path.iterdir()) == []
