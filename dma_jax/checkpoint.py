@@ -71,13 +71,15 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool | None = None,
                  create: bool = True):
         """`async_save=None`: asynchronous on an accelerator, synchronous on CPU. `create=False` for a reader: no
-        folder is made (a missing one has no checkpoint). Use it as a context manager (or `close()` it) so that
+        folder is made (a missing one has no checkpoint) and no temporary folder is cleaned up. Use it as a context manager (or `close()` it) so that
         an error while reading does not leave Orbax's threads to fail at interpreter exit."""
         self.directory = checkpoint_path(directory)
         if async_save is None:
             async_save = _async_by_default()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            # a reader leaves temporary folders alone (they may be a running writer's); Orbax's async clean-up
+            # thread is also what printed a traceback at interpreter exit after a reader's one-line error
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save, cleanup_tmp_directories=create,
             temporary_path_class=_FaultBeforeCommit if faults.armed("ckpt.save_mid") else None,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)

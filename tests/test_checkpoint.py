@@ -168,3 +168,19 @@ def test_async_only_on_accelerators_and_with_a_distributed_client(monkeypatch):
     assert checkpoint._async_by_default() is False  # Orbax's async barriers would need the client
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     assert checkpoint._async_by_default() is True
+
+
+def test_a_reader_leaves_a_writers_temporary_folder_alone(tmp_path):
+    # A reader (create=False: `dma export`, `dma eval`, the study's re-scoring, CPT reading the base) may open a
+    # folder another process is saving into; Orbax's clean-up of temporary folders would delete that save's
+    # work in progress (it did, and its clean-up thread also printed a traceback at exit after one-line errors).
+    with Checkpointer(tmp_path) as writer:
+        writer.save(1, {"a": jnp.ones(3)})
+    in_progress = tmp_path / "2.orbax-checkpoint-tmp-1234567"
+    in_progress.mkdir()
+    with Checkpointer(tmp_path, create=False) as reader:
+        assert reader.latest_step() == 1
+    assert in_progress.is_dir()
+    with Checkpointer(tmp_path / "missing", create=False) as reader:
+        assert reader.latest_step() is None
+    assert not (tmp_path / "missing").exists()
